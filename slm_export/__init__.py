@@ -1,0 +1,51 @@
+"""slm-export: quantize small language models and export them for devices, with parity checks.
+
+    import slm_export
+    art = slm_export.export(target="onnx", bits=4)            # the bundled SmolLM2-135M-Instruct
+    art = slm_export.export("path/or/org-name", target="onnx", bits=8, out="smol-int8")
+    art = slm_export.export(my_trained_model, tokenizer=tok, target="onnx", bits=4)
+    print(art.generate("What is the capital of France?"))
+    report = art.verify()                                      # parity against PyTorch
+    rows = art.bench()                                         # latency and memory here
+
+Imports stay light (no torch) so runners can use this package on devices.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["export", "open_artifact", "QuantSpec", "SlmExportError", "ParityFailure", "targets"]
+
+from .errors import ParityFailure, SlmExportError
+from .quantize import QuantSpec
+
+
+def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
+           activations: str = "int8", quantize_embeddings: bool = True, quantize_lm_head: bool = True,
+           out=None, force: bool = False, max_context: int = 2048, tokenizer=None,
+           trust_remote_code: bool = False, log=print):
+    """Export `model` to `target` and return an `Artifact`.
+
+    model: None (bundled SmolLM2-135M-Instruct), a hub id, a local folder, a .gguf file, or a
+    transformers causal LM object of a supported architecture (pass its `tokenizer` to use
+    generate/bench on real text).
+    """
+    from .pipeline import run_export
+
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
+                     embeddings=quantize_embeddings, lm_head=quantize_lm_head)
+    return run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
+                      tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)
+
+
+def open_artifact(path):
+    """Open an exported folder (checks every file against the manifest's sha256)."""
+    from .artifact import Artifact
+
+    return Artifact.open(path)
+
+
+def targets() -> list[str]:
+    from .exporters import TARGETS
+
+    return TARGETS.names()

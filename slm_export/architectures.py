@@ -1,0 +1,248 @@
+"""Supported architectures: each turns a transformers model into one neutral `Decoder` description.
+
+Exporters only ever see a `Decoder` (numpy weights in PyTorch's [out, in] layout plus the few numbers
+that differ between families), so a new architecture is one adapter function here and no exporter
+changes. Adding a family: write `_adapter(model) -> Decoder` and register it by `config.model_type`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SlmExportError
+from .registry import Registry
+
+ARCHITECTURES: Registry = Registry("architecture")
+
+
+@dataclass
+class Linear:
+    weight: np.ndarray  # [out_features, in_features], float32
+    bias: np.ndarray | None
+    sources: list[str]  # PyTorch parameter names, several when we fuse (q|k|v, gate|up)
+    split: list[int] = field(default_factory=list)  # out sizes of each source when fused
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    qkv: Linear  # fused q|k|v: one MatMul per layer instead of three
+    o: Linear
+    ffn_norm: np.ndarray
+    gate_up: Linear  # fused gate|up
+    down: Linear
+    post_attn_norm: np.ndarray | None = None  # Gemma-2 normalises each branch output too
+    post_ffn_norm: np.ndarray | None = None
+    sliding_window: int | None = None
+
+
+@dataclass
+class Decoder:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    activation: str  # "silu" or "gelu_tanh"
+    embed: np.ndarray  # [vocab, hidden]
+    embed_scale: float
+    final_norm: np.ndarray
+    lm_head: np.ndarray  # [vocab, hidden]; the same array as `embed` when tied
+    tied_embeddings: bool
+    attn_scale: float
+    attn_softcap: float
+    final_softcap: float
+    rope_cos: np.ndarray  # [max_context, rotary_dim // 2]
+    rope_sin: np.ndarray
+    layers: list[Layer]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def max_context(self) -> int:
+        return int(self.rope_cos.shape[0])
+
+
+def supported() -> list[str]:
+    return ARCHITECTURES.names()
+
+
+def to_decoder(model, max_context: int) -> Decoder:
+    """Describe a loaded transformers causal LM as a `Decoder` (raises for unsupported families)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise SlmExportError(
+            f"{type(model).__name__} has no transformers `config.model_type`; pass a transformers causal LM "
+            f"of a supported architecture ({', '.join(supported())})"
+        )
+    if model_type not in ARCHITECTURES:
+        raise SlmExportError(
+            f"architecture '{model_type}' is not supported; supported: {', '.join(supported())}"
+        )
+    return ARCHITECTURES.get(model_type)(model, max_context)
+
+
+# ---------------------------------------------------------------- helpers shared by the adapters
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy().copy()
+
+
+def _linear(module, name: str) -> Linear:
+    bias = getattr(module, "bias", None)
+    return Linear(_np(module.weight), None if bias is None else _np(bias), [f"{name}.weight"])
+
+
+def _fuse(parts: list[Linear]) -> Linear:
+    biases = [p.bias for p in parts]
+    if any(b is not None for b in biases):
+        biases = [b if b is not None else np.zeros(p.weight.shape[0], np.float32) for b, p in zip(biases, parts)]
+        bias = np.concatenate(biases)
+    else:
+        bias = None
+    return Linear(
+        np.concatenate([p.weight for p in parts]),
+        bias,
+        [s for p in parts for s in p.sources],
+        [p.weight.shape[0] for p in parts],
+    )
+
+
+def _rope_tables(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin for positions [0, max_context) from the model's own rotary module.
+
+    Using the model's module covers every rope variant transformers knows (llama3 scaling, yarn,
+    attention scaling) without re-deriving them here. HF duplicates the half-tables; keep one half.
+    """
+    import torch
+
+    rotary = model.model.rotary_emb
+    pos = torch.arange(max_context, dtype=torch.long)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
+    half = cos.shape[-1] // 2
+    return _np(cos[0, :, :half]), _np(sin[0, :, :half])
+
+
+def _check_context(config, max_context: int) -> None:
+    if max_context < 16:
+        raise SlmExportError(f"--max-context {max_context} is too small; use at least 16")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max_context > limit:
+        raise SlmExportError(
+            f"--max-context {max_context} exceeds the model's max_position_embeddings ({limit})"
+        )
+
+
+def _window(config, layer_idx: int) -> int | None:
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+def _llama_like(model, max_context: int, *, fused_qkv: bool = False, gemma: bool = False) -> Decoder:
+    config = model.config
+    _check_context(config, max_context)
+    inner = model.model
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # Gemma stores RMSNorm scales as (w - 1): its norm multiplies by (1 + w). Fold the 1 in here.
+    norm = (lambda w: _np(w) + 1.0) if gemma else _np
+    layers = []
+    for i, block in enumerate(inner.layers):
+        p = f"model.layers.{i}"
+        attn, mlp = block.self_attn, block.mlp
+        if fused_qkv:  # Phi-3 ships q|k|v and gate|up fused already
+            qkv = _linear(attn.qkv_proj, f"{p}.self_attn.qkv_proj")
+            q = config.num_attention_heads * head_dim
+            kv = config.num_key_value_heads * head_dim
+            qkv.split = [q, kv, kv]
+            gate_up = _linear(mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
+            gate_up.split = [config.intermediate_size] * 2
+        else:
+            qkv = _fuse([_linear(getattr(attn, n), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")])
+            gate_up = _fuse([_linear(getattr(mlp, n), f"{p}.mlp.{n}") for n in ("gate_proj", "up_proj")])
+        layer = Layer(
+            attn_norm=norm(block.input_layernorm.weight),
+            qkv=qkv,
+            o=_linear(attn.o_proj, f"{p}.self_attn.o_proj"),
+            ffn_norm=norm((block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm).weight),
+            gate_up=gate_up,
+            down=_linear(mlp.down_proj, f"{p}.mlp.down_proj"),
+            sliding_window=_window(config, i),
+        )
+        if gemma:
+            layer.post_attn_norm = norm(block.post_attention_layernorm.weight)
+            layer.post_ffn_norm = norm(block.post_feedforward_layernorm.weight)
+        if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
+            raise SlmExportError(f"{config.model_type}: output-projection biases are not supported")
+        layers.append(layer)
+
+    embed = _np(inner.embed_tokens.weight)
+    tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+    cos, sin = _rope_tables(model, max_context)
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    if act not in activations:
+        raise SlmExportError(f"{config.model_type}: activation '{act}' is not supported")
+    return Decoder(
+        architecture=config.model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        rms_eps=float(config.rms_norm_eps),
+        activation=activations[act],
+        embed=embed,
+        # Gemma multiplies embeddings by sqrt(hidden) rounded to the activation dtype (fp32 here).
+        embed_scale=float(np.float32(config.hidden_size**0.5)) if gemma else 1.0,
+        final_norm=norm(inner.norm.weight),
+        lm_head=embed if tied else _np(model.lm_head.weight),
+        tied_embeddings=tied,
+        attn_scale=(config.query_pre_attn_scalar**-0.5) if gemma else head_dim**-0.5,
+        attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0) if gemma else 0.0,
+        final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0) if gemma else 0.0,
+        rope_cos=cos,
+        rope_sin=sin,
+        layers=layers,
+    )
+
+
+@ARCHITECTURES.register("llama")  # SmolLM2, Llama-3.2, TinyLlama, MobileLLM-style deep-thin
+def _llama(model, max_context):
+    if getattr(model.config, "mlp_bias", False):
+        raise SlmExportError("llama: mlp_bias=True is not supported")
+    return _llama_like(model, max_context)
+
+
+@ARCHITECTURES.register("mistral")
+def _mistral(model, max_context):
+    return _llama_like(model, max_context)
+
+
+@ARCHITECTURES.register("qwen2")  # Qwen2 / Qwen2.5: q, k, v carry biases
+def _qwen2(model, max_context):
+    return _llama_like(model, max_context)
+
+
+@ARCHITECTURES.register("phi3")
+def _phi3(model, max_context):
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise SlmExportError("phi3: partial rotary embeddings are not supported yet")
+    return _llama_like(model, max_context, fused_qkv=True)
+
+
+@ARCHITECTURES.register("gemma2")
+def _gemma2(model, max_context):
+    return _llama_like(model, max_context, gemma=True)

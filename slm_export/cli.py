@@ -1,0 +1,214 @@
+"""The `slm-export` command: a thin layer over the Python API.
+
+  slm-export --target onnx --bits 4 [--model ID|DIR|FILE.gguf] [--out DIR]   export (the default command)
+  slm-export verify DIR        parity against PyTorch (exit 1 when over tolerance)
+  slm-export bench DIR         latency and memory on this machine
+  slm-export generate DIR --prompt "..."
+  slm-export demo              export the bundled model to ONNX int4, verify, bench, print a table
+
+Exit codes: 0 ok, 1 parity over tolerance, 2 bad input, 3 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import SlmExportError
+
+COMMANDS = ("export", "verify", "bench", "generate", "demo", "targets")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        raise SlmExportError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="onnx", help="export target (see `slm-export targets`); default onnx")
+    p.add_argument("--bits", type=int, default=4, help="weight bits: 4, 8 or 16 (= no quantization); default 4")
+    p.add_argument("--group-size", type=int, default=32, help="quantization group (block) size, a power of two; default 32")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
+    p.add_argument("--weight-only", action="store_true", help="keep activations float (default: int8 activations where the target can)")
+    p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token embedding float")
+    p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
+    p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
+    p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-context", type=int, default=2048, help="maximum tokens in the KV cache; default 2048")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-tokens", default="32,512", help="comma-separated prompt lengths; default 32,512")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="runtime threads; default: all cores")
+    p.add_argument("--device", default="local", help="device to run on; default local")
+    p.add_argument("--format", default="table", choices=["table", "markdown", "json"])
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the shipped passage")
+    p.add_argument("--json", dest="json_out", default=None, help="write the parity report as JSON to this file")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"slm-export {command}" if command != "export" else "slm-export",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command == "export":
+        _add_export_args(p)
+    elif command == "demo":
+        _add_export_args(p)
+        _add_bench_args(p)
+        p.set_defaults(out="smollm2-onnx-int4")
+    elif command in ("verify", "bench", "generate"):
+        p.add_argument("artifact", help="an exported folder")
+        if command == "verify":
+            _add_verify_args(p)
+        elif command == "bench":
+            _add_bench_args(p)
+        else:
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+            p.add_argument("--top-k", type=int, default=0)
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--seed", type=int, default=None)
+            p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    return p
+
+
+def _spec_kwargs(a) -> dict:
+    return dict(target=a.target, bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
+                activations="float" if a.weight_only else "int8", quantize_embeddings=not a.no_quantize_embeddings,
+                quantize_lm_head=not a.no_quantize_lm_head, out=a.out, force=a.force, max_context=a.max_context,
+                trust_remote_code=a.trust_remote_code)
+
+
+def cmd_export(a):
+    import slm_export
+
+    art = slm_export.export(a.model, **_spec_kwargs(a))
+    print(f"next: slm-export verify {art.path}   |   slm-export bench {art.path}   |   "
+          f"slm-export generate {art.path} --prompt \"...\"")
+    return 0
+
+
+def _bench(art, a):
+    from .results import PRINTERS, format_json
+
+    rows = art.bench(device=a.device, prompt_tokens=[int(x) for x in str(a.prompt_tokens).split(",")],
+                     decode_tokens=a.decode_tokens, warmup=a.warmup, repeats=a.repeats, threads=a.threads)
+    print(PRINTERS[a.format](rows))
+    if a.json_out:
+        Path(a.json_out).write_text(format_json(rows))
+    return rows
+
+
+def _parse_prompt_tokens(text: str) -> None:
+    try:
+        values = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise SlmExportError(f"--prompt-tokens {text!r} must be comma-separated integers like 32,512") from None
+    if any(v < 1 for v in values):
+        raise SlmExportError("--prompt-tokens values must be at least 1")
+
+
+def cmd_bench(a):
+    from .artifact import Artifact
+
+    _parse_prompt_tokens(a.prompt_tokens)
+    rows = _bench(Artifact.open(a.artifact), a)
+    return 0 if all(r.error is None for r in rows) else 3
+
+
+def cmd_verify(a):
+    from .artifact import Artifact
+    from .verify import check, write_json
+
+    art = Artifact.open(a.artifact)
+    report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity)
+    print(report.format())
+    if a.json_out:
+        write_json(report, a.json_out)
+    check(report)
+    return 0
+
+
+def cmd_generate(a):
+    from .artifact import Artifact
+
+    art = Artifact.open(a.artifact)
+    t = time.perf_counter()
+    text = art.generate(a.prompt, max_new_tokens=a.max_new_tokens, chat=not a.raw, temperature=a.temperature,
+                        top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    print(text)
+    print(f"({time.perf_counter() - t:.2f}s)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(a):
+    """The main job on the bundled model: export, verify, generate, bench, one table."""
+    from .verify import check
+
+    import slm_export
+
+    _parse_prompt_tokens(a.prompt_tokens)
+    art = slm_export.export(a.model, **_spec_kwargs(a))
+    print(f"\n$ slm-export generate {art.path} --prompt \"What is the capital of France?\"")
+    print(art.generate("What is the capital of France?", max_new_tokens=32))
+    print(f"\n$ slm-export verify {art.path}")
+    report = art.verify()
+    print(report.format())
+    print(f"\n$ slm-export bench {art.path}")
+    _bench(art, a)
+    check(report)
+    return 0
+
+
+def cmd_targets(a):
+    from .exporters import TARGETS
+
+    print("\n".join(TARGETS.names()))
+    return 0
+
+
+HANDLERS = {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "generate": cmd_generate,
+            "demo": cmd_demo, "targets": cmd_targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [x for x in argv if x != "--debug"]
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "export"
+    if command == "export" and argv[:1] and not argv[0].startswith("-"):
+        print(f"slm-export: error: unknown command '{argv[0]}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        args = build_parser(command).parse_args(argv)
+        return HANDLERS[command](args)
+    except SlmExportError as e:
+        if debug:
+            raise
+        print(f"slm-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("slm-export: interrupted (nothing half-written was left behind)", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: say so in one line, keep the traceback one flag away
+        if debug:
+            raise
+        print(f"slm-export: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

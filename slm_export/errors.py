@@ -1,0 +1,17 @@
+"""Errors a user can act on.
+
+Anything raised as `SlmExportError` is printed by the CLI as one line and exits with `exit_code`
+(2 = bad input), never as a traceback. Raise it for every input the user can fix.
+"""
+
+
+class SlmExportError(Exception):
+    """Bad input or an unmet requirement the user can fix. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class ParityFailure(SlmExportError):
+    """An artifact ran but drifted from PyTorch beyond its tolerance. CLI exit code 1."""
+
+    exit_code = 1

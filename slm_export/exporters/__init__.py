@@ -1,0 +1,44 @@
+"""Export targets, registered by name. A target is one module that registers an `Exporter`.
+
+An exporter receives the neutral `Decoder` description and writes its model file(s) into a folder;
+the shared pipeline (slm_export.export) does loading, tokenizer, manifest, report and the atomic
+rename. Targets import their heavy SDK inside `write`, so the tool works where an SDK is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..registry import Registry
+
+TARGETS: Registry = Registry("target")
+
+
+@dataclass
+class ExportOptions:
+    max_context: int = 2048
+
+
+@dataclass
+class TargetOutput:
+    """What an exporter wrote: the manifest's target-specific part."""
+
+    model_file: str
+    io: dict  # inputs / outputs / kv layout, recorded in the manifest for app developers
+    report: object  # QuantReport
+    extra: dict = field(default_factory=dict)
+
+
+class Exporter(Protocol):
+    name: str
+    runtime: str  # the RUNTIMES name that executes this target's files
+
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput: ...
+
+
+def _register_builtin_targets() -> None:
+    from . import onnx  # noqa: F401  (registers "onnx")
+
+
+_register_builtin_targets()

@@ -1,0 +1,87 @@
+"""The `onnx` target: a hand-built decoder graph with onnxruntime's fused CPU kernels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import TARGETS, ExportOptions, TargetOutput
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+@TARGETS.register("onnx")
+class OnnxExporter:
+    name = "onnx"
+    runtime = "onnxruntime"
+    extensions = (".onnx",)
+
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
+        import onnx
+
+        from .graph import build_decoder_graph
+
+        model, report = build_decoder_graph(decoder, spec)
+        path = Path(out_dir) / MODEL_FILE
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        onnx.checker.check_model(str(path))  # path form: checks the external data too
+        kv = [decoder.num_kv_heads, decoder.head_dim]
+        io = {
+            "inputs": {
+                "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
+                "attention_mask": {"dtype": "int64", "shape": ["batch", "past + sequence"],
+                                   "note": "ones for every token in the cache and this step"},
+                "past_key_values.{i}.key|value": {"dtype": "float32", "shape": ["batch", *kv[:1], "past", kv[1]]},
+                "logits_to_keep": {"dtype": "int64", "shape": [1],
+                                   "note": "0 = logits for every position, 1 = last position only (generation)"},
+            },
+            "outputs": {
+                "logits": {"dtype": "float32", "shape": ["batch", "kept", decoder.vocab_size]},
+                "present.{i}.key|value": {"dtype": "float32", "shape": ["batch", kv[0], "past + sequence", kv[1]],
+                                          "note": "may be bound to the same buffer as past (GroupQueryAttention shares it)"},
+            },
+            "kv_layout": {"layers": decoder.num_layers, "kv_heads": kv[0], "head_dim": kv[1], "dtype": "float32",
+                          "order": "batch, kv_heads, sequence, head_dim", "buffer_sharing": True},
+        }
+        return TargetOutput(MODEL_FILE, io, report, {"data_file": DATA_FILE, "opset": 23})
+
+    def read_weights(self, folder: Path, manifest: dict) -> dict:
+        return read_weights(folder, manifest)
+
+
+def read_weights(folder: Path, manifest: dict) -> dict:
+    """The float weights the artifact really computes with, by PyTorch parameter name.
+
+    Used by `verify` to build the same-quant PyTorch reference: quantized entries are read back
+    out of the .onnx file and dequantized with numpy (fused q|k|v and gate|up split again).
+    """
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from .quant import dequantize_matmul_weight
+
+    model = onnx.load(str(Path(folder) / manifest["model_file"]))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    arr = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    report = json.loads((Path(folder) / manifest["quant"]["report"]).read_text())["weights"]
+    out = {}
+    for e in report:
+        if e["bits"] is None:
+            continue
+        if e["name"] == "embed_tokens":
+            out["model.embed_tokens.weight"] = arr("embed_tokens.qweight").astype(np.float32) * arr("embed_tokens.scales")
+            continue
+        node = nodes[e["name"]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        zp = arr(f"{e['name']}.zero_points") if f"{e['name']}.zero_points" in inits else None
+        w = dequantize_matmul_weight(arr(f"{e['name']}.qweight"), arr(f"{e['name']}.scales"), zp,
+                                     attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"])
+        # Phi-3 ships q|k|v fused already: one source, nothing to split.
+        splits = e["split"] if len(e["sources"]) > 1 else [w.shape[0]]
+        for src, part in zip(e["sources"], np.split(w, np.cumsum(splits)[:-1])):
+            out[src] = part
+    return out

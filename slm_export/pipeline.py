@@ -1,0 +1,142 @@
+"""The export pipeline: load -> describe -> quantize + write (per target) -> tokenizer -> manifest.
+
+Everything is written into a temporary folder beside the destination and renamed into place at
+the end, so an interrupted export never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from . import manifest as mf
+from .architectures import to_decoder
+from .errors import SlmExportError
+from .exporters import TARGETS, ExportOptions
+from .loading import LoadedModel, from_object, load
+from .quantize import QuantSpec
+
+REPORT_FILE = "quant_report.json"
+
+
+def library_versions(*names: str) -> dict:
+    out = {"python": platform.python_version()}
+    for n in ("slm-export", *names):
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def prepare_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise SlmExportError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise SlmExportError(f"output path {out} exists and is not a folder")
+    if not out.parent.exists():
+        raise SlmExportError(f"the parent folder of --out ({out.parent}) does not exist")
+
+
+def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
+               force: bool = False, max_context: int = 2048, tokenizer=None, trust_remote_code: bool = False,
+               log=print):
+    """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
+    from .artifact import Artifact
+
+    exporter = TARGETS.get(target)()
+    spec = spec or QuantSpec()
+    out = Path(out or f"{target}-{spec.label()}").expanduser().absolute()
+    prepare_destination(out, force)
+
+    t0 = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else (
+        load(model, trust_remote_code=trust_remote_code) if model is None or isinstance(model, (str, os.PathLike))
+        else from_object(model, tokenizer))
+    if tokenizer is not None:
+        loaded.tokenizer = tokenizer
+    log(f"loaded {loaded.source.get('name') or loaded.source.get('path') or loaded.source.get('id')} "
+        f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
+        f"in {time.perf_counter() - t0:.1f}s")
+    decoder = to_decoder(loaded.model, max_context)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        t1 = time.perf_counter()
+        result = exporter.write(decoder, spec, tmp, ExportOptions(max_context=max_context))
+        export_s = time.perf_counter() - t1
+        result.report.write(tmp / REPORT_FILE)
+        tok_info = _save_tokenizer(loaded, tmp)
+        manifest = {
+            "target": exporter.name,
+            "runtime": exporter.runtime,
+            "model_file": result.model_file,
+            "target_extra": result.extra,
+            "source": loaded.source,
+            "architecture": decoder.architecture,
+            "model": {
+                "layers": decoder.num_layers, "hidden_size": decoder.hidden_size, "heads": decoder.num_heads,
+                "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim, "vocab_size": decoder.vocab_size,
+                "tied_embeddings": decoder.tied_embeddings,
+                "parameters": int(sum(e.float_bytes for e in result.report.entries) // 4),
+            },
+            "max_context": max_context,
+            "quant": {"spec": spec.to_dict(), "label": spec.label(), "report": REPORT_FILE,
+                      "summary": result.report.summary()},
+            "io": result.io,
+            "tokenizer": tok_info,
+            "export_seconds": round(export_s, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": library_versions("torch", "transformers", "onnx", "onnxruntime"),
+        }
+        mf.write(tmp, manifest)
+        _make_readable(tmp)
+        if out.exists():  # --force: move the old folder aside first, so a crash keeps one of the two
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(result.report.format_summary())
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return Artifact.open(out)
+
+
+def _make_readable(folder: Path) -> None:
+    # mkdtemp creates a 0700 folder; the artifact is meant to be shared like any build output.
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
+    tok = loaded.tokenizer
+    gen = getattr(loaded.model, "generation_config", None)
+    eos = set()
+    if gen is not None:
+        gen.save_pretrained(folder)
+        e = gen.eos_token_id
+        eos.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+    if tok is None:
+        return {"present": False, "eos_token_ids": sorted(eos)}
+    tok.save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise SlmExportError("the tokenizer has no fast (tokenizer.json) form; slm-export needs a fast tokenizer")
+    if tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    return {
+        "present": True,
+        "file": "tokenizer.json",
+        "chat_template": getattr(tok, "chat_template", None),
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "eos_token_ids": sorted(eos),
+    }

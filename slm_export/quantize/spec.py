@@ -1,0 +1,107 @@
+"""The quantization spec: validated once here, mapped to each target by its exporter.
+
+Which weight gets what is decided by ordered regex rules, first match wins (the same idea as
+ExecuTorch's quant configs): the embedding, then the lm_head, then every other linear weight.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from ..errors import SlmExportError
+
+VALID_BITS = (16, 8, 4)
+ACTIVATIONS = ("int8", "float")
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """What the spec asks for one weight. bits=None means it stays float, with `reason`."""
+
+    bits: int | None
+    group_size: int
+    symmetric: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+    # "int8": activations are quantized to int8 on the fly where the target can (ONNX MatMulNBits
+    # accuracy_level=4, ExecuTorch 8da4w); "float": weight-only quantization.
+    activations: str = "int8"
+    embeddings: bool = True
+    embedding_bits: int = 8
+    lm_head: bool = True
+
+    def __post_init__(self):
+        if self.bits not in VALID_BITS:
+            raise SlmExportError(
+                f"--bits {self.bits} is not supported; use one of {', '.join(map(str, VALID_BITS))} "
+                "(16 = no weight quantization)"
+            )
+        if self.embedding_bits not in (8, 4):
+            raise SlmExportError(f"embedding bits {self.embedding_bits} is not supported; use 8 or 4")
+        gs = self.group_size
+        if not isinstance(gs, int) or gs < 16 or gs > 4096 or gs & (gs - 1):
+            raise SlmExportError(
+                f"--group-size {gs} is not valid; use a power of two from 16 to 4096 (for example 32, 64, 128)"
+            )
+        if self.activations not in ACTIVATIONS:
+            raise SlmExportError(
+                f"activations '{self.activations}' is not valid; use one of {', '.join(ACTIVATIONS)}"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    def label(self) -> str:
+        if not self.quantized:
+            return "float"
+        act = "a8" if self.activations == "int8" else "wo"
+        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}"
+
+    def rules(self) -> list[tuple[str, int | None, str]]:
+        """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
+        if not self.quantized:
+            return [(r".*", None, "bits=16: no weight is quantized")]
+        emb_bits = min(self.embedding_bits, 8) if self.embeddings else None
+        return [
+            (r"(^|\.)embed_tokens\.weight$", emb_bits,
+             "spec: embeddings" + ("" if self.embeddings else " excluded (--no-quantize-embeddings)")),
+            (r"(^|\.)lm_head\.weight$", self.bits if self.lm_head else None,
+             "spec: lm_head" + ("" if self.lm_head else " excluded (--no-quantize-lm-head)")),
+            (r"norm", None, "norm scales are 1-D vectors, kept float"),
+            (r"bias$", None, "biases are kept float"),
+            (r".*", self.bits, "spec: linear weights"),
+        ]
+
+    def plan_for(self, weight_name: str) -> WeightPlan:
+        for pattern, bits, reason in self.rules():
+            if re.search(pattern, weight_name):
+                return WeightPlan(bits, self.group_size, self.symmetric, reason)
+        raise AssertionError("the catch-all rule always matches")  # pragma: no cover
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        return cls(**d)
+
+
+def block_size_for(k: int, group_size: int, minimum: int = 16) -> tuple[int, str]:
+    """Largest power-of-two block <= group_size that divides k, else group_size with a padded tail.
+
+    Returns (block, note). A weight is never left in float because its width does not divide.
+    """
+    block = group_size
+    while block >= minimum:
+        if k % block == 0:
+            note = "" if block == group_size else f"in-features {k} not divisible by {group_size}: fell back to group {block}"
+            return block, note
+        block //= 2
+    return group_size, f"in-features {k} not divisible by 16: last group of {group_size} zero-padded"

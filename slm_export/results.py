@@ -1,0 +1,89 @@
+"""One results schema for every target and device (in the manner of llama-bench).
+
+One flat field list with units in the names; raw samples kept; a failed run is a row with its
+`error` set, never dropped. Printers: table (terminal), markdown, JSON.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class BenchResult:
+    system: str  # what ran, e.g. "slm-export onnx int4-g32-sym-a8" or "llama.cpp Q4_0"
+    model: str
+    target: str = ""
+    runtime: str = ""
+    device: str = "local"
+    quant: str = ""
+    artifact_mb: float | None = None
+    threads: int | None = None
+    load_s: float | None = None
+    prompt_tokens: int | None = None
+    ttft_ms: float | None = None  # median time from prompt ids in to first generated id out
+    prefill_tok_s: float | None = None
+    decode_tokens: int | None = None
+    decode_tok_s: float | None = None  # median over timed steps, after warm-up
+    decode_tok_s_min: float | None = None
+    decode_tok_s_max: float | None = None
+    decode_gb_s: float | None = None  # weight bytes read per token x median tok/s
+    peak_rss_mb: float | None = None  # whole runner process, which never imports torch
+    baseline_rss_mb: float | None = None  # same process after imports, before loading the model
+    kv_capacity: int | None = None
+    machine: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)  # raw: ttft_ms, decode_step_ms
+    error: str | None = None
+    timestamp: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchResult":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+TABLE_COLUMNS = [
+    ("system", "system", "{}"), ("model", "model", "{}"), ("artifact_mb", "size MB", "{:.1f}"),
+    ("threads", "thr", "{}"), ("load_s", "load s", "{:.2f}"), ("prompt_tokens", "prompt", "{}"),
+    ("ttft_ms", "TTFT ms", "{:.1f}"), ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
+    ("decode_tok_s", "decode tok/s", "{:.1f}"), ("decode_tok_s_min", "min", "{:.1f}"),
+    ("decode_tok_s_max", "max", "{:.1f}"), ("decode_gb_s", "GB/s", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+]
+
+
+def _cells(r: BenchResult) -> list[str]:
+    out = []
+    for key, _, fmt in TABLE_COLUMNS:
+        v = getattr(r, key)
+        out.append("-" if v is None else fmt.format(v))
+    if r.error:
+        out[-1] = f"FAILED: {r.error[:120]}"
+    return out
+
+
+def format_table(results: list[BenchResult]) -> str:
+    rows = [[h for _, h, _ in TABLE_COLUMNS]] + [_cells(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def format_markdown(results: list[BenchResult]) -> str:
+    head = [h for _, h, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def format_json(results: list[BenchResult]) -> str:
+    return json.dumps({"schema_version": SCHEMA_VERSION, "results": [r.to_dict() for r in results]}, indent=1)
+
+
+PRINTERS = {"table": format_table, "markdown": format_markdown, "json": format_json}

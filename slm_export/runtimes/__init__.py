@@ -1,0 +1,21 @@
+"""Runtimes, registered by name: each executes one target's files behind the `Runner` interface.
+
+This package must never import torch: benchmarks measure the runner's memory in a process that
+holds only the runtime, as an app would.
+"""
+from __future__ import annotations
+
+from ..registry import Registry
+
+RUNTIMES: Registry = Registry("runtime")
+
+
+def _register_builtin_runtimes() -> None:
+    from . import onnx  # noqa: F401  (registers "onnxruntime"; imports onnxruntime lazily)
+
+
+_register_builtin_runtimes()
+
+
+def open_runner(folder, manifest: dict, threads: int | None = None):
+    return RUNTIMES.get(manifest["runtime"])(folder, manifest, threads)

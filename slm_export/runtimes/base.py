@@ -1,0 +1,80 @@
+"""The runner interface every runtime implements, and generation on top of it."""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import SlmExportError
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class Runner(ABC):
+    """A loaded artifact with one KV cache. `forward` appends tokens and returns their logits."""
+
+    def __init__(self, folder: Path, manifest: dict, threads: int | None):
+        self.folder, self.manifest = Path(folder), manifest
+        self.threads = threads or default_threads()
+        self.max_context = int(manifest["max_context"])
+        self.position = 0
+
+    @abstractmethod
+    def reset(self, capacity: int) -> None:
+        """Start an empty cache with room for `capacity` tokens (grows if exceeded)."""
+
+    @abstractmethod
+    def forward(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `token_ids` to the cache; logits [n, vocab] for all of them, or [1, vocab] for the last."""
+
+    def check_room(self, n_new: int) -> None:
+        if self.position + n_new > self.max_context:
+            raise SlmExportError(
+                f"{self.position + n_new} tokens exceed the artifact's max context of {self.max_context}; "
+                "use a shorter prompt or fewer new tokens, or re-export with a larger --max-context"
+            )
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        cut = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < cut, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def generate(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: set[int] = frozenset(),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Greedy (temperature 0) or sampled generation; stops at an EOS id or after max_new_tokens."""
+    if not prompt_ids:
+        raise SlmExportError("the prompt is empty")
+    rng = np.random.default_rng(seed)
+    runner.check_room(len(prompt_ids) + max_new_tokens)
+    runner.reset(len(prompt_ids) + max_new_tokens)
+    logits = runner.forward(prompt_ids)[-1]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = pick_token(logits, temperature, top_k, top_p, rng)
+        if tok in eos_ids:
+            break
+        out.append(tok)
+        if on_token:
+            on_token(tok)
+        logits = runner.forward([tok])[-1]
+    return out

@@ -1,0 +1,119 @@
+"""Measure one artifact in this process: load, time to first token, prefill and decode speed, RSS.
+
+Run as `python -m slm_export.runtimes.measure FOLDER --prompt-tokens 32 ...`; it prints one JSON
+list of BenchResult dicts. It imports the runtime and the tokenizer only (never torch), so the
+peak RSS is what an app holding this model would pay. Devices run this same module remotely.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of a big parent (one holding
+    # torch and the model) would report the parent's peak.
+    return _status_mb("VmHWM")
+
+
+def prompt_ids(codec, n: int, vocab: int) -> list[int]:
+    """n tokens of real English (the shipped passage); random ids if there is no tokenizer."""
+    if codec is None:
+        return np.random.default_rng(0).integers(10, vocab, n).tolist()
+    text = resources.files("slm_export").joinpath("data/passage.txt").read_text()
+    ids = codec.encode(text)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def measure(folder: str, prompt_tokens: list[int], decode_tokens: int, warmup: int, repeats: int,
+            threads: int | None) -> list[dict]:
+    from ..artifact import Artifact
+    from ..errors import SlmExportError
+
+    art = Artifact.open(folder, check=False)  # the parent checked the files
+    baseline = rss_mb()
+    t0 = time.perf_counter()
+    runner = art.runner(threads)
+    load_s = time.perf_counter() - t0
+    try:
+        codec = art.codec()
+    except SlmExportError:
+        codec = None
+    vocab = art.manifest["model"]["vocab_size"]
+    rows = []
+    for p in prompt_tokens:
+        ids = prompt_ids(codec, p, vocab)
+        runner.check_room(p + warmup + decode_tokens)
+        ttft = []
+        for _ in range(repeats):
+            runner.reset(p + warmup + decode_tokens + 1)
+            t = time.perf_counter()
+            tok = int(np.argmax(runner.forward(ids)[-1]))
+            ttft.append((time.perf_counter() - t) * 1000)
+        steps = []
+        for i in range(warmup + decode_tokens):
+            t = time.perf_counter()
+            tok = int(np.argmax(runner.forward([tok])[-1]))
+            if i >= warmup:
+                steps.append((time.perf_counter() - t) * 1000)
+        tok_s = sorted(1000.0 / s for s in steps)
+        ttft_med = statistics.median(ttft)
+        rows.append({
+            "prompt_tokens": p, "ttft_ms": ttft_med, "prefill_tok_s": p / (ttft_med / 1000),
+            "decode_tokens": decode_tokens, "decode_tok_s": statistics.median(tok_s),
+            "decode_tok_s_min": tok_s[0], "decode_tok_s_max": tok_s[-1],
+            "samples": {"ttft_ms": ttft, "decode_step_ms": steps},
+        })
+    for r in rows:
+        r.update(load_s=load_s, threads=runner.threads, kv_capacity=runner.capacity,
+                 peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m slm_export.runtimes.measure")
+    ap.add_argument("folder")
+    ap.add_argument("--prompt-tokens", default="32")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    from ..errors import SlmExportError
+
+    try:
+        rows = measure(a.folder, [int(x) for x in a.prompt_tokens.split(",")], a.decode_tokens, a.warmup,
+                       a.repeats, a.threads)
+    except SlmExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    if "torch" in sys.modules:  # the point of this process is a torch-free memory figure
+        print("error: torch was imported by the runner", file=sys.stderr)
+        return 3
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""onnxruntime runner: IO binding with the KV cache kept in place between steps.
+
+GroupQueryAttention accepts the same buffer as past and present, so the cache is one numpy array
+per layer and tensor, written in place by the kernel: no copy of the cache per token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import RUNTIMES
+from .base import Runner
+
+
+@RUNTIMES.register("onnxruntime")
+class OnnxRunner(Runner):
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
+        super().__init__(folder, manifest, threads)
+        import onnxruntime as ort
+
+        self._ort = ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.folder / manifest["model_file"]), opts,
+                                            providers=["CPUExecutionProvider"])
+        kv = manifest["io"]["kv_layout"]
+        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
+        self.capacity = 0
+        self.cache: list[np.ndarray] = []
+        self.binding = None
+
+    def reset(self, capacity: int) -> None:
+        capacity = min(max(capacity, 1), self.max_context)
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        self.cache = [np.zeros(shape, np.float32) for _ in range(2 * self.layers)]
+        self.capacity, self.position = capacity, 0
+        self._bind_cache()
+
+    def _bind_cache(self) -> None:
+        self.binding = self.session.io_binding()
+        self.binding.bind_output("logits")  # first, so it is get_outputs()[0]
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                value = self._ort.OrtValue.ortvalue_from_numpy(self.cache[2 * i + j])  # wraps, no copy
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                self.binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+
+    def _grow(self, needed: int) -> None:
+        capacity = min(max(needed, 2 * self.capacity), self.max_context)
+        grown = []
+        for buf in self.cache:
+            new = np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32)
+            new[:, :, : self.position] = buf[:, :, : self.position]
+            grown.append(new)
+        self.cache, self.capacity = grown, capacity
+        self._bind_cache()
+
+    def forward(self, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        n = len(token_ids)
+        self.check_room(n)
+        total = self.position + n
+        if total > self.capacity:
+            self._grow(total)
+        b = self.binding
+        b.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        b.bind_cpu_input("logits_to_keep", np.array([0 if all_logits else 1], dtype=np.int64))
+        b.bind_output("logits")  # fresh each step: its shape changes with logits_to_keep
+        self.session.run_with_iobinding(b)
+        self.position = total
+        return b.get_outputs()[0].numpy()[0]

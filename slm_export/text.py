@@ -1,0 +1,40 @@
+"""Tokenizer and chat template without transformers or torch, so runners stay light on devices."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import SlmExportError
+
+
+class TextCodec:
+    def __init__(self, folder: Path, manifest: dict):
+        info = manifest.get("tokenizer", {})
+        if not info.get("present"):
+            raise SlmExportError(
+                f"{folder} was exported without a tokenizer; re-export with a tokenizer (Python API: tokenizer=...)"
+            )
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(Path(folder) / info["file"]))
+        self.chat_template = info.get("chat_template")
+        self.bos_token, self.eos_token = info.get("bos_token"), info.get("eos_token")
+        self.eos_ids = set(info.get("eos_token_ids", []))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def encode_chat(self, user_message: str) -> list[int]:
+        """The prompt as the model was trained to see it (its chat template), or the raw text."""
+        if not self.chat_template:
+            return self.encode(user_message)
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(self.chat_template).render(
+            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        # Like transformers' apply_chat_template: the template already holds the special tokens.
+        return self.encode(text, add_special_tokens=False)

@@ -1,0 +1,240 @@
+"""`slm-export verify`: parity of an artifact against PyTorch, through the KV cache.
+
+On the same real text the artifact and PyTorch see a prompt (all positions compared) and then N
+decode steps, fed one token at a time through the artifact's KV cache with PyTorch's greedy
+tokens (teacher forcing, so a single early miss does not hide later agreement). Metrics: max abs
+logit difference, mean KL(PyTorch || artifact), top-1 agreement, and the greedy match length (the
+decode steps before the first disagreement = how long free-running greedy outputs stay equal).
+
+Two references:
+  fp32       the original model. Tolerances allow for the quantization error itself.
+  same-quant the original model with the artifact's own (dequantized) weights loaded into it, so
+             what remains is the exporter's and runtime's error (graph, kernels, int8 activations).
+Perplexity on the shipped passage is reported for the artifact and for PyTorch fp32.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from .errors import ParityFailure, SlmExportError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    mean_kl: float
+    top1: float  # minimum agreement
+    max_abs: float | None = None  # only meaningful when nothing is quantized
+
+
+# Why these numbers (measured on SmolLM2-135M-Instruct and tiny random models, see README):
+#  - bits 16: same graph math in fp32; differences come from summation order only.
+#  - int8 / int4 against same-quant: the weights are identical, left is int8 activation rounding
+#    (MatMulNBits accuracy_level 4) and kernel order.
+#  - against fp32: the quantization error itself; int4 g32 costs SmolLM2-135M ~0.02-0.05 nats/token.
+TOLERANCES: dict[int, dict[str, Tolerance]] = {
+    16: {"fp32": Tolerance(mean_kl=1e-4, top1=0.99, max_abs=1e-2)},
+    8: {"same-quant": Tolerance(mean_kl=0.01, top1=0.95), "fp32": Tolerance(mean_kl=0.03, top1=0.90)},
+    4: {"same-quant": Tolerance(mean_kl=0.03, top1=0.90), "fp32": Tolerance(mean_kl=0.25, top1=0.75)},
+}
+
+
+@dataclass
+class Comparison:
+    reference: str
+    positions: int
+    max_abs_logit_diff: float
+    mean_kl: float
+    top1_agreement: float
+    greedy_match_tokens: int
+    decode_steps: int
+    tolerance: dict
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    target: str
+    quant: str
+    prompt_tokens: int
+    decode_steps: int
+    comparisons: list[Comparison] = field(default_factory=list)
+    perplexity: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), passed=self.passed)
+
+    def format(self) -> str:
+        lines = [f"parity of {self.artifact} ({self.target}, {self.quant}): {self.prompt_tokens} prompt tokens + "
+                 f"{self.decode_steps} decode steps"]
+        lines.append(f"  {'reference':<11} {'max|dlogit|':>11} {'mean KL':>9} {'top-1':>7} {'greedy match':>13}  result")
+        for c in self.comparisons:
+            t = c.tolerance
+            bound = f"KL<={t['mean_kl']:g}, top-1>={t['top1']:g}" + (f", max<={t['max_abs']:g}" if t.get("max_abs") else "")
+            lines.append(f"  {c.reference:<11} {c.max_abs_logit_diff:>11.4f} {c.mean_kl:>9.5f} {c.top1_agreement:>7.3f} "
+                         f"{c.greedy_match_tokens:>6}/{c.decode_steps:<6}  {'PASS' if c.passed else 'FAIL'} ({bound})")
+        if self.perplexity:
+            p = self.perplexity
+            lines.append(f"  perplexity on {p['tokens']} tokens of the shipped passage: artifact {p['artifact']:.3f}, "
+                         f"PyTorch fp32 {p['pytorch_fp32']:.3f}")
+        return "\n".join(lines)
+
+
+def passage_ids(codec_or_tokenizer, n: int) -> list[int]:
+    text = resources.files("slm_export").joinpath("data/passage.txt").read_text()
+    ids = codec_or_tokenizer.encode(text)
+    if len(ids) < n:
+        raise SlmExportError(f"the shipped passage has {len(ids)} tokens, fewer than the {n} asked for")
+    return ids[:n]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare(ref_logits: np.ndarray, art_logits: np.ndarray, n_decode: int, name: str, tol: Tolerance) -> Comparison:
+    lp, lq = _log_softmax(ref_logits), _log_softmax(art_logits)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    agree = ref_logits.argmax(-1) == art_logits.argmax(-1)
+    dec = agree[-n_decode:] if n_decode else agree[:0]
+    match = int(np.argmin(dec)) if not dec.all() else len(dec)
+    max_abs = float(np.abs(ref_logits - art_logits).max())
+    top1 = float(agree.mean())
+    ok = kl <= tol.mean_kl and top1 >= tol.top1 and (tol.max_abs is None or max_abs <= tol.max_abs)
+    return Comparison(name, len(agree), max_abs, kl, top1, match, n_decode, asdict(tol), ok)
+
+
+def _torch_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        past, tok, toks = out.past_key_values, int(out.logits[0, -1].argmax()), []
+        for _ in range(n):
+            toks.append(tok)
+            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+    return toks
+
+
+def _artifact_logits(runner, prompt: list[int], forced: list[int]) -> np.ndarray:
+    runner.reset(len(prompt) + len(forced))
+    rows = [runner.forward(prompt, all_logits=True)]
+    for tok in forced[:-1]:
+        rows.append(runner.forward([tok]))
+    return np.concatenate(rows)
+
+
+def _perplexity_artifact(runner, ids: list[int], chunk: int = 256) -> float:
+    runner.reset(len(ids))
+    nll, prev = 0.0, None
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        lp = _log_softmax(runner.forward(part, all_logits=True))
+        targets = part[1:] if prev is None else part
+        rows = lp[:-1] if prev is None else np.concatenate([prev[None], lp[:-1]])
+        nll -= float(rows[np.arange(len(targets)), targets].sum())
+        prev = lp[-1]
+    return math.exp(nll / (len(ids) - 1))
+
+
+def _perplexity_torch(model, ids: list[int]) -> float:
+    lp = _log_softmax(_torch_logits(model, ids))
+    return math.exp(-float(lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def same_quant_model(model, artifact):
+    """A copy of `model` carrying the artifact's dequantized weights (the same-quant reference)."""
+    import torch
+
+    from .exporters import TARGETS
+
+    weights = TARGETS.get(artifact.target)().read_weights(artifact.path, artifact.manifest)
+    ref = copy.deepcopy(model)
+    if "lm_head.weight" in weights and hasattr(ref, "lm_head"):  # untie: lm_head has its own weights now
+        ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
+    params = dict(ref.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise SlmExportError(f"the reference model has no parameter {missing[0]}; is it the model this artifact was exported from?")
+    with torch.no_grad():
+        for name, w in weights.items():
+            if tuple(params[name].shape) != w.shape:
+                raise SlmExportError(f"{name}: artifact weight {w.shape} does not fit the reference model's {tuple(params[name].shape)}")
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    return ref.eval()
+
+
+def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: int = 32,
+           perplexity: bool = True, perplexity_tokens: int = 2048, threads: int | None = None) -> ParityReport:
+    """Compare `artifact` with PyTorch. `reference`: a model object; by default the recorded source."""
+    from .loading import from_object, load
+
+    src = artifact.manifest["source"]
+    if reference is None:
+        if src.get("kind") == "object":
+            raise SlmExportError(
+                "this artifact was exported from an in-memory model; verify it from Python: artifact.verify(reference=model)")
+        where = src.get("name") if src.get("kind") == "gguf" and src.get("name") else (src.get("path") or src.get("id"))
+        loaded = load(where)
+    else:
+        loaded = from_object(reference)
+    model = loaded.model
+    runner = artifact.runner(threads)
+    try:
+        codec = artifact.codec()
+    except SlmExportError:
+        codec = None
+    if codec is not None:
+        ids = passage_ids(codec, prompt_tokens)
+    else:  # no tokenizer: random ids still exercise every position and the cache
+        ids = np.random.default_rng(0).integers(0, artifact.manifest["model"]["vocab_size"], prompt_tokens).tolist()
+    if prompt_tokens + decode_steps > artifact.manifest["max_context"]:
+        raise SlmExportError(f"prompt {prompt_tokens} + decode {decode_steps} tokens exceed max context {artifact.manifest['max_context']}")
+    bits = artifact.manifest["quant"]["spec"]["bits"]
+    report = ParityReport(str(artifact.path), artifact.target, artifact.manifest["quant"]["label"], prompt_tokens, decode_steps)
+
+    forced = _torch_greedy(model, ids, decode_steps)
+    art = _artifact_logits(runner, ids, forced)
+    full = ids + forced[:-1]
+    for name, tol in TOLERANCES[bits].items():
+        ref_model = model if name == "fp32" else same_quant_model(model, artifact)
+        report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
+
+    if perplexity and codec is not None:
+        n = min(perplexity_tokens, artifact.manifest["max_context"])
+        text_ids = passage_ids(codec, min(n, len(codec.encode(resources.files("slm_export").joinpath("data/passage.txt").read_text()))))
+        report.perplexity = {"tokens": len(text_ids), "artifact": _perplexity_artifact(runner, text_ids),
+                             "pytorch_fp32": _perplexity_torch(model, text_ids)}
+    return report
+
+
+def check(report: ParityReport) -> None:
+    if not report.passed:
+        failed = ", ".join(c.reference for c in report.comparisons if not c.passed)
+        raise ParityFailure(f"parity over tolerance against {failed} (see the table above)")
+
+
+def write_json(report: ParityReport, path) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(report.to_dict(), indent=1))
