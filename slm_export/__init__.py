@@ -22,10 +22,11 @@ from .quantize import QuantSpec
 
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
            activations: str = "int8", quantize_embeddings: bool = True, quantize_lm_head: bool = True,
-           out=None, force: bool = False, max_context: int = 2048, tokenizer=None,
+           out=None, force: bool = False, max_context: int | None = None, tokenizer=None,
            trust_remote_code: bool = False, log=print):
     """Export `model` to `target` and return an `Artifact`.
 
+    max_context: KV-cache length; default min(2048, the model's max_position_embeddings).
     model: None (bundled SmolLM2-135M-Instruct), a hub id, a local folder, a .gguf file, or a
     transformers causal LM object of a supported architecture (pass its `tokenizer` to use
     generate/bench on real text).

@@ -37,7 +37,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-context", type=int, default=2048, help="maximum tokens in the KV cache; default 2048")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="maximum tokens in the KV cache; default min(2048, the model's limit)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
@@ -186,6 +187,10 @@ HANDLERS = {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "gen
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import os
+
+    # transformers' config warnings are noise for a CLI user; errors still reach us as exceptions.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "export"

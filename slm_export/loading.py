@@ -89,11 +89,11 @@ def _from_pretrained(where: str, trust_remote_code: bool, what: str, **kwargs) -
                 f"{what} needs custom code from its repository; rerun with --trust-remote-code if you trust it"
             ) from None
         raise SlmExportError(f"could not load {what}: {_first_line(e)}") from None
-    except (OSError, KeyError, RuntimeError, EnvironmentError) as e:
-        raise SlmExportError(f"could not load {what}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse a user's file is a problem with that file
+        raise SlmExportError(f"could not load {what}: {type(e).__name__}: {_first_line(e)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001
         raise SlmExportError(f"could not load the tokenizer of {what}: {_first_line(e)}") from None
     return LoadedModel(model.eval(), tokenizer)
 

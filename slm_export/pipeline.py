@@ -43,7 +43,7 @@ def prepare_destination(out: Path, force: bool) -> None:
 
 
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
-               force: bool = False, max_context: int = 2048, tokenizer=None, trust_remote_code: bool = False,
+               force: bool = False, max_context: int | None = None, tokenizer=None, trust_remote_code: bool = False,
                log=print):
     """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
     from .artifact import Artifact
@@ -62,6 +62,9 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     log(f"loaded {loaded.source.get('name') or loaded.source.get('path') or loaded.source.get('id')} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
         f"in {time.perf_counter() - t0:.1f}s")
+    if max_context is None:
+        limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
+        max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

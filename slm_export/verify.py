@@ -32,15 +32,18 @@ class Tolerance:
     max_abs: float | None = None  # only meaningful when nothing is quantized
 
 
-# Why these numbers (measured on SmolLM2-135M-Instruct and tiny random models, see README):
-#  - bits 16: same graph math in fp32; differences come from summation order only.
-#  - int8 / int4 against same-quant: the weights are identical, left is int8 activation rounding
-#    (MatMulNBits accuracy_level 4) and kernel order.
-#  - against fp32: the quantization error itself; int4 g32 costs SmolLM2-135M ~0.02-0.05 nats/token.
+# Why these numbers (measured on SmolLM2-135M-Instruct, 128 prompt + 32 decode positions of the
+# shipped passage, and on tiny random models; README "Parity tolerances"):
+#  - bits 16: the same math in fp32, only summation order differs (measured max |dlogit| 1e-4).
+#  - int8 / int4 against same-quant: identical weights; what is left is int8 activation rounding
+#    (MatMulNBits accuracy_level 4) and kernel order (measured KL 0.004, top-1 0.96).
+#  - against fp32: the quantization error itself. int8 costs little (KL 0.006, top-1 0.94). Round-
+#    to-nearest int4 g32 costs a 135M model a lot (KL 0.5, top-1 0.50, perplexity 28.1 -> 37.1), so
+#    that bound only catches a broken export; the same-quant bound is the tight gate.
 TOLERANCES: dict[int, dict[str, Tolerance]] = {
     16: {"fp32": Tolerance(mean_kl=1e-4, top1=0.99, max_abs=1e-2)},
-    8: {"same-quant": Tolerance(mean_kl=0.01, top1=0.95), "fp32": Tolerance(mean_kl=0.03, top1=0.90)},
-    4: {"same-quant": Tolerance(mean_kl=0.03, top1=0.90), "fp32": Tolerance(mean_kl=0.25, top1=0.75)},
+    8: {"same-quant": Tolerance(mean_kl=0.01, top1=0.92), "fp32": Tolerance(mean_kl=0.03, top1=0.88)},
+    4: {"same-quant": Tolerance(mean_kl=0.03, top1=0.90), "fp32": Tolerance(mean_kl=0.75, top1=0.40)},
 }
 
 

@@ -1,0 +1,100 @@
+"""Tiny randomly initialised models built from real architecture configs, and helpers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 512
+
+
+def _common(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                # a wide init makes logits peaked, so top-1 agreement means something on random weights
+                initializer_range=0.08)
+    base.update(kw)
+    return base
+
+
+def tiny_config(arch: str):
+    from transformers import Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config
+
+    if arch == "llama":  # SmolLM2 / Llama-3.2 shape: GQA, tied embeddings, llama3 rope scaling
+        return LlamaConfig(**_common(tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
+    if arch == "tinyllama":  # untied lm_head, 4:1 GQA
+        return LlamaConfig(**_common(tie_word_embeddings=False, num_attention_heads=8, num_key_value_heads=2,
+                                     hidden_size=128))
+    if arch == "mobilellm":  # deep and thin, embedding shared
+        return LlamaConfig(**_common(num_hidden_layers=8, hidden_size=32, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=96, tie_word_embeddings=True))
+    if arch == "qwen2":  # q/k/v biases
+        return Qwen2Config(**_common(tie_word_embeddings=True))
+    if arch == "phi3":  # fused qkv / gate_up, sliding window on every layer
+        return Phi3Config(**_common(tie_word_embeddings=False, sliding_window=24, pad_token_id=0))
+    if arch == "gemma2":  # (1+w) norms, post-norms, gelu-tanh, scaled embeddings, softcaps, alternating windows
+        return Gemma2Config(**_common(head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
+                                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                      num_hidden_layers=3))
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "tinyllama", "mobilellm", "qwen2", "phi3", "gemma2"]
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if arch == "gemma2":  # HF inits Gemma norms at 0 (= scale 1); randomise them so the (1+w) fold is tested
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.1)
+    return model
+
+
+def tiny_tokenizer():
+    """A real fast tokenizer (word level) over the tiny vocab, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    """A local Hugging Face folder (safetensors + tokenizer) of a tiny Llama."""
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def run_cli(*args, env=None):
+    """Run the CLI in a subprocess (as a user would); returns (code, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "slm_export.cli", *map(str, args)], capture_output=True, text=True,
+                       env=full_env, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())

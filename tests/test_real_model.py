@@ -1,0 +1,52 @@
+"""The real SmolLM2-135M-Instruct (the bundled GGUF): export, verify, answer. About 3 minutes."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "smol-int4"
+    code, stdout, err = run_cli("--target", "onnx", "--bits", "4", "--out", out)
+    assert code == 0, err
+    return out
+
+
+def test_int4_size_and_report(int4_dir):
+    manifest = json.loads((int4_dir / "manifest.json").read_text())
+    model_bytes = sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx"))
+    assert model_bytes < 120e6  # fp32 is 651 MB; the 113 MB tied lm_head must not stay float
+    summary = manifest["quant"]["summary"]
+    assert summary["kept_float"] == [] and summary["weights"] == 1 + 30 * 4 + 1
+    assert manifest["architecture"] == "llama" and manifest["source"]["name"] == "smollm2-135m-instruct"
+
+
+def test_int4_answers_paris(int4_dir):
+    code, stdout, err = run_cli("generate", int4_dir, "--prompt", "What is the capital of France?",
+                                "--max-new-tokens", "24")
+    assert code == 0, err
+    assert "Paris" in stdout
+
+
+def test_int4_parity_within_tolerance(int4_dir, tmp_path):
+    code, stdout, err = run_cli("verify", int4_dir, "--json", tmp_path / "v.json")
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0, stdout + err
+    assert report["passed"]
+    ppl = report["perplexity"]
+    assert ppl["tokens"] == 2048 and ppl["pytorch_fp32"] < ppl["artifact"] < 1.5 * ppl["pytorch_fp32"]
+
+
+def test_int8_and_fp32_parity(tmp_path):
+    for bits in ("8", "16"):
+        out = tmp_path / f"b{bits}"
+        assert run_cli("--bits", bits, "--out", out)[0] == 0
+        code, stdout, err = run_cli("verify", out, "--no-perplexity", "--json", tmp_path / f"v{bits}.json")
+        assert code == 0, stdout + err
+        report = json.loads((tmp_path / f"v{bits}.json").read_text())
+        fp32 = next(c for c in report["comparisons"] if c["reference"] == "fp32")
+        assert fp32["greedy_match_tokens"] >= (32 if bits == "16" else 4)

@@ -1,0 +1,48 @@
+import pytest
+
+from slm_export import QuantSpec, SlmExportError
+from slm_export.exporters import TARGETS
+from slm_export.quantize.spec import block_size_for
+from slm_export.registry import Registry
+
+
+@pytest.mark.parametrize("bits", [3, 2, 32, 0])
+def test_invalid_bits_is_a_clear_error(bits):
+    with pytest.raises(SlmExportError, match=rf"--bits {bits} is not supported"):
+        QuantSpec(bits=bits)
+
+
+@pytest.mark.parametrize("gs", [48, 0, 8, 100, 8192])
+def test_invalid_group_size_is_a_clear_error(gs):
+    with pytest.raises(SlmExportError, match=rf"--group-size {gs} is not valid"):
+        QuantSpec(group_size=gs)
+
+
+def test_rules_first_match_wins():
+    spec = QuantSpec(bits=4)
+    assert spec.plan_for("model.embed_tokens.weight").bits == 8  # embeddings int8
+    assert spec.plan_for("lm_head.weight").bits == 4  # lm_head int4
+    assert spec.plan_for("model.layers.3.input_layernorm.weight").bits is None
+    assert spec.plan_for("model.layers.3.mlp.down_proj.weight").bits == 4
+    off = QuantSpec(bits=4, embeddings=False, lm_head=False)
+    assert off.plan_for("model.embed_tokens.weight").bits is None
+    assert "excluded" in off.plan_for("lm_head.weight").reason
+    assert QuantSpec(bits=16).plan_for("model.layers.0.mlp.down_proj.weight").bits is None
+
+
+def test_block_size_falls_back_never_to_float():
+    assert block_size_for(576, 32) == (32, "")
+    assert block_size_for(80, 32)[0] == 16 and "fell back to group 16" in block_size_for(80, 32)[1]
+    block, note = block_size_for(72, 32)
+    assert block == 32 and "padded" in note
+
+
+def test_registry_unknown_and_duplicate():
+    r = Registry("widget")
+    r.register("a")(1)
+    with pytest.raises(ValueError, match="registered twice"):
+        r.register("a")(2)
+    with pytest.raises(SlmExportError, match="unknown widget 'b'; choose one of: a"):
+        r.get("b")
+    with pytest.raises(SlmExportError, match="unknown target 'tflite'; choose one of: onnx"):
+        TARGETS.get("tflite")
