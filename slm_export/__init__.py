@@ -21,7 +21,8 @@ from .quantize import QuantSpec
 
 
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
-           activations: str = "int8", quantize_embeddings: bool = True, quantize_lm_head: bool = True,
+           activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int = 8,
+           quantize_lm_head: bool = True,
            out=None, force: bool = False, max_context: int | None = None, tokenizer=None,
            trust_remote_code: bool = False, log=print):
     """Export `model` to `target` and return an `Artifact`.
@@ -34,7 +35,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     from .pipeline import run_export
 
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
-                     embeddings=quantize_embeddings, lm_head=quantize_lm_head)
+                     embeddings=quantize_embeddings, embedding_bits=embedding_bits, lm_head=quantize_lm_head)
     return run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
                       tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)
 

@@ -6,6 +6,7 @@ import time
 from .devices import DEVICES
 from .pipeline import library_versions
 from .results import BenchResult
+from .runtimes.measure import prompt_ids
 
 
 def weight_bytes_per_token(manifest: dict) -> int:
@@ -31,14 +32,16 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
                 target=m["target"], runtime=m["runtime"], device=dev.name, quant=m["quant"]["label"],
                 artifact_mb=round(artifact.size_mb, 2), machine=dev.describe(),
                 versions=library_versions("onnxruntime"), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    try:
-        rows = dev.measure(artifact.path, prompt_tokens=list(prompt_tokens), decode_tokens=decode_tokens,
-                           warmup=warmup, repeats=repeats, threads=threads)
-    except RuntimeError as e:  # a failed run is a row with its error, not a missing row
-        return [BenchResult(**base, prompt_tokens=p, error=str(e)) for p in prompt_tokens]
     per_token = weight_bytes_per_token(dict(m, _folder=artifact.path))
     results = []
-    for r in rows:
+    for p in prompt_tokens:
+        # One process per prompt length, so each row's peak RSS is its own.
+        try:
+            (r,) = dev.measure(artifact.path, prompts=[prompt_ids(artifact, p)], decode_tokens=decode_tokens,
+                               warmup=warmup, repeats=repeats, threads=threads)
+        except RuntimeError as e:  # a failed run is a row with its error, not a missing row
+            results.append(BenchResult(**base, prompt_tokens=p, error=str(e)))
+            continue
         r["decode_gb_s"] = per_token * r["decode_tok_s"] / 1e9
         results.append(BenchResult(**base, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
     return results

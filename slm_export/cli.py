@@ -33,6 +33,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
     p.add_argument("--weight-only", action="store_true", help="keep activations float (default: int8 activations where the target can)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token embedding float")
+    p.add_argument("--embedding-bits", type=int, default=8,
+                   help="8 (default) or 4; with 4 and tied embeddings the table is shared with the int4 lm_head")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
     p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
@@ -88,7 +90,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def _spec_kwargs(a) -> dict:
     return dict(target=a.target, bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
-                activations="float" if a.weight_only else "int8", quantize_embeddings=not a.no_quantize_embeddings,
+                activations="float" if a.weight_only else "int8", quantize_embeddings=not a.no_quantize_embeddings, embedding_bits=a.embedding_bits,
                 quantize_lm_head=not a.no_quantize_lm_head, out=a.out, force=a.force, max_context=a.max_context,
                 trust_remote_code=a.trust_remote_code)
 

@@ -112,3 +112,26 @@ def test_manifest_records_io_kv_layout_and_checksums(tmp_path):
     cos = next(t for t in graph.initializer if t.name == "cos_cache")
     assert list(cos.dims) == [128, 8]
     assert np.isfinite(onnx.numpy_helper.to_array(cos)).all()
+
+
+def test_tied_int4_embedding_shares_the_lm_head_weights(tmp_path):
+    model = tiny_model("llama")
+    art = _export(model, tmp_path, 4, embedding_bits=4)
+    graph = onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph
+    names = {t.name for t in graph.initializer}
+    assert "embed_tokens.qweight" not in names and "lm_head.qweight" in names
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert gather.input[0] == "lm_head.qweight"
+    entry = next(e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if e["name"] == "embed_tokens")
+    assert entry["bits"] == 4 and "shares lm_head" in entry["scheme"]
+    report = art.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
+    assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
+    (tmp_path / "int8emb").mkdir()
+    int8_table = _export(model, tmp_path / "int8emb", 4)
+    assert art.size_mb < int8_table.size_mb
+
+
+def test_int4_embedding_request_on_untied_model_is_reported_as_int8(tmp_path):
+    art = _export(tiny_model("tinyllama"), tmp_path, 4, embedding_bits=4)
+    entry = next(e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if e["name"] == "embed_tokens")
+    assert entry["bits"] == 8 and "stores 4-bit embedding requests as int8" in entry["reason"]

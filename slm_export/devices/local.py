@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 
 from ..errors import SlmExportError
 from . import DEVICES
@@ -38,17 +39,20 @@ class LocalDevice:
     def describe(self) -> dict:
         return describe()
 
-    def measure(self, folder, *, prompt_tokens: list[int], decode_tokens: int, warmup: int, repeats: int,
+    def measure(self, folder, *, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
                 threads: int | None, timeout_s: float = 1800) -> list[dict]:
-        cmd = [sys.executable, "-m", "slm_export.runtimes.measure", str(folder),
-               "--prompt-tokens", ",".join(map(str, prompt_tokens)), "--decode-tokens", str(decode_tokens),
-               "--warmup", str(warmup), "--repeats", str(repeats)]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(prompts, f)
+        cmd = [sys.executable, "-m", "slm_export.runtimes.measure", str(folder), "--prompt-ids", f.name,
+               "--decode-tokens", str(decode_tokens), "--warmup", str(warmup), "--repeats", str(repeats)]
         if threads:
             cmd += ["--threads", str(threads)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
+        finally:
+            os.unlink(f.name)
         if proc.returncode == 2:
             raise SlmExportError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
         if proc.returncode != 0:

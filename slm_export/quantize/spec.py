@@ -43,7 +43,7 @@ class QuantSpec:
                 "(16 = no weight quantization)"
             )
         if self.embedding_bits not in (8, 4):
-            raise SlmExportError(f"embedding bits {self.embedding_bits} is not supported; use 8 or 4")
+            raise SlmExportError(f"--embedding-bits {self.embedding_bits} is not supported; use 8 or 4")
         gs = self.group_size
         if not isinstance(gs, int) or gs < 16 or gs > 4096 or gs & (gs - 1):
             raise SlmExportError(
@@ -68,7 +68,7 @@ class QuantSpec:
         """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
         if not self.quantized:
             return [(r".*", None, "bits=16: no weight is quantized")]
-        emb_bits = min(self.embedding_bits, 8) if self.embeddings else None
+        emb_bits = self.embedding_bits if self.embeddings else None
         return [
             (r"(^|\.)embed_tokens\.weight$", emb_bits,
              "spec: embeddings" + ("" if self.embeddings else " excluded (--no-quantize-embeddings)")),

@@ -1,7 +1,7 @@
 """Measure one artifact in this process: load, time to first token, prefill and decode speed, RSS.
 
-Run as `python -m slm_export.runtimes.measure FOLDER --prompt-tokens 32 ...`; it prints one JSON
-list of BenchResult dicts. It imports the runtime and the tokenizer only (never torch), so the
+Run as `python -m slm_export.runtimes.measure FOLDER --prompt-ids IDS.json ...`; it prints one JSON
+list of BenchResult dicts. It imports the runtime only (no torch, no tokenizer), so the
 peak RSS is what an app holding this model would pay. Devices run this same module remotely.
 """
 from __future__ import annotations
@@ -35,10 +35,18 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def prompt_ids(codec, n: int, vocab: int) -> list[int]:
-    """n tokens of real English (the shipped passage); random ids if there is no tokenizer."""
-    if codec is None:
-        return np.random.default_rng(0).integers(10, vocab, n).tolist()
+def prompt_ids(art, n: int) -> list[int]:
+    """n tokens of real English (the shipped passage); random ids if there is no tokenizer.
+
+    Called by the parent: the measuring process gets ids, so its memory is the runtime's alone
+    (a tokenizer costs ~35 MB of RSS in Python, which an app pays whatever runtime it uses).
+    """
+    from ..errors import SlmExportError
+
+    try:
+        codec = art.codec()
+    except SlmExportError:
+        return np.random.default_rng(0).integers(10, art.manifest["model"]["vocab_size"], n).tolist()
     text = resources.files("slm_export").joinpath("data/passage.txt").read_text()
     ids = codec.encode(text)
     while len(ids) < n:
@@ -46,24 +54,18 @@ def prompt_ids(codec, n: int, vocab: int) -> list[int]:
     return ids[:n]
 
 
-def measure(folder: str, prompt_tokens: list[int], decode_tokens: int, warmup: int, repeats: int,
+def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
             threads: int | None) -> list[dict]:
     from ..artifact import Artifact
-    from ..errors import SlmExportError
 
     art = Artifact.open(folder, check=False)  # the parent checked the files
     baseline = rss_mb()
     t0 = time.perf_counter()
     runner = art.runner(threads)
     load_s = time.perf_counter() - t0
-    try:
-        codec = art.codec()
-    except SlmExportError:
-        codec = None
-    vocab = art.manifest["model"]["vocab_size"]
     rows = []
-    for p in prompt_tokens:
-        ids = prompt_ids(codec, p, vocab)
+    for ids in prompts:
+        p = len(ids)
         runner.check_room(p + warmup + decode_tokens)
         ttft = []
         for _ in range(repeats):
@@ -94,7 +96,7 @@ def measure(folder: str, prompt_tokens: list[int], decode_tokens: int, warmup: i
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m slm_export.runtimes.measure")
     ap.add_argument("folder")
-    ap.add_argument("--prompt-tokens", default="32")
+    ap.add_argument("--prompt-ids", required=True, help="JSON file: a list of prompts, each a list of token ids")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
@@ -103,14 +105,15 @@ def main(argv=None) -> int:
     from ..errors import SlmExportError
 
     try:
-        rows = measure(a.folder, [int(x) for x in a.prompt_tokens.split(",")], a.decode_tokens, a.warmup,
-                       a.repeats, a.threads)
+        prompts = json.loads(open(a.prompt_ids).read())
+        rows = measure(a.folder, prompts, a.decode_tokens, a.warmup, a.repeats, a.threads)
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    if "torch" in sys.modules:  # the point of this process is a torch-free memory figure
-        print("error: torch was imported by the runner", file=sys.stderr)
-        return 3
+    for heavy in ("torch", "transformers", "tokenizers"):  # the point of this process is the runtime's memory
+        if heavy in sys.modules:
+            print(f"error: {heavy} was imported by the measuring process", file=sys.stderr)
+            return 3
     print(json.dumps(rows))
     return 0
 

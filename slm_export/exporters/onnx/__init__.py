@@ -73,7 +73,8 @@ def read_weights(folder: Path, manifest: dict) -> dict:
         if e["bits"] is None:
             continue
         if e["name"] == "embed_tokens":
-            out["model.embed_tokens.weight"] = arr("embed_tokens.qweight").astype(np.float32) * arr("embed_tokens.scales")
+            if "embed_tokens.qweight" in inits:  # int8 rows; a table shared with lm_head is read below
+                out["model.embed_tokens.weight"] = arr("embed_tokens.qweight").astype(np.float32) * arr("embed_tokens.scales")
             continue
         node = nodes[e["name"]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -84,4 +85,6 @@ def read_weights(folder: Path, manifest: dict) -> dict:
         splits = e["split"] if len(e["sources"]) > 1 else [w.shape[0]]
         for src, part in zip(e["sources"], np.split(w, np.cumsum(splits)[:-1])):
             out[src] = part
+    if "shares lm_head" in next((e["scheme"] for e in report if e["name"] == "embed_tokens"), ""):
+        out["model.embed_tokens.weight"] = out["lm_head.weight"]
     return out

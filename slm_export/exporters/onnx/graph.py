@@ -57,6 +57,18 @@ class DecoderGraphBuilder:
         self.dec, self.spec = dec, spec
         self.g = _Graph()
         self.report = QuantReport()
+        self._packed: dict[str, tuple] = {}  # name -> (PackedWeight, block, note), quantized once
+
+    def _quantize(self, name: str, weight: np.ndarray, plan) -> tuple:
+        if name not in self._packed:
+            block, note = block_size_for(weight.shape[1], plan.group_size)
+            pw = quantize_matmul_weight(weight, plan.bits, block, plan.symmetric)
+            g = self.g
+            inputs = [g.const(f"{name}.qweight", pw.packed), g.const(f"{name}.scales", pw.scales)]
+            if pw.zero_points is not None:
+                inputs.append(g.const(f"{name}.zero_points", pw.zero_points))
+            self._packed[name] = (pw, block, note, inputs)
+        return self._packed[name]
 
     # ------------------------------------------------------------------ weights
 
@@ -70,11 +82,7 @@ class DecoderGraphBuilder:
             y = g.op("MatMul", [x, wt], name=name)
             entry = WeightEntry(name, lin.sources, [n, k], "float32 MatMul", None, None, w.nbytes, w.nbytes, plan.reason, lin.split)
         else:
-            block, note = block_size_for(k, plan.group_size)
-            pw = quantize_matmul_weight(w, plan.bits, block, plan.symmetric)
-            inputs = [g.const(f"{name}.qweight", pw.packed), g.const(f"{name}.scales", pw.scales)]
-            if pw.zero_points is not None:
-                inputs.append(g.const(f"{name}.zero_points", pw.zero_points))
+            pw, block, note, inputs = self._quantize(name, w, plan)
             # accuracy_level 4 = int8 activations (VNNI kernels); 0 = float activations (weight-only)
             level = 4 if self.spec.activations == "int8" else 0
             y = g.op("MatMulNBits", inputs=[x] + inputs, domain=MS, name=name,
@@ -90,13 +98,30 @@ class DecoderGraphBuilder:
     def embedding(self, ids: str) -> str:
         g, table = self.g, self.dec.embed
         plan = self.spec.plan_for("model.embed_tokens.weight")
-        if plan.bits is None:
+        head = self.spec.plan_for("lm_head.weight")
+        hidden = table.shape[1]
+        if (self.dec.tied_embeddings and plan.bits is not None and plan.bits == head.bits and head.symmetric
+                and hidden % block_size_for(hidden, head.group_size)[0] == 0):
+            # Tied and quantized alike: gather rows straight out of the lm_head's MatMulNBits
+            # weights [vocab, blocks, bytes] (no copy, no Reshape that constant folding would
+            # duplicate), so the table is stored and held in memory once.
+            pw, block, note, (qweight, *_) = self._quantize("lm_head", table, head)
+            scales = g.const("embed_tokens.scales", pw.scales.reshape(table.shape[0], -1, 1))
+            rows = g.op("GatherBlockQuantized", [qweight, ids, scales], domain=MS, name="embed_tokens",
+                        bits=head.bits, block_size=block, gather_axis=0, quantize_axis=2)
+            x = g.op("Reshape", [rows, g.const("embed_shape", np.array([0, 0, -1], np.int64))])
+            entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape),
+                                f"int{head.bits} GatherBlockQuantized block={block} (shares lm_head's weights)",
+                                head.bits, block, table.nbytes, pw.scales.nbytes,
+                                plan.reason + "; tied: stored once with lm_head")
+        elif plan.bits is None:
             x = g.op("Gather", [g.const("embed_tokens.weight", table), ids], name="embed_tokens")
             entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape), "float32 Gather",
                                 None, None, table.nbytes, table.nbytes, plan.reason)
         else:
-            # int8 per row: Gather the int8 rows and their scales, multiply. (4-bit tables are stored
-            # as int8 too: the row gather is memory-light either way, and int8 keeps it exact-ish.)
+            # int8 per row: Gather the int8 rows and their scales, multiply. A 4-bit request that
+            # cannot share the lm_head's weights (untied, asymmetric) is stored as int8 too, and
+            # the report says so.
             q, scale = quantize_rows_int8(table)
             rows = g.op("Gather", [g.const("embed_tokens.qweight", q), ids], name="embed_tokens")
             scales = g.op("Gather", [g.const("embed_tokens.scales", scale), ids])
