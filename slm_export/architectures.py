@@ -80,7 +80,8 @@ def to_decoder(model, max_context: int) -> Decoder:
     if model_type is None:
         raise SlmExportError(
             f"{type(model).__name__} has no transformers `config.model_type`; pass a transformers causal LM "
-            f"of a supported architecture ({', '.join(supported())})"
+            f"of a supported architecture ({', '.join(supported())}) or a plain nn.Module that follows the "
+            "contract in slm_export/custom.py (a `config` dict and Llama parameter names)"
         )
     if model_type not in ARCHITECTURES:
         raise SlmExportError(

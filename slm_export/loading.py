@@ -65,6 +65,12 @@ def from_object(model, tokenizer=None) -> LoadedModel:
 
     if not isinstance(model, torch.nn.Module):
         raise SlmExportError(f"expected a torch.nn.Module or a model path, got {type(model).__name__}")
+    from .custom import as_transformers_llama, is_plain_module
+
+    if is_plain_module(model):  # a user's own Llama-style module: see slm_export/custom.py
+        tokenizer_name = type(model).__name__
+        model = as_transformers_llama(model)
+        return LoadedModel(model, tokenizer, {"kind": "object", "name": tokenizer_name})
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     model = model.eval()

@@ -123,12 +123,20 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+        out = model(torch.tensor([ids]))
+        return getattr(out, "logits", out)[0].float().numpy()
 
 
 def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
     import torch
 
+    from .custom import is_plain_module
+
+    if is_plain_module(model):  # no KV-cache API in the contract: recompute the whole sequence
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(_torch_logits(model, ids)[-1].argmax()))
+        return ids[len(prompt):]
     with torch.no_grad():
         out = model(torch.tensor([prompt]), use_cache=True)
         past, tok, toks = out.past_key_values, int(out.logits[0, -1].argmax()), []
@@ -199,9 +207,12 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
                 "this artifact was exported from an in-memory model; verify it from Python: artifact.verify(reference=model)")
         where = src.get("name") if src.get("kind") == "gguf" and src.get("name") else (src.get("path") or src.get("id"))
         loaded = load(where)
+        model = loaded.model
     else:
-        loaded = from_object(reference)
-    model = loaded.model
+        from .custom import is_plain_module
+
+        # a plain module is its own reference: its forward is what the export must match
+        model = reference.float().eval() if is_plain_module(reference) else from_object(reference).model
     runner = artifact.runner(threads)
     try:
         codec = artifact.codec()
