@@ -27,7 +27,7 @@ from slm_export.pipeline import library_versions  # noqa: E402
 from slm_export.results import BenchResult, format_markdown, format_table  # noqa: E402
 
 
-def run_ours(cache: Path, args, loaded) -> list[BenchResult]:
+def run_ours(cache: Path, args, loaded, quality: list[str]) -> list[BenchResult]:
     rows = []
     for bits in (8, 4):
         t = time.perf_counter()
@@ -37,6 +37,13 @@ def run_ours(cache: Path, args, loaded) -> list[BenchResult]:
                            repeats=3, threads=args.threads):
             r.samples["export_s"] = round(export_s, 1)
             rows.append(r)
+        # quality in the same sitting, after the timing runs (verify loads torch in this process)
+        rep = art.verify(reference=loaded.model)
+        fp32 = next(c for c in rep.comparisons if c.reference == "fp32")
+        same = next(c for c in rep.comparisons if c.reference == "same-quant")
+        quality.append(f"| slm-export onnx {art.manifest['quant']['label']} | {art.size_mb:.1f} | {export_s:.1f} | "
+                       f"{rep.perplexity['artifact']:.3f} | {rep.perplexity['pytorch_fp32']:.3f} | {fp32.mean_kl:.4f} | "
+                       f"{fp32.top1_agreement:.3f} | {same.mean_kl:.4f} | {'pass' if rep.passed else 'FAIL'} |")
     return rows
 
 
@@ -85,7 +92,8 @@ def ratios(rows: list[BenchResult]) -> list[str]:
         out.append(f"- ONNX int4 time to first token, 32-token prompt: **{ours.ttft_ms:.1f} ms** (target <= 120 ms)")
         out.append(f"- ONNX int4 runtime peak RSS / artifact size: {ours.peak_rss_mb:.0f} MB / {ours.artifact_mb:.0f} MB = "
                    f"**{ours.peak_rss_mb / ours.artifact_mb:.2f}x** (target <= 1.5x); of which the Python process with "
-                   f"onnxruntime and the tokenizer imported, before the model loads: {ours.baseline_rss_mb:.0f} MB")
+                   f"onnxruntime imported, before the model loads: {ours.baseline_rss_mb:.0f} MB; without it "
+                   f"{(ours.peak_rss_mb - ours.baseline_rss_mb) / ours.artifact_mb:.2f}x")
     return out
 
 
@@ -100,12 +108,15 @@ def main() -> int:
     cache.mkdir(exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     loaded = load(None)
-    rows = run_ours(cache, args, loaded)
+    quality = ["| system | size MB | export s | perplexity | PyTorch fp32 perplexity | KL vs fp32 | top-1 vs fp32 | KL vs same-quant | verify |",
+               "|---|---|---|---|---|---|---|---|---|"]
+    rows = run_ours(cache, args, loaded, quality)
     if not args.skip_llamacpp:
         rows += run_llamacpp(cache, args)
     print(format_table(rows))
     lines = ratios(rows)
     print("\n".join(lines))
+    print("\n".join(quality))
     (HERE / "results.json").write_text(json.dumps({"schema_version": 1, "date": started, "machine": describe(),
                                                   "versions": library_versions("onnxruntime", "torch", "transformers"),
                                                   "results": [r.to_dict() for r in rows]}, indent=1))
@@ -117,8 +128,10 @@ def main() -> int:
         f"Protocol: prompts of {', '.join(map(str, args.prompt_tokens))} tokens of the shipped passage; TTFT = median of 3 "
         f"(prompt ids in, first greedy id out); decode = median (min, max) of {args.decode_tokens} single-token greedy "
         "steps after 8 warm-up steps; peak RSS = VmHWM of the measuring process, which never imports torch "
-        "(it holds Python, the runtime, the tokenizer and the model). GB/s = weight bytes read per token x decode tok/s.\n\n"
+        "(it holds Python, the runtime and the model; prompts arrive as token ids). GB/s = weight bytes read per token x decode tok/s.\n\n"
         + format_markdown(rows) + "\n\n## Against the targets (issue #2)\n\n" + "\n".join(lines) + "\n\n"
+        + "## Quality (slm-export verify, same sitting; perplexity on 2,048 tokens of the shipped passage)\n\n"
+        + "\n".join(quality) + "\n\n"
         f"Versions: {json.dumps(library_versions('onnxruntime', 'torch', 'transformers'))}\n")
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'results.json'}")
     return 0

@@ -31,7 +31,7 @@ class BenchResult:
     decode_tok_s_max: float | None = None
     decode_gb_s: float | None = None  # weight bytes read per token x median tok/s
     peak_rss_mb: float | None = None  # whole runner process, which never imports torch
-    baseline_rss_mb: float | None = None  # same process after imports, before loading the model
+    baseline_rss_mb: float | None = None  # same process with the runtime imported, before loading the model
     kv_capacity: int | None = None
     machine: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)

@@ -24,6 +24,10 @@ class Runner(ABC):
         self.max_context = int(manifest["max_context"])
         self.position = 0
 
+    @staticmethod
+    def import_sdk() -> None:
+        """Import the runtime's SDK (so a baseline memory reading can include it)."""
+
     @abstractmethod
     def reset(self, capacity: int) -> None:
         """Start an empty cache with room for `capacity` tokens (grows if exceeded)."""

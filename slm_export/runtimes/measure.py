@@ -58,8 +58,11 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
             threads: int | None) -> list[dict]:
     from ..artifact import Artifact
 
+    from . import RUNTIMES
+
     art = Artifact.open(folder, check=False)  # the parent checked the files
-    baseline = rss_mb()
+    RUNTIMES.get(art.manifest["runtime"]).import_sdk()
+    baseline = rss_mb()  # Python + the runtime's library, before the model
     t0 = time.perf_counter()
     runner = art.runner(threads)
     load_s = time.perf_counter() - t0

@@ -34,6 +34,10 @@ class OnnxRunner(Runner):
         self.cache: list[np.ndarray] = []
         self.binding = None
 
+    @staticmethod
+    def import_sdk() -> None:
+        import onnxruntime  # noqa: F401
+
     def reset(self, capacity: int) -> None:
         capacity = min(max(capacity, 1), self.max_context)
         shape = (1, self.kv_heads, capacity, self.head_dim)
