@@ -33,6 +33,12 @@ class OnnxRunner(Runner):
         self.capacity = 0
         self.cache: list[np.ndarray] = []
         self.binding = None
+        # Per-step inputs prepared once: a step then only rebinds views, no new arrays (~0.3 ms/token).
+        self._keep = {flag: np.array([0 if flag else 1], np.int64) for flag in (True, False)}
+        self._mask = np.ones((1, self.max_context), np.int64)
+        self._one_token = np.zeros((1, 1), np.int64)
+        self._last_logits = np.zeros((1, 1, manifest["model"]["vocab_size"]), np.float32)
+        self._last_logits_value = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
 
     @staticmethod
     def import_sdk() -> None:
@@ -71,10 +77,20 @@ class OnnxRunner(Runner):
         if total > self.capacity:
             self._grow(total)
         b = self.binding
-        b.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
-        b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        b.bind_cpu_input("logits_to_keep", np.array([0 if all_logits else 1], dtype=np.int64))
-        b.bind_output("logits")  # fresh each step: its shape changes with logits_to_keep
+        if n == 1:
+            self._one_token[0, 0] = token_ids[0]
+            ids = self._one_token
+        else:
+            ids = np.asarray([token_ids], dtype=np.int64)
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", self._mask[:, :total])
+        b.bind_cpu_input("logits_to_keep", self._keep[all_logits])
+        if all_logits:
+            b.bind_output("logits")  # ORT allocates [1, n, vocab]
+        else:  # the kernel writes the last row straight into our array: no output objects per step
+            b.bind_ortvalue_output("logits", self._last_logits_value)
         self.session.run_with_iobinding(b)
         self.position = total
-        return b.get_outputs()[0].numpy()[0]
+        if all_logits:
+            return b.get_outputs()[0].numpy()[0]  # logits are bound first: see _bind_cache
+        return self._last_logits[0].copy()

@@ -57,7 +57,9 @@ class DecoderGraphBuilder:
         self.dec, self.spec = dec, spec
         self.g = _Graph()
         self.report = QuantReport()
-        self._packed: dict[str, tuple] = {}  # name -> (PackedWeight, block, note), quantized once
+        # name -> (PackedWeight, block, fallback note, initializer names): each weight quantized once,
+        # so a tied embedding and lm_head can share one set of initializers
+        self._packed: dict[str, tuple] = {}
 
     def _quantize(self, name: str, weight: np.ndarray, plan) -> tuple:
         if name not in self._packed:
