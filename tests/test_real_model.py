@@ -41,6 +41,15 @@ def test_int4_parity_within_tolerance(int4_dir, tmp_path):
     assert ppl["tokens"] == 2048 and ppl["pytorch_fp32"] < ppl["artifact"] < 1.5 * ppl["pytorch_fp32"]
 
 
+def test_int4_parity_with_the_pytest_helper(int4_dir):
+    """Our CI gates on parity the way a user's CI would: slm_export.testing.assert_parity."""
+    from slm_export.loading import load
+    from slm_export.testing import assert_parity
+
+    report = assert_parity(int4_dir, load(None).model, prompt_tokens=128, decode_steps=32)
+    assert {c.reference for c in report.comparisons} == {"same-quant", "fp32"}
+
+
 def test_int8_and_fp32_parity(tmp_path):
     for bits in ("8", "16"):
         out = tmp_path / f"b{bits}"

@@ -36,6 +36,12 @@ class Exporter(Protocol):
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput: ...
 
+    def read_weights(self, folder: Path, manifest: dict) -> dict:
+        """The float weights the artifact computes with, by PyTorch name (for same-quant parity)."""
+
+    def app_readme(self, manifest: dict) -> str:
+        """The README an app developer gets in a bundle of this target."""
+
 
 def _register_builtin_targets() -> None:
     from . import onnx  # noqa: F401  (registers "onnx")

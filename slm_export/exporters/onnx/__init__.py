@@ -48,6 +48,11 @@ class OnnxExporter:
     def read_weights(self, folder: Path, manifest: dict) -> dict:
         return read_weights(folder, manifest)
 
+    def app_readme(self, manifest: dict) -> str:
+        from .handoff import app_readme
+
+        return app_readme(manifest)
+
 
 def read_weights(folder: Path, manifest: dict) -> dict:
     """The float weights the artifact really computes with, by PyTorch parameter name.

@@ -1,0 +1,192 @@
+"""Hand-off: `bundle` (a self-describing folder, optionally zipped) and `inspect`.
+
+A bundle is an artifact folder plus what an app developer needs: a README written for them, the
+latest parity and bench results with the machine they came from, and one manifest whose sha256
+table covers every file. Opening a zip extracts it into a cache folder, refusing any entry that
+would land outside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from . import manifest as mf
+from .errors import SlmExportError
+
+REPORTS = "reports"
+PARITY_FILE = f"{REPORTS}/parity.json"
+BENCH_FILE = f"{REPORTS}/bench.json"
+
+
+def save_report(folder: Path, name: str, data: dict) -> None:
+    """Keep the latest verify/bench result beside the artifact (best effort: it may be read-only)."""
+    try:
+        (Path(folder) / REPORTS).mkdir(exist_ok=True)
+        (Path(folder) / name).write_text(json.dumps(dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z")), indent=1))
+    except OSError:
+        pass
+
+
+def _latest(folder: Path, name: str) -> dict | None:
+    p = Path(folder) / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, force: bool = False) -> Path:
+    """Write the bundle folder (and `<folder>.zip` with make_zip); returns the folder."""
+    from .exporters import TARGETS
+    from .pipeline import prepare_destination
+
+    src = Path(artifact.path)
+    out = Path(out or f"{src}-bundle").expanduser().absolute()
+    if out == src:
+        raise SlmExportError("--out must differ from the artifact folder")
+    prepare_destination(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for name in artifact.manifest["files"]:
+            if name.startswith(f"{REPORTS}/") or name == "README.md":
+                continue
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, tmp / name)
+        for name in (PARITY_FILE, BENCH_FILE):
+            if (src / name).is_file():
+                (tmp / REPORTS).mkdir(exist_ok=True)
+                shutil.copy2(src / name, tmp / name)
+        manifest = {k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")}
+        manifest["bundle"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "parity": _summary_parity(_latest(src, PARITY_FILE)),
+                              "bench": _summary_bench(_latest(src, BENCH_FILE))}
+        (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest))
+        mf.write(tmp, manifest)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if make_zip:
+        zip_path = out.with_suffix(".zip")
+        partial = zip_path.with_name(f".{zip_path.name}.partial")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in sorted(out.rglob("*")):
+                if p.is_file():
+                    z.write(p, f"{out.name}/{p.relative_to(out).as_posix()}")
+        partial.replace(zip_path)
+    return out
+
+
+def _summary_parity(data: dict | None) -> dict | None:
+    if not data:
+        return None
+    return {"passed": data["passed"], "saved": data.get("saved"), "machine": data.get("machine"),
+            "perplexity": data.get("perplexity"),
+            "comparisons": [{k: c[k] for k in ("reference", "mean_kl", "top1_agreement", "max_abs_logit_diff", "passed")}
+                            for c in data["comparisons"]]}
+
+
+def _summary_bench(data: dict | None) -> dict | None:
+    if not data:
+        return None
+    keep = ("prompt_tokens", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "threads", "error")
+    rows = data.get("results", [])
+    return {"saved": data.get("saved"), "machine": rows[0].get("machine") if rows else None,
+            "results": [{k: r.get(k) for k in keep} for r in rows]}
+
+
+def safe_extract(zip_path: Path, dest: Path) -> Path:
+    """Extract a bundle zip into dest; refuse absolute paths, '..' and links. Returns the bundle folder."""
+    try:
+        z = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SlmExportError(f"{zip_path} is not a readable zip file ({e})") from None
+    with z:
+        names = z.namelist()
+        for info in z.infolist():
+            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+            if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise SlmExportError(f"{zip_path} holds '{info.filename}', a path outside its folder; refusing to unzip it")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise SlmExportError(f"{zip_path} holds a symbolic link '{info.filename}'; refusing to unzip it")
+        tops = {PurePosixPath(n).parts[0] for n in names if n.strip("/")}
+        if len(tops) != 1:
+            raise SlmExportError(f"{zip_path} should hold one bundle folder, found {len(tops)} top-level entries")
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unzip-", dir=dest))
+        try:
+            z.extractall(tmp)
+            top = tmp / tops.pop()
+            final = dest / top.name
+            if final.exists():
+                shutil.rmtree(final)
+            top.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def open_path(path: str | Path) -> Path:
+    """A folder as is; a .zip extracted (safely) into the user's cache, keyed by the zip's sha256."""
+    path = Path(path).expanduser()
+    if path.suffix != ".zip":
+        return path
+    if not path.is_file():
+        raise SlmExportError(f"bundle zip {path} does not exist")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slm-export" / "unzipped" / mf.sha256(path)[:16]
+    return safe_extract(path, cache)
+
+
+def inspect(path: str | Path) -> dict:
+    """What a bundle or artifact holds, with the checksum status (never raises for a tampered file)."""
+    folder = open_path(path)
+    manifest = mf.read(folder)
+    try:
+        mf.check_files(folder, manifest)
+        checksums = "ok: every file matches manifest.json"
+    except SlmExportError as e:
+        checksums = f"FAILED: {e}"
+    return {
+        "path": str(folder), "target": manifest["target"], "runtime": manifest["runtime"],
+        "architecture": manifest["architecture"], "source": manifest["source"], "quant": manifest["quant"]["label"],
+        "quant_summary": manifest["quant"]["summary"], "model_mb": round(mf.model_size_bytes(manifest) / 1e6, 2),
+        "files": len(manifest["files"]), "total_mb": round(sum(f["bytes"] for f in manifest["files"].values()) / 1e6, 2),
+        "checksums": checksums, "max_context": manifest["max_context"], "io": manifest["io"],
+        "parity": manifest.get("bundle", {}).get("parity") or _summary_parity(_latest(folder, PARITY_FILE)),
+        "bench": manifest.get("bundle", {}).get("bench") or _summary_bench(_latest(folder, BENCH_FILE)),
+    }
+
+
+def format_inspect(info: dict) -> str:
+    kv = info["io"]["kv_layout"]
+    lines = [
+        f"{info['path']}",
+        f"  target        {info['target']} (runtime {info['runtime']}), {info['architecture']}, from {info['source'].get('name') or info['source'].get('path') or info['source'].get('id')}",
+        f"  quantization  {info['quant']}: {info['quant_summary']['stored_mb']} MB stored for {info['quant_summary']['weights']} weights, kept float: {info['quant_summary']['kept_float'] or 'none'}",
+        f"  size          model {info['model_mb']} MB, {info['files']} files, {info['total_mb']} MB in all",
+        f"  checksums     {info['checksums']}",
+        f"  inputs        {', '.join(info['io']['inputs'])}",
+        f"  outputs       {', '.join(info['io']['outputs'])}",
+        f"  kv cache      {kv['layers']} layers x {kv['kv_heads']} kv heads x {kv['head_dim']} ({kv['dtype']}), max context {info['max_context']}",
+    ]
+    p = info["parity"]
+    if p:
+        comp = "; ".join(f"{c['reference']}: KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f} {'PASS' if c['passed'] else 'FAIL'}"
+                         for c in p["comparisons"])
+        lines.append(f"  last parity   {'PASS' if p['passed'] else 'FAIL'} ({comp}) on {p.get('saved')}")
+    else:
+        lines.append("  last parity   none recorded (run `slm-export verify`)")
+    b = info["bench"]
+    if b and b["results"]:
+        m = b.get("machine") or {}
+        runs = "; ".join(f"prompt {r['prompt_tokens']}: TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB"
+                         if not r.get("error") else f"prompt {r['prompt_tokens']}: FAILED {r['error']}" for r in b["results"])
+        lines.append(f"  last bench    {runs} ({m.get('cpu')}, {m.get('cores')} cores, {b['results'][0].get('threads')} threads) on {b.get('saved')}")
+    else:
+        lines.append("  last bench    none recorded (run `slm-export bench`)")
+    return "\n".join(lines)
