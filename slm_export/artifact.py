@@ -41,13 +41,27 @@ class Artifact:
 
         return TextCodec(self.path, self.manifest)
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, chat: bool = True, **sampling) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 64, chat: bool = True, on_text=None, **sampling) -> str:
+        """Generate a reply; `on_text(piece)` streams the text as tokens arrive."""
         from .runtimes.base import generate
 
         codec = self.codec()
         ids = codec.encode_chat(prompt) if chat else codec.encode(prompt)
-        out = generate(self.runner(), ids, max_new_tokens, codec.eos_ids, **sampling)
-        return codec.decode(out)
+        out: list[int] = []
+        shown = [""]
+
+        def stream(token: int) -> None:
+            out.append(token)
+            text = codec.decode(out)  # decode the whole reply: multi-byte characters span tokens
+            if on_text and text.startswith(shown[0]) and not text.endswith("\ufffd"):
+                on_text(text[len(shown[0]):])
+                shown[0] = text
+
+        result = generate(self.runner(), ids, max_new_tokens, codec.eos_ids, on_token=stream, **sampling)
+        text = codec.decode(result)
+        if on_text and text != shown[0] and text.startswith(shown[0]):
+            on_text(text[len(shown[0]):])
+        return text
 
     def bench(self, **kwargs):
         """Measure on a device; the rows are also kept as reports/bench.json for `inspect` and `bundle`."""

@@ -177,9 +177,9 @@ def cmd_generate(a):
 
     art = Artifact.open(a.artifact)
     t = time.perf_counter()
-    text = art.generate(a.prompt, max_new_tokens=a.max_new_tokens, chat=not a.raw, temperature=a.temperature,
-                        top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    print(text)
+    art.generate(a.prompt, max_new_tokens=a.max_new_tokens, chat=not a.raw, temperature=a.temperature,
+                 top_k=a.top_k, top_p=a.top_p, seed=a.seed, on_text=lambda s: print(s, end="", flush=True))
+    print(flush=True)
     print(f"({time.perf_counter() - t:.2f}s)", file=sys.stderr)
     return 0
 

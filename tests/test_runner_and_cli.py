@@ -47,6 +47,12 @@ def test_greedy_and_seeded_sampling(tiny_art):
     assert generate(r, [1, 5, 9], 12, eos_ids={a[0]}) == []  # stops at EOS before emitting it
 
 
+def test_streamed_text_adds_up_to_the_reply(tiny_art):
+    pieces = []
+    text = tiny_art.generate("w1 w2 w3", max_new_tokens=10, on_text=pieces.append)
+    assert text and "".join(pieces) == text and len(pieces) > 1
+
+
 def test_pick_token_filters():
     logits = np.array([0.0, 5.0, 4.9, -3.0])
     rng = np.random.default_rng(0)
