@@ -6,6 +6,13 @@ from pathlib import Path
 from .errors import SlmExportError
 
 
+def passage_ids(codec) -> list[int]:
+    """Token ids of the English passage shipped for parity, perplexity and benchmark prompts."""
+    from importlib import resources
+
+    return codec.encode(resources.files("slm_export").joinpath("data/passage.txt").read_text())
+
+
 class TextCodec:
     def __init__(self, folder: Path, manifest: dict):
         info = manifest.get("tokenizer", {})

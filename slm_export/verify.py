@@ -18,11 +18,11 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 
 import numpy as np
 
 from .errors import ParityFailure, SlmExportError
+from .text import passage_ids
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,8 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def passage_ids(codec_or_tokenizer, n: int) -> list[int]:
-    text = resources.files("slm_export").joinpath("data/passage.txt").read_text()
-    ids = codec_or_tokenizer.encode(text)
+def first_passage_ids(codec, n: int) -> list[int]:
+    ids = passage_ids(codec)
     if len(ids) < n:
         raise SlmExportError(f"the shipped passage has {len(ids)} tokens, fewer than the {n} asked for")
     return ids[:n]
@@ -220,7 +219,7 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
     except SlmExportError:
         codec = None
     if codec is not None:
-        ids = passage_ids(codec, prompt_tokens)
+        ids = first_passage_ids(codec, prompt_tokens)
     else:  # no tokenizer: random ids still exercise every position and the cache
         ids = np.random.default_rng(0).integers(0, artifact.manifest["model"]["vocab_size"], prompt_tokens).tolist()
     if prompt_tokens + decode_steps > artifact.manifest["max_context"]:
@@ -237,7 +236,7 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
 
     if perplexity and codec is not None:
         n = min(perplexity_tokens, artifact.manifest["max_context"])
-        text_ids = passage_ids(codec, min(n, len(codec.encode(resources.files("slm_export").joinpath("data/passage.txt").read_text()))))
+        text_ids = passage_ids(codec)[:n]
         report.perplexity = {"tokens": len(text_ids), "artifact": _perplexity_artifact(runner, text_ids),
                              "pytorch_fp32": _perplexity_torch(model, text_ids)}
     return report

@@ -11,7 +11,6 @@ import json
 import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +42,13 @@ def prompt_ids(art, n: int) -> list[int]:
     """
     from ..errors import SlmExportError
 
+    from ..text import passage_ids
+
     try:
         codec = art.codec()
     except SlmExportError:
         return np.random.default_rng(0).integers(10, art.manifest["model"]["vocab_size"], n).tolist()
-    text = resources.files("slm_export").joinpath("data/passage.txt").read_text()
-    ids = codec.encode(text)
+    ids = passage_ids(codec)
     while len(ids) < n:
         ids = ids + ids
     return ids[:n]
