@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import time
 
+from . import manifest as mf
 from .devices import DEVICES
 from .pipeline import library_versions
 from .results import BenchResult
 from .runtimes.measure import prompt_ids
 
 
-def weight_bytes_per_token(manifest: dict) -> int:
+def weight_bytes_per_token(artifact) -> int:
     """Bytes of weights a decode step reads: every matrix, but only one row of the embedding."""
     import json
 
-    report = json.loads((manifest["_folder"] / manifest["quant"]["report"]).read_text())["weights"]
+    report = json.loads((artifact.path / artifact.manifest["quant"]["report"]).read_text())["weights"]
     total = 0
     for e in report:
         if e["name"] == "embed_tokens":
@@ -28,11 +29,11 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
     dev = DEVICES.get(device)()
     m = artifact.manifest
     base = dict(system=f"slm-export {m['target']} {m['quant']['label']}",
-                model=m["source"].get("name") or m["source"].get("id") or m["source"].get("path", ""),
+                model=mf.source_label(m["source"]),
                 target=m["target"], runtime=m["runtime"], device=dev.name, quant=m["quant"]["label"],
                 artifact_mb=round(artifact.size_mb, 2), machine=dev.describe(),
                 versions=library_versions("onnxruntime"), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    per_token = weight_bytes_per_token(dict(m, _folder=artifact.path))
+    per_token = weight_bytes_per_token(artifact)
     results = []
     for p in prompt_tokens:
         # One process per prompt length, so each row's peak RSS is its own.

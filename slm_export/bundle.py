@@ -40,15 +40,14 @@ def _latest(folder: Path, name: str) -> dict | None:
 def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, force: bool = False) -> Path:
     """Write the bundle folder (and `<folder>.zip` with make_zip); returns the folder."""
     from .exporters import TARGETS
-    from .pipeline import prepare_destination
+    from .staging import check_destination, staged_folder
 
     src = Path(artifact.path)
     out = Path(out or f"{src}-bundle").expanduser().absolute()
     if out == src:
         raise SlmExportError("--out must differ from the artifact folder")
-    prepare_destination(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    check_destination(out, force)
+    with staged_folder(out) as tmp:
         for name in artifact.manifest["files"]:
             if name.startswith(f"{REPORTS}/") or name == "README.md":
                 continue
@@ -64,13 +63,6 @@ def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, forc
                               "bench": _summary_bench(_latest(src, BENCH_FILE))}
         (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest))
         mf.write(tmp, manifest)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if make_zip:
         zip_path = out.with_suffix(".zip")
         partial = zip_path.with_name(f".{zip_path.name}.partial")
@@ -166,7 +158,7 @@ def format_inspect(info: dict) -> str:
     kv = info["io"]["kv_layout"]
     lines = [
         f"{info['path']}",
-        f"  target        {info['target']} (runtime {info['runtime']}), {info['architecture']}, from {info['source'].get('name') or info['source'].get('path') or info['source'].get('id')}",
+        f"  target        {info['target']} (runtime {info['runtime']}), {info['architecture']}, from {mf.source_label(info['source'])}",
         f"  quantization  {info['quant']}: {info['quant_summary']['stored_mb']} MB stored for {info['quant_summary']['weights']} weights, kept float: {info['quant_summary']['kept_float'] or 'none'}",
         f"  size          model {info['model_mb']} MB, {info['files']} files, {info['total_mb']} MB in all",
         f"  checksums     {info['checksums']}",

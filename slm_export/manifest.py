@@ -60,6 +60,11 @@ def check_files(folder: Path, manifest: dict) -> None:
             raise SlmExportError(f"{p} does not match its sha256 in the manifest: the file was changed after export")
 
 
+def source_label(source: dict) -> str:
+    """How to name the model an artifact came from: its short name, path or hub id."""
+    return source.get("name") or source.get("path") or source.get("id") or "unknown"
+
+
 def model_size_bytes(manifest: dict) -> int:
     """Bytes of the model files proper (weights and graph), without tokenizer or reports."""
     model_files = {manifest["model_file"], *manifest.get("target_extra", {}).get("data_files", [])}

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +17,7 @@ from .errors import SlmExportError
 from .exporters import TARGETS, ExportOptions
 from .loading import LoadedModel, from_object, load
 from .quantize import QuantSpec
+from .staging import check_destination, staged_folder
 
 REPORT_FILE = "quant_report.json"
 
@@ -33,15 +32,6 @@ def library_versions(*names: str) -> dict:
     return out
 
 
-def prepare_destination(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise SlmExportError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise SlmExportError(f"output path {out} exists and is not a folder")
-    if not out.parent.exists():
-        raise SlmExportError(f"the parent folder of --out ({out.parent}) does not exist")
-
-
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
                force: bool = False, max_context: int | None = None, tokenizer=None, trust_remote_code: bool = False,
                log=print):
@@ -51,7 +41,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     exporter = TARGETS.get(target)()
     spec = spec or QuantSpec()
     out = Path(out or f"{target}-{spec.label()}").expanduser().absolute()
-    prepare_destination(out, force)
+    check_destination(out, force)
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
@@ -59,7 +49,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
         else from_object(model, tokenizer))
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
-    log(f"loaded {loaded.source.get('name') or loaded.source.get('path') or loaded.source.get('id')} "
+    log(f"loaded {mf.source_label(loaded.source)} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
         f"in {time.perf_counter() - t0:.1f}s")
     if max_context is None:
@@ -67,8 +57,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
         max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         t1 = time.perf_counter()
         result = exporter.write(decoder, spec, tmp, ExportOptions(max_context=max_context))
         export_s = time.perf_counter() - t1
@@ -97,27 +86,9 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
             "versions": library_versions("torch", "transformers", "onnx", "onnxruntime"),
         }
         mf.write(tmp, manifest)
-        _make_readable(tmp)
-        if out.exists():  # --force: move the old folder aside first, so a crash keeps one of the two
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(result.report.format_summary())
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return Artifact.open(out)
-
-
-def _make_readable(folder: Path) -> None:
-    # mkdtemp creates a 0700 folder; the artifact is meant to be shared like any build output.
-    folder.chmod(0o755)
-    for p in folder.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
