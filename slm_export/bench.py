@@ -7,6 +7,7 @@ from . import manifest as mf
 from .devices import DEVICES
 from .pipeline import library_versions
 from .results import BenchResult
+from .runtimes import RUNTIMES
 from .runtimes.measure import prompt_ids
 
 
@@ -32,7 +33,7 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
                 model=mf.source_label(m["source"]),
                 target=m["target"], runtime=m["runtime"], device=dev.name, quant=m["quant"]["label"],
                 artifact_mb=round(artifact.size_mb, 2), machine=dev.describe(),
-                versions=library_versions("onnxruntime"), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                versions=library_versions(*RUNTIMES.get(m["runtime"]).packages), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     per_token = weight_bytes_per_token(artifact)
     results = []
     for p in prompt_tokens:

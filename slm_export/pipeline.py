@@ -42,6 +42,8 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     spec = spec or QuantSpec()
     out = Path(out or f"{target}-{spec.label()}").expanduser().absolute()
     check_destination(out, force)
+    if hasattr(exporter, "check"):  # what this target cannot do is said before the model loads
+        exporter.check(spec)
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
@@ -83,7 +85,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
             "tokenizer": tok_info,
             "export_seconds": round(export_s, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": library_versions("torch", "transformers", "onnx", "onnxruntime"),
+            "versions": library_versions("torch", "transformers", *exporter.packages),
         }
         mf.write(tmp, manifest)
     log(result.report.format_summary())

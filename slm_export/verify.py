@@ -178,7 +178,7 @@ def same_quant_model(model, artifact):
 
     from .exporters import TARGETS
 
-    weights = TARGETS.get(artifact.target)().read_weights(artifact.path, artifact.manifest)
+    weights = TARGETS.get(artifact.target)().same_quant_weights(model, artifact.path, artifact.manifest)
     ref = copy.deepcopy(model)
     if "lm_head.weight" in weights and hasattr(ref, "lm_head"):  # untie: lm_head has its own weights now
         ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())

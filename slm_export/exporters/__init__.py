@@ -36,15 +36,19 @@ class Exporter(Protocol):
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput: ...
 
-    def read_weights(self, folder: Path, manifest: dict) -> dict:
-        """The float weights the artifact computes with, by PyTorch name (for same-quant parity)."""
+    def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
+        """The float weights the artifact computes with, by PyTorch name (for same-quant parity).
+
+        ONNX reads them back out of the file; a target whose weights cannot be read back applies
+        the recorded spec to `model` with the very code its export used.
+        """
 
     def app_readme(self, manifest: dict) -> str:
         """The README an app developer gets in a bundle of this target."""
 
 
 def _register_builtin_targets() -> None:
-    from . import onnx  # noqa: F401  (registers "onnx")
+    from . import executorch, onnx  # noqa: F401  (register "executorch", "onnx")
 
 
 _register_builtin_targets()

@@ -1,7 +1,8 @@
 """Runtimes, registered by name: each executes one target's files behind the `Runner` interface.
 
-This package must never import torch: benchmarks measure the runner's memory in a process that
-holds only the runtime, as an app would.
+This package must never import torch itself: benchmarks measure the runner's memory in a process
+that holds only the runtime, as an app would. (ExecuTorch's Python bindings link libtorch, so that
+one runtime's process holds torch; its results say so and keep the baseline RSS beside the peak.)
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ RUNTIMES: Registry = Registry("runtime")
 
 
 def _register_builtin_runtimes() -> None:
-    from . import onnx  # noqa: F401  (registers "onnxruntime"; imports onnxruntime lazily)
+    from . import executorch, onnx  # noqa: F401  (register "executorch", "onnxruntime"; SDKs load lazily)
 
 
 _register_builtin_runtimes()

@@ -18,6 +18,11 @@ def default_threads() -> int:
 class Runner(ABC):
     """A loaded artifact with one KV cache. `forward` appends tokens and returns their logits."""
 
+    packages: tuple[str, ...] = ()  # distributions whose versions a result records
+    # True when the runtime's Python bindings load libtorch themselves (ExecuTorch's do): the
+    # measuring process then allows torch, and its baseline RSS reading includes it.
+    imports_torch = False
+
     def __init__(self, folder: Path, manifest: dict, threads: int | None):
         self.folder, self.manifest = Path(folder), manifest
         self.threads = threads or default_threads()

@@ -112,7 +112,12 @@ def main(argv=None) -> int:
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    for heavy in ("torch", "transformers", "tokenizers"):  # the point of this process is the runtime's memory
+    from ..artifact import Artifact
+    from . import RUNTIMES
+
+    runtime = RUNTIMES.get(Artifact.open(a.folder, check=False).manifest["runtime"])
+    # The point of this process is the runtime's memory: nothing heavy the runtime does not itself load.
+    for heavy in ("transformers", "tokenizers") + (() if runtime.imports_torch else ("torch",)):
         if heavy in sys.modules:
             print(f"error: {heavy} was imported by the measuring process", file=sys.stderr)
             return 3

@@ -16,6 +16,8 @@ from .base import Runner
 
 @RUNTIMES.register("onnxruntime")
 class OnnxRunner(Runner):
+    packages = ("onnxruntime",)
+
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         super().__init__(folder, manifest, threads)
         import onnxruntime as ort

@@ -14,6 +14,7 @@ class OnnxExporter:
     name = "onnx"
     runtime = "onnxruntime"
     extensions = (".onnx",)
+    packages = ("onnx", "onnxruntime")  # versions recorded in the manifest
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
         import onnx
@@ -45,8 +46,8 @@ class OnnxExporter:
         }
         return TargetOutput(MODEL_FILE, io, report, {"data_file": DATA_FILE, "opset": 23})
 
-    def read_weights(self, folder: Path, manifest: dict) -> dict:
-        return read_weights(folder, manifest)
+    def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
+        return read_weights(folder, manifest)  # the weights as stored, dequantized: `model` is not needed
 
     def app_readme(self, manifest: dict) -> str:
         from .handoff import app_readme

@@ -1,0 +1,120 @@
+"""The `executorch` target: a .pte with the XNNPACK delegate, torchao 8da4w/8da8w, KV cache inside.
+
+The program is built from the neutral `Decoder` (module.py), quantized with one torchao config
+(quant.py) and lowered with a lowering path tuned for speed (lower.py). ExecuTorch, torchao and
+torch are imported only here, inside the methods, so the rest of the tool works without them.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from .. import TARGETS, ExportOptions, TargetOutput
+
+MODEL_FILE = "model.pte"
+METHOD = "forward"
+
+
+def require_sdk() -> None:
+    from ...errors import SlmExportError
+
+    try:
+        import executorch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise SlmExportError(
+            f"the executorch target needs the executorch and torchao packages ({e.name} is missing): "
+            "pip install executorch==1.5.1 torchao==0.18.0 (with torch==2.13.0 installed first)") from None
+
+
+def quiet() -> None:
+    # torchao and executorch announce optional CUDA kernels and experimental APIs at import time;
+    # none of it is actionable for a CPU export.
+    # Loggers, so this must run before the first import of torchao.
+    for name in ("torchao", "executorch", "torch.utils._pytree", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(torchao|executorch|torch)\b.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def build_module(decoder, spec, max_context: int):
+    """The quantized PyTorch program that is exported: (module, QuantReport)."""
+    import torch
+
+    from .module import ExportableDecoder
+    from .quant import quantize_module
+
+    with torch.no_grad():
+        module = ExportableDecoder(decoder, max_context).eval()
+        report = quantize_module(module, spec)
+    return module, report
+
+
+@TARGETS.register("executorch")
+class ExecuTorchExporter:
+    name = "executorch"
+    runtime = "executorch"
+    extensions = (".pte",)
+    packages = ("executorch", "torchao")
+
+    def check(self, spec) -> None:
+        from ...errors import SlmExportError
+
+        if spec.quantized and spec.activations != "int8":
+            # Measured: executorch 1.5.1 lowers torchao's weight-only linears here into a program
+            # whose logits are wrong (parity KL > 70 on tiny models), so it is refused, not shipped.
+            raise SlmExportError(
+                "--weight-only is not supported by the executorch target (its weight-only lowering gave wrong "
+                "logits in executorch 1.5.1); drop --weight-only for int8 dynamic activations (8da4w / 8da8w), "
+                "XNNPACK's fast path")
+        require_sdk()
+
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
+        quiet()
+        require_sdk()
+        from .lower import PREFILL_CHUNK, export_program, write_pte
+
+        module, report = build_module(decoder, spec, options.max_context)
+        program = export_program(module, options.max_context)
+        write_pte(program, Path(out_dir) / MODEL_FILE)
+        chunk = min(PREFILL_CHUNK, options.max_context)
+        kv_bytes = 2 * decoder.num_layers * options.max_context * decoder.num_kv_heads * decoder.head_dim * 4
+        io = {
+            "methods": {METHOD: {
+                "inputs": {
+                    "tokens": {"dtype": "int64", "shape": [1, f"n <= {chunk}"],
+                               "note": "new tokens; feed a longer prompt in chunks of at most this many"},
+                    "input_pos": {"dtype": "int64", "shape": [1], "note": "cache position of tokens[0] (tokens so far)"},
+                    "logit_rows": {"dtype": "int64", "shape": [f"k <= {chunk}"],
+                                   "note": "rows of this chunk to return logits for: [n-1] to generate, 0..n-1 for all"},
+                },
+                "outputs": {"logits": {"dtype": "float32", "shape": ["k", decoder.vocab_size]}},
+            }},
+            "prefill_chunk": chunk,
+            "kv_layout": {"layers": decoder.num_layers, "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim,
+                          "dtype": "float32", "in_program": True, "bytes": kv_bytes,
+                          "note": "mutable buffers inside the program, sized for max_context; "
+                                  "a new conversation just starts again at input_pos 0"},
+        }
+        extra = {"delegate": "XnnpackBackend", "custom_ops": ["llama::update_cache", "llama::custom_sdpa"],
+                 "quantized_ops": ["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []}
+        return TargetOutput(MODEL_FILE, io, report, extra)
+
+    def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
+        # XNNPACK keeps its weights in an opaque delegate blob, so they are not read back out of the
+        # .pte; instead the recorded spec is applied to `model` by the same code the export ran.
+        quiet()
+        require_sdk()
+        from ...architectures import to_decoder
+        from ...quantize import QuantSpec
+        from .quant import dequantized_weights
+
+        spec = QuantSpec.from_dict(manifest["quant"]["spec"])
+        module, _ = build_module(to_decoder(model, 16), spec, 16)
+        return dequantized_weights(module)
+
+    def app_readme(self, manifest: dict) -> str:
+        from .handoff import app_readme
+
+        return app_readme(manifest)

@@ -1,0 +1,197 @@
+"""The PyTorch program we export to ExecuTorch, built from the neutral `Decoder` description.
+
+Built for export, not for training: the KV cache lives inside the program as mutable buffers
+written in place by ExecuTorch's `llama::update_cache` op, and attention is its `llama::custom_sdpa`
+(causal, grouped-query, reads only the filled part of the cache). That is what ExecuTorch's own LLM
+path does, and it is what makes both the export (no big attention graph to trace and partition)
+and the decode step fast. Layers that need what custom_sdpa cannot do (Gemma-2's logit softcap and
+sliding window) use an explicit attention over the cache instead.
+
+Method `forward(tokens [1, S] int64, input_pos [1] int64, logit_rows [K] int64) -> [K, vocab]`:
+appends S tokens at position input_pos[0] and returns the logits of rows `logit_rows` of this
+step (the last row only while generating, all rows for parity and perplexity).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _custom_ops() -> None:
+    # Registers torch.ops.llama.* (export-time meta functions and the CPU kernels).
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.from_numpy(weight).clone(), requires_grad=False)
+        self.eps = eps
+        # The mean of squares as a [hidden -> 1] matmul: XNNPACK runs it inside the delegate, where
+        # a reduction op would split the delegate and need a layout pass at lowering time.
+        h = weight.shape[0]
+        self.register_buffer("mean_w", torch.full((1, h), 1.0 / h), persistent=False)
+
+    def forward(self, x):
+        return x * torch.rsqrt(nn.functional.linear(x * x, self.mean_w) + self.eps) * self.weight
+
+
+def _split(fused):
+    """Undo the Decoder's q|k|v (gate|up) fusion: a dynamic-length split would split the delegate."""
+    from ...architectures import Linear
+
+    bounds = torch.tensor(fused.split).cumsum(0).tolist()[:-1]
+    ws = torch.tensor_split(torch.from_numpy(fused.weight), bounds)
+    bs = torch.tensor_split(torch.from_numpy(fused.bias), bounds) if fused.bias is not None else [None] * len(ws)
+    return [Linear(w.numpy(), None if b is None else b.numpy(), [src]) for w, b, src in
+            zip(ws, bs, fused.sources if len(fused.sources) == len(ws) else [fused.sources[0]] * len(ws))]
+
+
+def _linear(lin) -> nn.Linear:
+    out_f, in_f = lin.weight.shape
+    m = nn.Linear(in_f, out_f, bias=lin.bias is not None)
+    m.source = lin.sources[0]
+    m.weight = nn.Parameter(torch.from_numpy(lin.weight).clone(), requires_grad=False)
+    if lin.bias is not None:
+        m.bias = nn.Parameter(torch.from_numpy(lin.bias).clone(), requires_grad=False)
+    return m
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R with x @ R == cat(-x2, x1): Hugging Face's rotate-half as a matmul.
+
+    Slicing a dynamic-length tensor splits an XNNPACK delegate; a small constant matmul does not.
+    """
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
+
+
+def _rotate(x, cos, sin, rot_t):
+    return x * cos + torch.nn.functional.linear(x, rot_t) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, dec, layer, max_context: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
+        self.scale = float(dec.attn_scale)
+        self.softcap = float(dec.attn_softcap)
+        self.window = layer.sliding_window if layer.sliding_window and layer.sliding_window < max_context else None
+        q, k, v = _split(layer.qkv)
+        self.q, self.k, self.v = _linear(q), _linear(k), _linear(v)
+        self.o = _linear(layer.o)
+        shape = (1, max_context, self.kv_heads, self.head_dim)
+        # persistent=False: the cache is state, not weights; ExecuTorch plans it as a mutable buffer.
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.softcap) or self.window is not None
+
+    def forward(self, x, cos, sin, rot_t, start: int, seq: int):
+        q_size = self.heads * self.head_dim
+        q = _rotate(self.q(x).view(1, seq, self.heads, self.head_dim), cos, sin, rot_t)
+        k = _rotate(self.k(x).view(1, seq, self.kv_heads, self.head_dim), cos, sin, rot_t)
+        v = self.v(x).view(1, seq, self.kv_heads, self.head_dim)
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        if self.explicit:
+            y = self._explicit_attention(q, start, seq)
+        else:
+            y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True, self.scale)
+        return self.o(y.reshape(1, seq, q_size))
+
+    def _explicit_attention(self, q, start: int, seq: int):
+        end = start + seq
+        k = self.k_cache[:, :end].transpose(1, 2)  # [1, kv_heads, end, d]
+        v = self.v_cache[:, :end].transpose(1, 2)
+        group = self.heads // self.kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = (q.transpose(1, 2) @ k.transpose(2, 3)) * self.scale  # [1, heads, seq, end]
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        q_pos = torch.arange(seq).unsqueeze(1) + start
+        k_pos = torch.arange(end).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if self.window is not None:
+            allowed = allowed & (k_pos > q_pos - self.window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2)  # [1, seq, heads, d]
+
+
+class Block(nn.Module):
+    def __init__(self, dec, layer, max_context: int):
+        super().__init__()
+        eps = dec.rms_eps
+        self.attn_norm = RMSNorm(layer.attn_norm, eps)
+        self.attn = Attention(dec, layer, max_context)
+        self.ffn_norm = RMSNorm(layer.ffn_norm, eps)
+        gate, up = _split(layer.gate_up)
+        self.gate, self.up = _linear(gate), _linear(up)
+        self.down = _linear(layer.down)
+        self.post_attn_norm = RMSNorm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
+        self.post_ffn_norm = RMSNorm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
+        self.act = nn.SiLU() if dec.activation == "silu" else nn.GELU(approximate="tanh")
+
+    def forward(self, x, cos, sin, rot_t, start: int, seq: int):
+        h = self.attn(self.attn_norm(x), cos, sin, rot_t, start, seq)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.ffn_norm(x)
+        h = self.down(self.act(self.gate(h)) * self.up(h))
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm(h)
+        return x + h
+
+
+class ExportableDecoder(nn.Module):
+    def __init__(self, dec, max_context: int):
+        super().__init__()
+        _custom_ops()
+        self.max_context = max_context
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
+        self.embed_scale = float(dec.embed_scale)
+        self.layers = nn.ModuleList(Block(dec, layer, max_context) for layer in dec.layers)
+        # module name -> the PyTorch parameter it was built from (quant rules match on those names)
+        self.sources = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+        for i, block in enumerate(self.layers):
+            for name, mod in block.named_modules():
+                if isinstance(mod, nn.Linear) and hasattr(mod, "source"):
+                    self.sources[f"layers.{i}.{name}"] = mod.source
+        self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
+        # A separate copy even when tied: the embedding (a gather) and the lm_head (a matmul) are
+        # quantized differently, each in the form its kernel reads fastest.
+        self.lm_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
+        self.lm_head.weight = nn.Parameter(torch.from_numpy(dec.lm_head).clone(), requires_grad=False)
+        self.final_softcap = float(dec.final_softcap)
+        # Full-width tables (each half repeated) so rope is two multiplies and one small matmul.
+        cos = torch.from_numpy(dec.rope_cos[:max_context])
+        sin = torch.from_numpy(dec.rope_sin[:max_context])
+        self.register_buffer("rope_cos", torch.cat([cos, cos], -1).contiguous(), persistent=False)
+        self.register_buffer("rope_sin", torch.cat([sin, sin], -1).contiguous(), persistent=False)
+        self.register_buffer("rot_t", rotate_half_matrix(dec.head_dim).t().contiguous(), persistent=False)
+        self.head_dim = dec.head_dim
+
+    def forward(self, tokens, input_pos, logit_rows):
+        seq = tokens.shape[1]
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + seq <= self.max_context)
+        cos = self.rope_cos.narrow(0, start, seq).view(1, seq, 1, self.head_dim)
+        sin = self.rope_sin.narrow(0, start, seq).view(1, seq, 1, self.head_dim)
+        x = self.embed_tokens(tokens)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.rot_t, start, seq)
+        x = self.norm(x[0].index_select(0, logit_rows))
+        logits = self.lm_head(x)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

@@ -1,0 +1,97 @@
+"""The quant spec mapped to torchao for ExecuTorch: one FqnToConfig, applied once with `quantize_`.
+
+Linear weights: int4 or int8 with int8 dynamic activations (8da4w / 8da8w: XNNPACK's fastest CPU
+kernels), int4 per group of `group_size` and int8 per output channel. Embedding: int8 per row or
+int4 per group (the quantized-embedding op ExecuTorch fuses at `to_executorch`). The lm_head, tied
+or not, is a linear like the others. torchao's own LLM recipes skip a linear whose width does not
+divide by the group size (it silently stays fp32); here the group falls back to the largest power
+of two that divides, and the report says so.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ...errors import SlmExportError
+from ...quantize import QuantReport, QuantSpec, WeightEntry
+from ...quantize.spec import block_size_for
+
+
+def _configs(bits: int, group: int | None, activations: str, symmetric: bool, embedding: bool):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    granularity = PerAxis(0) if group is None else PerGroup(group)
+    dtype = torch.int4 if bits == 4 else torch.int8
+    mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
+    if embedding or activations == "float":
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping)
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
+                                                 weight_mapping_type=mapping)
+
+
+def _plan(module, spec: QuantSpec):
+    """(fqn -> torchao config, report entries) for every weight of the exportable module."""
+    configs: OrderedDict = OrderedDict()
+    report = QuantReport()
+    for fqn, source in module.sources.items():
+        mod = module.get_submodule(fqn)
+        w = mod.weight
+        out_f, in_f = w.shape
+        plan = spec.plan_for(source)
+        embedding = isinstance(mod, nn.Embedding)
+        float_bytes = w.numel() * 4
+        if plan.bits is None:
+            kind = "Embedding" if embedding else "Linear"
+            report.add(WeightEntry(fqn, [source], [out_f, in_f], f"float32 {kind}", None, None,
+                                   float_bytes, float_bytes, plan.reason))
+            continue
+        reason = plan.reason
+        if plan.bits == 8 and not embedding:
+            group = None  # per output channel: XNNPACK's qc8w kernels
+            scheme = "int8 per-channel" + (" 8da8w" if spec.activations == "int8" else " weight-only")
+        elif plan.bits == 8:
+            group, scheme = None, "int8 per-row Embedding"
+        else:
+            group, note = block_size_for(in_f, plan.group_size)
+            if in_f % group:
+                raise SlmExportError(
+                    f"{source}: in-features {in_f} is not divisible by 16, which torchao's int4 groups need; "
+                    "export with --bits 8 or --no-quantize-embeddings/--no-quantize-lm-head for this weight")
+            reason = f"{reason}; {note}" if note else reason
+            kind = "Embedding" if embedding else ("8da4w" if spec.activations == "int8" else "weight-only")
+            scheme = f"int4 group={group} {'sym' if plan.symmetric else 'asym'} {kind}"
+        configs[fqn] = _configs(plan.bits, group, spec.activations, plan.symmetric, embedding)
+        n_scales = out_f * (1 if group is None else in_f // group)
+        stored = w.numel() * plan.bits // 8 + n_scales * 4 * (1 if plan.symmetric else 2)
+        report.add(WeightEntry(fqn, [source], [out_f, in_f], scheme, plan.bits, group, float_bytes, stored, reason))
+    return configs, report
+
+
+def quantize_module(module, spec: QuantSpec) -> QuantReport:
+    """Quantize `module` (an ExportableDecoder) in place per `spec`; returns the per-weight report."""
+    configs, report = _plan(module, spec)
+    if configs:
+        from torchao.quantization import FqnToConfig, quantize_
+
+        quantize_(module, FqnToConfig(fqn_to_config=configs), filter_fn=None)
+    return report
+
+
+def dequantized_weights(module) -> dict:
+    """The float weights a quantized ExportableDecoder computes with, by PyTorch parameter name.
+
+    Parts that were split out of one fused parameter (Phi-3's qkv_proj, gate_up_proj) are joined
+    again in their original order.
+    """
+    import numpy as np
+
+    parts: dict[str, list] = {}
+    for fqn, source in module.sources.items():
+        w = module.get_submodule(fqn).weight
+        if hasattr(w, "dequantize"):
+            parts.setdefault(source, []).append(w.dequantize().detach().float().numpy())
+    return {name: np.concatenate(ws) if len(ws) > 1 else ws[0] for name, ws in parts.items()}

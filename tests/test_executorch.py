@@ -1,0 +1,161 @@
+"""The executorch target: tiny models of every architecture through fp32 / int8 / int4 .pte files,
+run by the real ExecuTorch runtime (XNNPACK, LLM custom ops) and checked against PyTorch."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import slm_export
+from slm_export import SlmExportError
+from slm_export.verify import TOLERANCES
+
+from conftest import ARCHS, tiny_model
+
+pytest.importorskip("executorch")
+
+
+def _export(model, tmp_path, bits, name=None, **kw):
+    kw.setdefault("max_context", 128)
+    return slm_export.export(model, target="executorch", bits=bits, out=tmp_path / (name or f"b{bits}"),
+                             log=lambda *a: None, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_pte_matches_pytorch(arch, bits, tmp_path):
+    model = tiny_model(arch)
+    art = _export(model, tmp_path, bits)
+    assert (art.path / "model.pte").stat().st_size > 0
+    # 40 prompt + 24 decode steps: past the 24-token sliding windows of phi3 / gemma2
+    report = art.verify(reference=model, prompt_tokens=40, decode_steps=24, perplexity=False)
+    by_ref = {c.reference: c for c in report.comparisons}
+    if bits == 16:
+        assert by_ref["fp32"].max_abs_logit_diff < 1e-3, report.format()
+        assert by_ref["fp32"].greedy_match_tokens == 24
+    else:
+        assert by_ref["same-quant"].passed, report.format()
+        assert by_ref["same-quant"].mean_kl < TOLERANCES[bits]["same-quant"].mean_kl
+        assert by_ref["fp32"].passed, report.format()
+
+
+def test_prompt_longer_than_one_chunk_goes_through_the_cache_in_chunks(tmp_path):
+    model = tiny_model("llama")
+    art = _export(model, tmp_path, 16, max_context=256)
+    assert art.manifest["io"]["prefill_chunk"] == 128
+    report = art.verify(reference=model, prompt_tokens=200, decode_steps=16, perplexity=False)
+    fp32 = report.comparisons[0]
+    assert fp32.max_abs_logit_diff < 1e-3 and fp32.greedy_match_tokens == 16, report.format()
+
+
+@pytest.fixture(scope="module")
+def llama_int4(tmp_path_factory):
+    """One tiny Llama int4 .pte shared by the tests that only read it (each export costs ~15 s)."""
+    model = tiny_model("llama")
+    return model, _export(model, tmp_path_factory.mktemp("et"), 4)
+
+
+def test_report_covers_every_weight_and_quantizes_the_tied_lm_head(llama_int4):
+    model, art = llama_int4
+    report = json.loads((art.path / "quant_report.json").read_text())
+    entries = {e["name"]: e for e in report["weights"]}
+    assert entries["lm_head"]["bits"] == 4 and "8da4w" in entries["lm_head"]["scheme"]
+    assert entries["embed_tokens"]["bits"] == 8 and "Embedding" in entries["embed_tokens"]["scheme"]
+    assert report["summary"]["kept_float"] == []
+    linear = {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert linear <= {s for e in report["weights"] for s in e["sources"]}
+
+
+def test_int4_embedding_is_smaller_and_still_matches(llama_int4, tmp_path):
+    model, int8_emb = llama_int4
+    int4_emb = _export(model, tmp_path, 4, name="e4", embedding_bits=4)
+    entry = next(e for e in json.loads((int4_emb.path / "quant_report.json").read_text())["weights"]
+                 if e["name"] == "embed_tokens")
+    assert entry["bits"] == 4
+    assert int4_emb.size_mb < int8_emb.size_mb
+    report = int4_emb.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
+    assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
+
+
+def test_width_not_divisible_by_group_falls_back_and_says_so(tmp_path):
+    model = tiny_model("llama", intermediate_size=80)  # down_proj in-features 80: group 32 -> 16
+    art = _export(model, tmp_path, 4)
+    down = [e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if "down" in e["name"]]
+    assert down and all(e["bits"] == 4 and e["group_size"] == 16 and "fell back to group 16" in e["reason"] for e in down)
+    report = art.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False)
+    assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
+
+
+def test_width_not_divisible_by_16_is_refused_with_what_to_do(tmp_path):
+    model = tiny_model("llama", intermediate_size=72)
+    with pytest.raises(SlmExportError, match=r"down_proj.weight: in-features 72 .* --bits 8"):
+        _export(model, tmp_path, 4)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_manifest_records_method_inputs_and_kv_cache(llama_int4):
+    _, art = llama_int4
+    m = art.manifest
+    assert m["target"] == "executorch" and m["runtime"] == "executorch" and m["max_context"] == 128
+    method = m["io"]["methods"]["forward"]
+    assert list(method["inputs"]) == ["tokens", "input_pos", "logit_rows"]
+    assert m["io"]["prefill_chunk"] == 128
+    # 2 (k, v) x 2 layers x 128 positions x 2 kv heads x 16 head dim x 4 bytes
+    assert m["io"]["kv_layout"]["in_program"] and m["io"]["kv_layout"]["bytes"] == 2 * 2 * 128 * 2 * 16 * 4
+    assert m["versions"]["executorch"] and "model.pte" in m["files"]
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(art.path / "model.pte")
+    assert set(program.method_names) == {"forward"}
+
+
+def test_context_overflow_is_a_clear_error(llama_int4):
+    from slm_export.runtimes.base import generate
+
+    _, art = llama_int4
+    runner = art.runner()
+    with pytest.raises(SlmExportError, match="exceed the artifact's max context of 128"):
+        generate(runner, list(range(125)), max_new_tokens=8)
+    assert len(generate(runner, list(range(100)), max_new_tokens=8)) == 8  # and the runner still works
+
+
+def test_bench_runs_in_its_own_process_and_records_torch_baseline(llama_int4):
+    _, art = llama_int4
+    (row,) = art.bench(prompt_tokens=(16,), decode_tokens=8, warmup=2, repeats=1)
+    assert row.error is None, row.error
+    assert row.runtime == "executorch" and row.decode_tok_s > 0 and row.peak_rss_mb >= row.baseline_rss_mb
+    assert row.versions["executorch"]
+
+
+def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir):
+    out = tmp_path / "pte"
+    r = subprocess.run([sys.executable, "-m", "slm_export.cli", str(tiny_dir), "--target", "executorch", "--bits", "4",
+                        "--max-context", "256", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "slm_export.cli", "bundle", str(out), "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    readme = (tmp_path / "b" / "README.md").read_text()
+    assert "forward(tokens, input_pos, logit_rows)" in readme and "chunks of at most 128" in readme
+    # the app developer's Python snippet runs as written
+    import re
+
+    code = re.search(r"## Python[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace("<your prompt, formatted with the chat template>", " ".join(f"w{i}" for i in range(140)))  # 2 chunks
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "b", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
+def test_missing_executorch_is_one_clear_sentence(monkeypatch):
+    from slm_export.exporters.executorch import require_sdk
+
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    with pytest.raises(SlmExportError, match=r"needs the executorch and torchao packages .*pip install executorch"):
+        require_sdk()
+
+
+def test_weight_only_is_refused_before_loading(tmp_path):
+    with pytest.raises(SlmExportError, match="--weight-only is not supported by the executorch target"):
+        slm_export.export("no/such-model-is-loaded", target="executorch", bits=4, activations="float",
+                          out=tmp_path / "wo", log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,42 @@
+"""The real SmolLM2-135M-Instruct through the executorch target: export (minutes on 2 cores), answer, parity."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("executorch")
+
+
+@pytest.fixture(scope="module")
+def pte_dir(tmp_path_factory):
+    # --embedding-bits 4: the int4 .pte under 100 MB (int8 rows make it about 106 MB)
+    out = tmp_path_factory.mktemp("real") / "smol-pte-int4"
+    code, stdout, err = run_cli("--target", "executorch", "--bits", "4", "--embedding-bits", "4", "--out", out)
+    assert code == 0, err
+    return out
+
+
+def test_pte_size_and_report(pte_dir):
+    manifest = json.loads((pte_dir / "manifest.json").read_text())
+    assert manifest["files"]["model.pte"]["bytes"] <= 100e6
+    summary = manifest["quant"]["summary"]
+    # embedding + lm_head + 30 layers x 7 linears (q, k, v, o, gate, up, down), none left float
+    assert summary["kept_float"] == [] and summary["weights"] == 2 + 30 * 7
+
+
+def test_pte_answers_paris(pte_dir):
+    code, stdout, err = run_cli("generate", pte_dir, "--prompt", "What is the capital of France?",
+                                "--max-new-tokens", "24")
+    assert code == 0, err
+    assert "Paris" in stdout
+
+
+def test_pte_parity_within_tolerance(pte_dir, tmp_path):
+    code, stdout, err = run_cli("verify", pte_dir, "--json", tmp_path / "v.json")
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0, stdout + err
+    assert report["passed"]
+    ppl = report["perplexity"]
+    assert ppl["tokens"] == 2048 and ppl["pytorch_fp32"] < ppl["artifact"] < 1.5 * ppl["pytorch_fp32"]
