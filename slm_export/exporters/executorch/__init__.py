@@ -68,6 +68,9 @@ class ExecuTorchExporter:
                 "--weight-only is not supported by the executorch target (its weight-only lowering gave wrong "
                 "logits in executorch 1.5.1); drop --weight-only for int8 dynamic activations (8da4w / 8da8w), "
                 "XNNPACK's fast path")
+        if spec.bits == 4 and spec.group_size < 32:
+            raise SlmExportError(f"--group-size {spec.group_size} is too small for the executorch target: XNNPACK's "
+                                 "int4 kernels take groups that are multiples of 32 (use 32, 64, 128, ...)")
         require_sdk()
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:

@@ -5,7 +5,8 @@ kernels), int4 per group of `group_size` and int8 per output channel. Embedding:
 int4 per group (the quantized-embedding op ExecuTorch fuses at `to_executorch`). The lm_head, tied
 or not, is a linear like the others. torchao's own LLM recipes skip a linear whose width does not
 divide by the group size (it silently stays fp32); here the group falls back to the largest power
-of two that divides, and the report says so.
+of two >= 32 that divides (XNNPACK's int4 kernels need multiples of 32), else to int8 per channel,
+and the report says so.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ...errors import SlmExportError
 from ...quantize import QuantReport, QuantSpec, WeightEntry
 from ...quantize.spec import block_size_for
+
+XNNPACK_MIN_GROUP = 32
 
 
 def _configs(bits: int, group: int | None, activations: str, symmetric: bool, embedding: bool):
@@ -49,25 +51,25 @@ def _plan(module, spec: QuantSpec):
             report.add(WeightEntry(fqn, [source], [out_f, in_f], f"float32 {kind}", None, None,
                                    float_bytes, float_bytes, plan.reason))
             continue
-        reason = plan.reason
-        if plan.bits == 8 and not embedding:
-            group = None  # per output channel: XNNPACK's qc8w kernels
-            scheme = "int8 per-channel" + (" 8da8w" if spec.activations == "int8" else " weight-only")
-        elif plan.bits == 8:
-            group, scheme = None, "int8 per-row Embedding"
-        else:
-            group, note = block_size_for(in_f, plan.group_size)
-            if in_f % group:
-                raise SlmExportError(
-                    f"{source}: in-features {in_f} is not divisible by 16, which torchao's int4 groups need; "
-                    "export with --bits 8 or --no-quantize-embeddings/--no-quantize-lm-head for this weight")
+        reason, bits = plan.reason, plan.bits
+        group = None
+        if bits == 4:
+            # XNNPACK's int4 kernels take groups that are multiples of 32 (the quantized embedding
+            # kernel takes any group that divides the row).
+            group, note = block_size_for(in_f, plan.group_size, minimum=16 if embedding else XNNPACK_MIN_GROUP)
+            if in_f % group:  # no power-of-two group >= the minimum divides: int8 per channel, said so
+                bits, group = 8, None
+                note = (f"in-features {in_f} not divisible by {XNNPACK_MIN_GROUP} (XNNPACK's smallest int4 group): "
+                        "stored int8 per-channel instead")
             reason = f"{reason}; {note}" if note else reason
-            kind = "Embedding" if embedding else ("8da4w" if spec.activations == "int8" else "weight-only")
-            scheme = f"int4 group={group} {'sym' if plan.symmetric else 'asym'} {kind}"
-        configs[fqn] = _configs(plan.bits, group, spec.activations, plan.symmetric, embedding)
+        if bits == 8:
+            scheme = "int8 per-row Embedding" if embedding else "int8 per-channel 8da8w"
+        else:
+            scheme = f"int4 group={group} {'sym' if plan.symmetric else 'asym'} {'Embedding' if embedding else '8da4w'}"
+        configs[fqn] = _configs(bits, group, spec.activations, plan.symmetric, embedding)
         n_scales = out_f * (1 if group is None else in_f // group)
-        stored = w.numel() * plan.bits // 8 + n_scales * 4 * (1 if plan.symmetric else 2)
-        report.add(WeightEntry(fqn, [source], [out_f, in_f], scheme, plan.bits, group, float_bytes, stored, reason))
+        stored = w.numel() * bits // 8 + n_scales * 4 * (1 if plan.symmetric else 2)
+        report.add(WeightEntry(fqn, [source], [out_f, in_f], scheme, bits, group, float_bytes, stored, reason))
     return configs, report
 
 
