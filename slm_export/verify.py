@@ -51,10 +51,10 @@ TOLERANCES: dict[int, dict[str, Tolerance]] = {
 # ExecuTorch's XNNPACK kernels quantize activations per token (one int8 scale per row of `hidden`
 # values) where onnxruntime's accuracy_level 4 uses one per block of 32, so against same-quant
 # (float activations) a .pte carries more activation rounding. Measured on SmolLM2-135M-Instruct
-# (README "Parity tolerances"): same-quant KL 0.022 (int8), 0.036 and top-1 0.87 (int4); the fp32
-# bounds hold as they are.
+# (README "Parity tolerances"): same-quant KL 0.022 / top-1 0.92 (int8), 0.036 / 0.87 (int4); against
+# fp32, int8 KL 0.028 / top-1 0.90 (over half of ONNX's bound, so widened), int4 within the shared bound.
 TARGET_TOLERANCES: dict[str, dict[int, dict[str, Tolerance]]] = {
-    "executorch": {8: {"same-quant": Tolerance(mean_kl=0.04, top1=0.84)},
+    "executorch": {8: {"same-quant": Tolerance(mean_kl=0.04, top1=0.84), "fp32": Tolerance(mean_kl=0.05, top1=0.84)},
                    4: {"same-quant": Tolerance(mean_kl=0.06, top1=0.82)}},
 }
 
