@@ -154,6 +154,14 @@ def inspect(path: str | Path) -> dict:
     }
 
 
+def _format_io(io: dict) -> list[str]:
+    """Graph inputs/outputs (ONNX), or each method's (ExecuTorch: a program has named methods)."""
+    if "methods" not in io:
+        return [f"  inputs        {', '.join(io['inputs'])}", f"  outputs       {', '.join(io['outputs'])}"]
+    return [f"  method        {name}({', '.join(m['inputs'])}) -> {', '.join(m['outputs'])}"
+            for name, m in io["methods"].items()]
+
+
 def format_inspect(info: dict) -> str:
     kv = info["io"]["kv_layout"]
     lines = [
@@ -162,8 +170,7 @@ def format_inspect(info: dict) -> str:
         f"  quantization  {info['quant']}: {info['quant_summary']['stored_mb']} MB stored for {info['quant_summary']['weights']} weights, kept float: {info['quant_summary']['kept_float'] or 'none'}",
         f"  size          model {info['model_mb']} MB, {info['files']} files, {info['total_mb']} MB in all",
         f"  checksums     {info['checksums']}",
-        f"  inputs        {', '.join(info['io']['inputs'])}",
-        f"  outputs       {', '.join(info['io']['outputs'])}",
+        *_format_io(info["io"]),
         f"  kv cache      {kv['layers']} layers x {kv['kv_heads']} kv heads x {kv['head_dim']} ({kv['dtype']}), max context {info['max_context']}",
     ]
     p = info["parity"]

@@ -142,6 +142,9 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir):
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "bundle", str(out), "--out", str(tmp_path / "b")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "slm_export.cli", "inspect", str(tmp_path / "b")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "method        forward(tokens, input_pos, logit_rows) -> logits" in r.stdout and "checksums     ok" in r.stdout
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "forward(tokens, input_pos, logit_rows)" in readme and "chunks of at most 128" in readme
     # the app developer's Python snippet runs as written

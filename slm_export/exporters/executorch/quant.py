@@ -74,6 +74,8 @@ def _plan(module, spec: QuantSpec):
                       f"{'Embedding' if embedding else '8da4w'}")
         configs[fqn] = _configs(bits, group, spec.activations, plan.symmetric, embedding)
         n_scales = out_f * (1 if group is None else in_f // group)
+        # Counts every scale as 4 bytes (torchao's fp32); the .pte is somewhat smaller than this sum
+        # because XNNPACK serializes scales more compactly. The file size is measured, in the manifest.
         stored = w.numel() * bits // 8 + n_scales * 4 * (1 if plan.symmetric else 2)
         report.add(WeightEntry(fqn, [source], [out_f, in_f], scheme, bits, group, float_bytes, stored, reason))
     return configs, report
