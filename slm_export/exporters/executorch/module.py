@@ -3,8 +3,8 @@
 Built for export, not for training: the KV cache lives inside the program as mutable buffers
 written in place by ExecuTorch's `llama::update_cache` op, and attention is its `llama::custom_sdpa`
 (causal, grouped-query, reads only the filled part of the cache). That is what ExecuTorch's own LLM
-path does, and it is what makes both the export (no big attention graph to trace and partition)
-and the decode step fast. Layers that need what custom_sdpa cannot do (Gemma-2's logit softcap and
+path does: it keeps the exported graph small (no attention graph to trace and partition) and the
+decode step fast. Layers that need what custom_sdpa cannot do (Gemma-2's logit softcap and
 sliding window) use an explicit attention over the cache instead.
 
 Method `forward(tokens [1, S] int64, input_pos [1] int64, logit_rows [K] int64) -> [K, vocab]`:
