@@ -220,12 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # transformers' config warnings are noise for a CLI user; errors still reach us as exceptions.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # transformers imports torchao when it is installed (the executorch target needs it), and torchao
-    # then logs that its optional CUDA kernels do not load and torch that its enums are deprecated.
-    import logging
+    # transformers imports torchao when it is installed (the executorch target needs it).
+    from .quiet import quiet_third_party
 
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_third_party()
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "export"

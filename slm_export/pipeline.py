@@ -42,8 +42,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     spec = spec or QuantSpec()
     out = Path(out or f"{target}-{spec.label()}").expanduser().absolute()
     check_destination(out, force)
-    if hasattr(exporter, "check"):  # what this target cannot do is said before the model loads
-        exporter.check(spec)
+    exporter.check(spec)  # what this target cannot do is said before the model loads
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (

@@ -34,6 +34,9 @@ class Exporter(Protocol):
     name: str
     runtime: str  # the RUNTIMES name that executes this target's files
 
+    def check(self, spec) -> None:
+        """Raise SlmExportError for what this target cannot do, before the model loads."""
+
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput: ...
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:

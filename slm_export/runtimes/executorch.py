@@ -40,13 +40,10 @@ class ExecuTorchRunner(Runner):
 
     @staticmethod
     def import_sdk() -> None:
-        import logging
-        import warnings
-
         from ..errors import SlmExportError
+        from ..quiet import quiet_third_party
 
-        logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load
-        warnings.filterwarnings("ignore", message="This API is experimental")
+        quiet_third_party()
 
         try:
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama:: kernels

@@ -60,7 +60,8 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
     from . import RUNTIMES
 
     art = Artifact.open(folder, check=False)  # the parent checked the files
-    RUNTIMES.get(art.manifest["runtime"]).import_sdk()
+    runtime = RUNTIMES.get(art.manifest["runtime"])
+    runtime.import_sdk()
     baseline = rss_mb()  # Python + the runtime's library, before the model
     t0 = time.perf_counter()
     runner = art.runner(threads)
@@ -92,6 +93,10 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
     for r in rows:
         r.update(load_s=load_s, threads=runner.threads, kv_capacity=runner.capacity,
                  peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline)
+    # The point of this process is the runtime's memory: nothing heavy the runtime does not itself load.
+    for heavy in ("transformers", "tokenizers") + (() if runtime.imports_torch else ("torch",)):
+        if heavy in sys.modules:
+            raise RuntimeError(f"{heavy} was imported by the measuring process")
     return rows
 
 
@@ -112,15 +117,9 @@ def main(argv=None) -> int:
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    from ..artifact import Artifact
-    from . import RUNTIMES
-
-    runtime = RUNTIMES.get(Artifact.open(a.folder, check=False).manifest["runtime"])
-    # The point of this process is the runtime's memory: nothing heavy the runtime does not itself load.
-    for heavy in ("transformers", "tokenizers") + (() if runtime.imports_torch else ("torch",)):
-        if heavy in sys.modules:
-            print(f"error: {heavy} was imported by the measuring process", file=sys.stderr)
-            return 3
+    except RuntimeError as e:  # a heavy import: the memory figure would be wrong, so no figures
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps(rows))
     return 0
 

@@ -6,10 +6,9 @@ torch are imported only here, inside the methods, so the rest of the tool works 
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 
+from ...quiet import quiet_third_party
 from .. import TARGETS, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.pte"
@@ -26,16 +25,6 @@ def require_sdk() -> None:
         raise SlmExportError(
             f"the executorch target needs the executorch and torchao packages ({e.name} is missing): "
             "pip install executorch==1.5.1 torchao==0.18.0 (with torch==2.13.0 installed first)") from None
-
-
-def quiet() -> None:
-    # torchao and executorch announce optional CUDA kernels and experimental APIs at import time;
-    # none of it is actionable for a CPU export.
-    # Loggers, so this must run before the first import of torchao.
-    for name in ("torchao", "executorch", "torch.utils._pytree", "torch._export", "torch.export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"(torchao|executorch|torch)\b.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def build_module(decoder, spec, max_context: int):
@@ -74,7 +63,7 @@ class ExecuTorchExporter:
         require_sdk()
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
-        quiet()
+        quiet_third_party()
         require_sdk()
         from .lower import PREFILL_CHUNK, export_program, write_pte
 
@@ -107,7 +96,7 @@ class ExecuTorchExporter:
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         # XNNPACK keeps its weights in an opaque delegate blob, so they are not read back out of the
         # .pte; instead the recorded spec is applied to `model` by the same code the export ran.
-        quiet()
+        quiet_third_party()
         require_sdk()
         from ...architectures import to_decoder
         from ...quantize import QuantSpec
