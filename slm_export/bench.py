@@ -29,6 +29,7 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
           repeats: int = 3, threads: int | None = None) -> list[BenchResult]:
     dev = DEVICES.get(device)()
     m = artifact.manifest
+    RUNTIMES.get(m["runtime"]).check_available()  # e.g. Core ML off macOS: one sentence, no empty rows
     base = dict(system=f"slm-export {m['target']} {m['quant']['label']}",
                 model=mf.source_label(m["source"]),
                 target=m["target"], runtime=m["runtime"], device=dev.name, quant=m["quant"]["label"],

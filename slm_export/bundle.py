@@ -155,7 +155,10 @@ def inspect(path: str | Path) -> dict:
 
 
 def _format_io(io: dict) -> list[str]:
-    """Graph inputs/outputs (ONNX), or each method's (ExecuTorch: a program has named methods)."""
+    """Graph inputs/outputs (ONNX), each method's (ExecuTorch), or each function's with its state (Core ML)."""
+    if "functions" in io:
+        return [f"  function      {name}({', '.join(f['inputs'])}) -> {', '.join(f['outputs'])}; "
+                f"state {', '.join(f['states'])}" for name, f in io["functions"].items()]
     if "methods" not in io:
         return [f"  inputs        {', '.join(io['inputs'])}", f"  outputs       {', '.join(io['outputs'])}"]
     return [f"  method        {name}({', '.join(m['inputs'])}) -> {', '.join(m['outputs'])}"

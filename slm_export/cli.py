@@ -38,6 +38,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-bits", type=int, default=8,
                    help="8 (default) or 4; with 4 and tied embeddings the table is shared with the int4 lm_head")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
+    p.add_argument("--palettize", action="store_true",
+                   help="Core ML: k-means palettes of 2**bits entries per 16 output channels instead of int scales")
+    p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
+                   help="Core ML: float16 (default) or float32; other targets compute in float32")
     p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -100,7 +104,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def _spec_kwargs(a) -> dict:
     return dict(target=a.target, bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
                 activations="float" if a.weight_only else "int8", quantize_embeddings=not a.no_quantize_embeddings, embedding_bits=a.embedding_bits,
-                quantize_lm_head=not a.no_quantize_lm_head, out=a.out, force=a.force, max_context=a.max_context,
+                quantize_lm_head=not a.no_quantize_lm_head, palettize=a.palettize,
+                compute_precision=a.compute_precision, out=a.out, force=a.force, max_context=a.max_context,
                 trust_remote_code=a.trust_remote_code)
 
 

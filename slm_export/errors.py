@@ -15,3 +15,9 @@ class ParityFailure(SlmExportError):
     """An artifact ran but drifted from PyTorch beyond its tolerance. CLI exit code 1."""
 
     exit_code = 1
+
+
+class RuntimeUnavailable(SlmExportError):
+    """The runtime cannot execute on this machine (Core ML off macOS). CLI exit code 4."""
+
+    exit_code = 4

@@ -71,4 +71,6 @@ def model_size_bytes(manifest: dict) -> int:
     data = manifest.get("target_extra", {}).get("data_file")
     if data:
         model_files.add(data)
-    return sum(m["bytes"] for n, m in manifest["files"].items() if n in model_files)
+    # a model file may be a folder (a Core ML .mlpackage): count everything under it
+    return sum(m["bytes"] for n, m in manifest["files"].items()
+               if n in model_files or n.startswith(manifest["model_file"] + "/"))

@@ -5,6 +5,7 @@ the end, so an interrupted export never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -33,13 +34,21 @@ def library_versions(*names: str) -> dict:
 
 
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
-               force: bool = False, max_context: int | None = None, tokenizer=None, trust_remote_code: bool = False,
-               log=print):
+               force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
+               tokenizer=None, trust_remote_code: bool = False, log=print):
     """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
     from .artifact import Artifact
 
     exporter = TARGETS.get(target)()
     spec = spec or QuantSpec()
+    if compute_precision is not None and compute_precision not in exporter.compute_precisions:
+        raise SlmExportError(f"--compute-precision {compute_precision} is not available for the {target} target; "
+                             f"use {' or '.join(exporter.compute_precisions)}")
+    if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
+        # int8 activations are "where the target can": this one cannot, so the label says weight-only
+        log(f"note: the {target} target quantizes weights only; activations stay "
+            f"{compute_precision or exporter.compute_precisions[0]}")
+        spec = dataclasses.replace(spec, activations="float")
     out = Path(out or f"{target}-{spec.label()}").expanduser().absolute()
     check_destination(out, force)
     exporter.check(spec)  # what this target cannot do is said before the model loads
@@ -60,7 +69,8 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
 
     with staged_folder(out) as tmp:
         t1 = time.perf_counter()
-        result = exporter.write(decoder, spec, tmp, ExportOptions(max_context=max_context))
+        options = ExportOptions(max_context=max_context, compute_precision=compute_precision)
+        result = exporter.write(decoder, spec, tmp, options)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
         tok_info = _save_tokenizer(loaded, tmp)

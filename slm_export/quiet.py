@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-LOGGERS = ("torchao", "executorch", "torch.utils._pytree", "torch._export", "torch.export")
+LOGGERS = ("torchao", "executorch", "torch.utils._pytree", "torch._export", "torch.export", "coremltools")
 
 
 def quiet_third_party() -> None:

@@ -17,7 +17,7 @@ def _assert_clean_refusal(code, out, err, tmp_path, expect):
 @pytest.mark.parametrize("args,expect", [
     (["--bits", "3"], "--bits 3 is not supported"),
     (["--group-size", "48"], "--group-size 48 is not valid"),
-    (["--target", "tflite"], "unknown target 'tflite'; choose one of: executorch, onnx"),
+    (["--target", "tflite"], "unknown target 'tflite'; choose one of: coreml, executorch, onnx"),
     (["--bits", "four"], "argument --bits: invalid int value"),
     (["--max-context", "4"], "too small"),
 ])

@@ -44,5 +44,5 @@ def test_registry_unknown_and_duplicate():
         r.register("a")(2)
     with pytest.raises(SlmExportError, match="unknown widget 'b'; choose one of: a"):
         r.get("b")
-    with pytest.raises(SlmExportError, match="unknown target 'tflite'; choose one of: executorch, onnx"):
+    with pytest.raises(SlmExportError, match="unknown target 'tflite'; choose one of: coreml, executorch, onnx"):
         TARGETS.get("tflite")

@@ -18,6 +18,7 @@ TARGETS: Registry = Registry("target")
 @dataclass
 class ExportOptions:
     max_context: int = 2048
+    compute_precision: str | None = None  # None: the target's default (its compute_precisions[0])
 
 
 @dataclass
@@ -33,6 +34,8 @@ class TargetOutput:
 class Exporter(Protocol):
     name: str
     runtime: str  # the RUNTIMES name that executes this target's files
+    compute_precisions: tuple[str, ...]  # what --compute-precision may be here; the first is the default
+    quantizes_activations: bool  # False: the spec's int8 activations become float (said at export)
 
     def check(self, spec) -> None:
         """Raise SlmExportError for what this target cannot do, before the model loads."""
@@ -49,9 +52,30 @@ class Exporter(Protocol):
     def app_readme(self, manifest: dict) -> str:
         """The README an app developer gets in a bundle of this target."""
 
+    def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
+        """Static checks of the written files, run by `verify` ({name, passed, detail} each)."""
+
+    def stand_in_runner(self, model, folder: Path, manifest: dict, threads=None):
+        """For `verify` where the runtime cannot execute here; raises RuntimeUnavailable if none."""
+
+
+class ExporterBase:
+    """Defaults for targets whose runtime runs everywhere slm-export does."""
+
+    compute_precisions: tuple[str, ...] = ("float32",)
+    quantizes_activations = True
+
+    def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
+        return []  # the runtime executes the files; verify's parity metrics are the check
+
+    def stand_in_runner(self, model, folder: Path, manifest: dict, threads=None):
+        from ..errors import RuntimeUnavailable
+
+        raise RuntimeUnavailable(f"the {self.name} target has no stand-in for its runtime")
+
 
 def _register_builtin_targets() -> None:
-    from . import executorch, onnx  # noqa: F401  (register "executorch", "onnx")
+    from . import coreml, executorch, onnx  # noqa: F401  (register "coreml", "executorch", "onnx")
 
 
 _register_builtin_targets()

@@ -35,6 +35,9 @@ class QuantSpec:
     embeddings: bool = True
     embedding_bits: int = 8
     lm_head: bool = True
+    # Core ML only: a k-means lookup table of 2**bits values per group of output channels instead
+    # of linear (scale) quantization.
+    palettize: bool = False
 
     def __post_init__(self):
         if self.bits not in VALID_BITS:
@@ -49,6 +52,8 @@ class QuantSpec:
             raise SlmExportError(
                 f"--group-size {gs} is not valid; use a power of two from 16 to 4096 (for example 32, 64, 128)"
             )
+        if self.palettize and not self.quantized:
+            raise SlmExportError("--palettize needs --bits 4 or 8 (the palette has 2**bits entries)")
         if self.activations not in ACTIVATIONS:
             raise SlmExportError(
                 f"activations '{self.activations}' is not valid; use one of {', '.join(ACTIVATIONS)}"
@@ -62,6 +67,8 @@ class QuantSpec:
         if not self.quantized:
             return "float"
         act = "a8" if self.activations == "int8" else "wo"
+        if self.palettize:
+            return f"palette{self.bits}-{act}"
         return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}"
 
     def rules(self) -> list[tuple[str, int | None, str]]:

@@ -12,7 +12,7 @@ RUNTIMES: Registry = Registry("runtime")
 
 
 def _register_builtin_runtimes() -> None:
-    from . import executorch, onnx  # noqa: F401  (register "executorch", "onnxruntime"; SDKs load lazily)
+    from . import coreml, executorch, onnx  # noqa: F401  (register "coreml", "executorch", "onnxruntime"; SDKs load lazily)
 
 
 _register_builtin_runtimes()

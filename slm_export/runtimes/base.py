@@ -29,6 +29,10 @@ class Runner(ABC):
         self.max_context = int(manifest["max_context"])
         self.position = 0
 
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise RuntimeUnavailable when this runtime cannot execute on this machine."""
+
     @staticmethod
     def import_sdk() -> None:
         """Import the runtime's SDK (so a baseline memory reading can include it)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...quiet import quiet_third_party
-from .. import TARGETS, ExportOptions, TargetOutput
+from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.pte"
 METHOD = "forward"
@@ -41,15 +41,16 @@ def build_module(decoder, spec, max_context: int):
 
 
 @TARGETS.register("executorch")
-class ExecuTorchExporter:
+class ExecuTorchExporter(ExporterBase):
     name = "executorch"
     runtime = "executorch"
-    extensions = (".pte",)
     packages = ("executorch", "torchao")
 
     def check(self, spec) -> None:
         from ...errors import SlmExportError
 
+        if spec.palettize:
+            raise SlmExportError("--palettize is a Core ML option (--target coreml); ExecuTorch stores int4/int8 with scales")
         if spec.quantized and spec.activations != "int8":
             # Measured: executorch 1.5.1 lowers torchao's weight-only linears here into a program
             # whose logits are wrong (parity KL > 70 on tiny models), so it is refused, not shipped.

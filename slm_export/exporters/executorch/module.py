@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..torch_parts import linear_module as _linear, rotate_half_matrix, split_fused as _split
+
 
 def _custom_ops() -> None:
     # Registers torch.ops.llama.* (export-time meta functions and the CPU kernels).
@@ -34,39 +36,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return x * torch.rsqrt(nn.functional.linear(x * x, self.mean_w) + self.eps) * self.weight
-
-
-def _split(fused):
-    """Undo the Decoder's q|k|v (gate|up) fusion: a dynamic-length split would split the delegate."""
-    from ...architectures import Linear
-
-    bounds = torch.tensor(fused.split).cumsum(0).tolist()[:-1]
-    ws = torch.tensor_split(torch.from_numpy(fused.weight), bounds)
-    bs = torch.tensor_split(torch.from_numpy(fused.bias), bounds) if fused.bias is not None else [None] * len(ws)
-    return [Linear(w.numpy(), None if b is None else b.numpy(), [src]) for w, b, src in
-            zip(ws, bs, fused.sources if len(fused.sources) == len(ws) else [fused.sources[0]] * len(ws))]
-
-
-def _linear(lin) -> nn.Linear:
-    out_f, in_f = lin.weight.shape
-    m = nn.Linear(in_f, out_f, bias=lin.bias is not None)
-    m.source = lin.sources[0]
-    m.weight = nn.Parameter(torch.from_numpy(lin.weight).clone(), requires_grad=False)
-    if lin.bias is not None:
-        m.bias = nn.Parameter(torch.from_numpy(lin.bias).clone(), requires_grad=False)
-    return m
-
-
-def rotate_half_matrix(head_dim: int) -> torch.Tensor:
-    """R with x @ R == cat(-x2, x1): Hugging Face's rotate-half as a matmul.
-
-    Slicing a dynamic-length tensor splits an XNNPACK delegate; a small constant matmul does not.
-    """
-    half = head_dim // 2
-    r = torch.zeros(head_dim, head_dim)
-    r[torch.arange(half) + half, torch.arange(half)] = -1.0
-    r[torch.arange(half), torch.arange(half) + half] = 1.0
-    return r
 
 
 def _rotate(x, cos, sin, rot_t):

@@ -3,21 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import TARGETS, ExportOptions, TargetOutput
+from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
 @TARGETS.register("onnx")
-class OnnxExporter:
+class OnnxExporter(ExporterBase):
     name = "onnx"
     runtime = "onnxruntime"
-    extensions = (".onnx",)
     packages = ("onnx", "onnxruntime")  # versions recorded in the manifest
 
     def check(self, spec) -> None:
-        pass  # every QuantSpec maps onto the ONNX graph
+        from ...errors import SlmExportError
+
+        if spec.palettize:
+            raise SlmExportError("--palettize is a Core ML option (--target coreml); ONNX stores int4/int8 with scales")
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
         import onnx

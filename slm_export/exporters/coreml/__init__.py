@@ -1,0 +1,155 @@
+"""The `coreml` target: a stateful .mlpackage (ML program, iOS 18 / macOS 15) with int8/int4 weights.
+
+Built from the neutral `Decoder` as a PyTorch program (module.py), exported with torch.export,
+converted by coremltools (convert.py) and quantized once by coremltools.optimize (quant.py).
+Linux cannot execute Core ML, so `verify` checks there what can be checked (checks.py): the
+package's spec against the manifest, its weights read back and compared with an independent
+quantization, and the converted PyTorch program against the original model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
+
+MODEL_FILE = "model.mlpackage"
+SWIFT_FILE = "SlmExportExample.swift"
+
+
+def require_sdk() -> None:
+    from ...errors import SlmExportError
+
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        raise SlmExportError("the coreml target needs coremltools: pip install coremltools==9.0") from None
+
+
+@contextmanager
+def no_progress_bars():
+    """coremltools draws a tqdm bar per conversion stage and pass; our log says what happens instead.
+
+    Its modules call `tqdm(...)` by name, so those names are swapped for a disabled tqdm meanwhile
+    (tqdm reads TQDM_DISABLE only at import, too early for us to set it).
+    """
+    import importlib
+    from functools import partial
+
+    from tqdm import tqdm
+
+    names = [("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
+             ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+             ("coremltools.optimize.coreml._quantization_passes", "tqdm")]
+    saved = []
+    for module_name, attr in names:
+        module = importlib.import_module(module_name)
+        if hasattr(module, attr):
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, partial(tqdm, disable=True))
+    try:
+        yield
+    finally:
+        for module, attr, original in saved:
+            setattr(module, attr, original)
+
+
+def build_module(decoder, max_context: int):
+    import torch
+
+    from .module import CoreMLDecoder
+
+    with torch.no_grad():
+        return CoreMLDecoder(decoder, max_context).eval()
+
+
+@TARGETS.register("coreml")
+class CoreMLExporter(ExporterBase):
+    name = "coreml"
+    runtime = "coreml"
+    packages = ("coremltools",)
+    compute_precisions = ("float16", "float32")  # the first is the default
+    quantizes_activations = False  # Core ML quantizes weights; activations stay float
+
+    def check(self, spec) -> None:
+        require_sdk()
+
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
+        from ...quiet import quiet_third_party
+        from . import convert, quant
+        from .handoff import swift_example
+
+        quiet_third_party()
+        require_sdk()
+        fp16 = (options.compute_precision or self.compute_precisions[0]) == "float16"
+        module = build_module(decoder, options.max_context)
+        tied = decoder.tied_embeddings
+        plans, report = quant.plan(module, spec, fp16, tied)
+        program = convert.export_program(module, options.max_context)
+        with no_progress_bars():  # coremltools draws one per pass; our log says what happens
+            mlmodel = convert.convert(program, fp16, keep_tied_table_shared=tied)
+            mlmodel = quant.apply(mlmodel, plans)
+        io = describe_io(decoder, options.max_context, fp16)
+        convert.save(mlmodel, Path(out_dir) / MODEL_FILE, {
+            "description": f"slm-export {decoder.architecture} decoder, {spec.label()}, KV cache as state",
+            "slm_export.io": io_summary(io)})
+        (Path(out_dir) / SWIFT_FILE).write_text(swift_example(io, decoder.vocab_size))
+        extra = {"compute_precision": "float16" if fp16 else "float32",
+                 "minimum_deployment_target": "iOS 18 / macOS 15",
+                 "activations": "float16" if fp16 else "float32",
+                 "swift_example": SWIFT_FILE,
+                 "execution": "needs macOS 15+ or iOS 18+ (Core ML); on Linux `verify` checks the package instead"}
+        return TargetOutput(MODEL_FILE, io, report, extra)
+
+    def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
+        from .checks import package_weights_by_source
+
+        return package_weights_by_source(Path(folder), manifest)
+
+    def app_readme(self, manifest: dict) -> str:
+        from .handoff import app_readme
+
+        return app_readme(manifest)
+
+    def stand_in_runner(self, model, folder: Path, manifest: dict, threads=None):
+        """Where Core ML cannot run: the converted PyTorch program carrying the package's weights."""
+        from .checks import ProgramRunner
+
+        return ProgramRunner(model, Path(folder), manifest, threads)
+
+    def package_checks(self, folder: Path, manifest: dict, model=None) -> list[dict]:
+        from .checks import run_package_checks
+
+        return run_package_checks(Path(folder), manifest, model)
+
+
+def describe_io(decoder, max_context: int, fp16: bool) -> dict:
+    from .convert import INPUTS, OUTPUT, STATES, prefill_chunk
+
+    chunk = prefill_chunk(max_context)
+    cache = [decoder.num_layers, decoder.num_kv_heads, max_context, decoder.head_dim]
+    kv_bytes = 2 * int(__import__("math").prod(cache)) * 2
+    return {
+        "functions": {"main": {
+            "inputs": {
+                INPUTS[0]: {"dtype": "int32", "shape": [1, f"1..{chunk}"],
+                            "note": "new tokens; feed a longer prompt in chunks of at most this many"},
+                INPUTS[1]: {"dtype": "int32", "shape": [1], "note": "cache position of input_ids[0] (tokens so far)"},
+            },
+            "outputs": {OUTPUT: {"dtype": "float16" if fp16 else "float32", "shape": [1, "q", decoder.vocab_size]}},
+            "states": {s: {"dtype": "float16", "shape": cache} for s in STATES},
+        }},
+        "prefill_chunk": chunk,
+        "query_length": "flexible (RangeDim 1..prefill_chunk): one function for prefill and decode",
+        "kv_layout": {"layers": decoder.num_layers, "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim,
+                      "dtype": "float16", "in_program": True, "bytes": kv_bytes,
+                      "order": "layers, kv_heads, max_context, head_dim",
+                      "note": "Core ML state from model.makeState(); a new conversation gets a new state"},
+    }
+
+
+def io_summary(io: dict) -> str:
+    f = io["functions"]["main"]
+    return "; ".join([", ".join(f"{k}:{v['dtype']}{v['shape']}" for k, v in f["inputs"].items()),
+                      ", ".join(f"{k}:{v['dtype']}" for k, v in f["outputs"].items()),
+                      ", ".join(f"state {k}:{v['shape']}" for k, v in f["states"].items())])

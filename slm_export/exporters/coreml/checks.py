@@ -1,0 +1,221 @@
+"""What can be checked about a Core ML package without executing it (that needs macOS).
+
+1. The package loads (coremltools reads its spec and its MIL program) and its spec has the inputs,
+   outputs and states the manifest records, with the state writes in the program.
+2. Its weights, read back out of the MIL program and dequantized with numpy, match the PyTorch
+   weights quantized independently here: every weight within half a quantization step of the
+   original, symmetric scales equal to max|w| / qmax, palette entries the nearest to each weight.
+3. `ProgramRunner`: the very PyTorch program that was converted, carrying the package's weights
+   and run at the package's compute precision, stands in for Core ML in `verify`'s parity metrics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ...runtimes.base import Runner
+from .quant import const_name, load_program, read_weights
+
+
+def _fp16(manifest: dict) -> bool:
+    return manifest["target_extra"]["compute_precision"] == "float16"
+
+
+def _report(folder: Path, manifest: dict) -> list[dict]:
+    return json.loads((folder / manifest["quant"]["report"]).read_text())["weights"]
+
+
+def weights_by_fqn(folder: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """CoreMLDecoder module name -> the float weight the package computes with."""
+    stored = read_weights(folder / manifest["model_file"])
+    out = {}
+    for e in _report(folder, manifest):
+        name = const_name(e["name"], _fp16(manifest))
+        if name not in stored:
+            raise RuntimeError(f"weight {name} is missing from the package")
+        out[e["name"]] = stored[name][1]
+        if "lm_head.weight" in e["sources"] and e["name"] == "embed_tokens":
+            out["lm_head"] = stored[name][1]  # tied: one table serves both
+    return out
+
+
+def package_weights_by_source(folder: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """PyTorch parameter name -> the package's weight (parts of a fused parameter joined in order)."""
+    by_fqn = weights_by_fqn(folder, manifest)
+    parts: dict[str, list] = {}
+    for e in _report(folder, manifest):
+        for source in e["sources"]:
+            parts.setdefault(source, []).append(by_fqn[e["name"]])
+    return {name: np.concatenate(ws) if len(ws) > 1 else ws[0] for name, ws in parts.items()}
+
+
+class ProgramRunner(Runner):
+    """The converted PyTorch program with the package's weights: Core ML's stand-in on Linux."""
+
+    def __init__(self, model, folder: Path, manifest: dict, threads=None):
+        import torch
+
+        from ...architectures import to_decoder
+        from . import build_module
+
+        super().__init__(folder, manifest, threads)
+        torch.set_num_threads(self.threads)
+        self.module = build_module(to_decoder(model, self.max_context), self.max_context)
+        with torch.no_grad():
+            for fqn, w in weights_by_fqn(Path(folder), manifest).items():
+                self.module.get_submodule(fqn).weight.copy_(torch.from_numpy(w))
+        if _fp16(manifest):
+            self.module.half()
+        self.chunk = int(manifest["io"]["prefill_chunk"])
+        self.capacity = self.max_context
+        precision = manifest["target_extra"]["compute_precision"]
+        self.description = (f"PyTorch, running the converted program with the package's weights in {precision} "
+                            "(Core ML's stand-in: the same graph and weights, not Core ML's kernels)")
+
+    def reset(self, capacity: int) -> None:
+        self.module.key_cache.zero_()
+        self.module.value_cache.zero_()
+        self.position = 0
+
+    def forward(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        import torch
+
+        self.check_room(len(token_ids))
+        rows = []
+        with torch.no_grad():
+            for i in range(0, len(token_ids), self.chunk):
+                part = list(token_ids[i:i + self.chunk])
+                logits = self.module(torch.tensor([part], dtype=torch.int32),
+                                     torch.tensor([self.position], dtype=torch.int32))[0]
+                self.position += len(part)
+                rows.append(logits if all_logits else logits[-1:])
+        return torch.cat(rows).float().numpy() if all_logits else rows[-1].float().numpy()
+
+
+# --- package checks -------------------------------------------------------------------------------
+
+_DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32"}  # ArrayFeatureType.ArrayDataType
+
+
+def _array_desc(feature) -> dict:
+    a = feature.type.multiArrayType
+    shape = list(a.shape)
+    ranges = [[r.lowerBound, r.upperBound] for r in a.shapeRange.sizeRanges]
+    return {"dtype": _DTYPES.get(a.dataType, str(a.dataType)), "shape": shape, "ranges": ranges}
+
+
+def check_spec(folder: Path, manifest: dict) -> dict:
+    spec, prog = load_program(folder / manifest["model_file"])
+    want = manifest["io"]["functions"]["main"]
+    problems = []
+    desc = spec.description
+    got_in = {f.name: _array_desc(f) for f in desc.input}
+    got_out = {f.name: _array_desc(f) for f in desc.output}
+    got_states = {f.name: (list(f.type.stateType.arrayType.shape), _DTYPES.get(f.type.stateType.arrayType.dataType))
+                  for f in desc.state}
+    if list(got_in) != list(want["inputs"]):
+        problems.append(f"inputs {list(got_in)} != manifest {list(want['inputs'])}")
+    for name, w in want["inputs"].items():
+        g = got_in.get(name)
+        if g and g["dtype"] != w["dtype"]:
+            problems.append(f"input {name} is {g['dtype']}, manifest says {w['dtype']}")
+    ids = got_in.get("input_ids")
+    chunk = manifest["io"]["prefill_chunk"]
+    if ids and (not ids["ranges"] or ids["ranges"][-1] != [1, chunk]):
+        problems.append(f"input_ids query length range {ids['ranges']} != [1, {chunk}]")
+    if list(got_out) != list(want["outputs"]):
+        problems.append(f"outputs {list(got_out)} != manifest {list(want['outputs'])}")
+    for name, w in want["outputs"].items():
+        if name in got_out and got_out[name]["dtype"] != w["dtype"]:
+            problems.append(f"output {name} is {got_out[name]['dtype']}, manifest says {w['dtype']}")
+    for name, w in want["states"].items():
+        if got_states.get(name) != (w["shape"], w["dtype"]):
+            problems.append(f"state {name} is {got_states.get(name)}, manifest says {(w['shape'], w['dtype'])}")
+    if set(got_states) != set(want["states"]):
+        problems.append(f"states {sorted(got_states)} != manifest {sorted(want['states'])}")
+    ops = prog.functions["main"].operations
+    written = {op.inputs["state"].name for op in ops if op.op_type == "coreml_update_state"}
+    if written != set(want["states"]):
+        problems.append(f"the program writes states {sorted(written)}, expected {sorted(want['states'])}")
+    if spec.specificationVersion < 9:
+        problems.append(f"specification version {spec.specificationVersion} < 9 (iOS 18)")
+    return {"name": "package spec matches the manifest", "passed": not problems,
+            "detail": "; ".join(problems) or (f"inputs {list(got_in)}, outputs {list(got_out)}, states "
+                                               f"{sorted(got_states)} written in place, spec version {spec.specificationVersion}")}
+
+
+def _check_linear(w: np.ndarray, deq: np.ndarray, op, bits: int, symmetric: bool) -> str | None:
+    """None when `deq` is a faithful quantization of `w`, else what is wrong."""
+    scale = op.scale.val.astype(np.float32)
+    reps = [d // s for d, s in zip(w.shape, scale.shape)]
+    step = np.kron(scale, np.ones(reps, np.float32))
+    err = np.abs(w - deq)
+    worst = float((err / np.maximum(step, 1e-12)).max())
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
+    # Round to nearest is half a step; a float16 scale (relative rounding 2**-11) moves a code of
+    # up to qmax by qmax * 2**-11 steps more. Asymmetric: the integer zero point shifts the grid by
+    # up to half a step too, so the range ends may be a full step off.
+    bound = (0.5 if symmetric else 1.0) + qmax * 2.0 ** -11 * (op.scale.val.dtype == np.float16) + 1e-3
+    if worst > bound:
+        return f"a weight is {worst:.3f} quantization steps from the original (at most {bound:.3f} expected)"
+    if symmetric:
+        blocks = np.abs(w).reshape(scale.shape[0], reps[0], scale.shape[1], reps[1]).max(axis=(1, 3))
+        want = blocks / qmax
+        rel = float((np.abs(scale - want) / np.maximum(want, 1e-12)).max())
+        if rel > 2e-3:  # float16 scales: relative rounding 2**-11
+            return f"scales differ from max|w|/{qmax} by up to {rel:.1%}"
+    return None
+
+
+def _check_palette(w: np.ndarray, deq: np.ndarray, op) -> str | None:
+    lut = op.lut.val.astype(np.float32)[:, 0, :, 0]  # [groups, entries]
+    rows_per_group = w.shape[0] // lut.shape[0]
+    nearest = np.abs(w[:, :, None] - np.repeat(lut, rows_per_group, axis=0)[:, None, :]).min(-1)
+    excess = float((np.abs(w - deq) - nearest).max())
+    if excess > 1e-3 * max(float(np.abs(w).max()), 1e-6):
+        return f"a weight is not mapped to its nearest palette entry (off by {excess:.3g})"
+    return None
+
+
+def check_weights(folder: Path, manifest: dict, model) -> dict:
+    import torch
+
+    from ...architectures import to_decoder
+    from . import build_module
+
+    module = build_module(to_decoder(model, 16), 16)
+    fp16 = _fp16(manifest)
+    stored = read_weights(folder / manifest["model_file"])
+    spec = manifest["quant"]["spec"]
+    problems, n_quant, n_float = [], 0, 0
+    for e in _report(folder, manifest):
+        w = module.get_submodule(e["name"]).weight.detach().to(torch.float16 if fp16 else torch.float32).float().numpy()
+        kind, deq, op = stored[const_name(e["name"], fp16)]
+        if deq.shape != w.shape:
+            problems.append(f"{e['name']}: package shape {deq.shape} != {w.shape}")
+            continue
+        if e["bits"] is None:
+            n_float += 1
+            if kind != "const" or not np.array_equal(deq, w):
+                problems.append(f"{e['name']}: should be stored float, found {kind}")
+            continue
+        n_quant += 1
+        if kind == "constexpr_lut_to_dense":
+            problem = _check_palette(w, deq, op)
+        elif kind == "constexpr_blockwise_shift_scale":
+            problem = _check_linear(w, deq, op, e["bits"], spec["symmetric"])
+            codes = op.data.val.astype(np.int32)
+            if problem is None and codes.max() - codes.min() >= 2 ** e["bits"]:
+                problem = f"codes span {codes.max() - codes.min() + 1} values, more than int{e['bits']} holds"
+        else:
+            problem = f"quantized in the report but stored as {kind}"
+        if problem:
+            problems.append(f"{e['name']}: {problem}")
+    return {"name": "package weights match PyTorch quantized independently", "passed": not problems,
+            "detail": "; ".join(problems[:5]) or f"{n_quant} quantized and {n_float} float weights checked"}
+
+
+def run_package_checks(folder: Path, manifest: dict, model) -> list[dict]:
+    return [check_spec(folder, manifest), check_weights(folder, manifest, model)]

@@ -1,0 +1,169 @@
+"""The PyTorch program we convert to Core ML, built from the neutral `Decoder` description.
+
+Method `forward(input_ids [1, q] int32, position [1] int32) -> logits [1, q, vocab]`: appends q
+tokens (1 <= q <= the prefill chunk) at cache position `position[0]` and returns their logits.
+
+The KV cache is two registered buffers, `key_cache` and `value_cache`, each
+[layers, kv_heads, max_context, head_dim] float16. torch.export records the in-place writes as
+buffer mutations and coremltools turns them into Core ML state (`ct.StateType`), updated in place
+by the model; the app creates it once per conversation with `makeState()`. Core ML states are
+float16 only, so the buffers are float16 here too and the PyTorch program computes with exactly
+what Core ML stores.
+
+Attention reads the whole fixed-size cache with a causal mask built from `position` (static
+shapes, as Core ML prefers); rows past the current position are masked out.
+
+float16 compute: small LMs carry hidden-state entries in the hundreds, whose squares overflow
+float16 (max 65504) inside RMSNorm. The norm here divides by the row's largest magnitude first,
+which is exact algebra (see RMSNorm) and keeps every intermediate in [0, 1]. Queries are scaled
+before the q.k product, so attention scores stay as small as the softmax needs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..torch_parts import linear_module, rotate_half_matrix, split_fused
+
+CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed as s * x' / rms(s * x') with x' = x / s and s = max|x|.
+
+    rms(x) = s * sqrt(mean(x'^2) + eps / s^2), so the result equals x' * rsqrt(mean(x'^2) + eps/s^2) * w:
+    mean(x'^2) lies in [1/hidden, 1] and nothing overflows float16 whatever the scale of x.
+    """
+
+    def __init__(self, weight, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.from_numpy(weight).clone(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+        xs = x / s
+        return xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps / (s * s)) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, dec, layer, index: int, max_context: int):
+        super().__init__()
+        self.index = index
+        self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
+        self.scale = float(dec.attn_scale)
+        self.softcap = float(dec.attn_softcap)
+        self.window = layer.sliding_window if layer.sliding_window and layer.sliding_window < max_context else None
+        q, k, v = split_fused(layer.qkv)
+        self.q, self.k, self.v = linear_module(q), linear_module(k), linear_module(v)
+        self.o = linear_module(layer.o)
+
+    def forward(self, x, cos, sin, rot_t, start, mask, key_cache, value_cache):
+        q_len = x.shape[1]
+        q = self.q(x).view(1, q_len, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(1, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(1, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + nn.functional.linear(q, rot_t) * sin
+        k = k * cos + nn.functional.linear(k, rot_t) * sin
+        # Write this step's keys and values into the state at their positions, then attend to all of it.
+        # (A slice write at a runtime offset: coremltools turns it into an in-place state update.)
+        key_cache[self.index, :, start:start + q_len] = k[0].to(CACHE_DTYPE)
+        value_cache[self.index, :, start:start + q_len] = v[0].to(CACHE_DTYPE)
+        keys = key_cache[self.index].unsqueeze(0).to(x.dtype)  # [1, kv_heads, max_context, head_dim]
+        values = value_cache[self.index].unsqueeze(0).to(x.dtype)
+        group = self.heads // self.kv_heads
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        scores = (q * self.scale) @ keys.transpose(2, 3)  # [1, heads, q, max_context]
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        y = (scores + mask).softmax(-1) @ values  # [1, heads, q, head_dim]
+        return self.o(y.transpose(1, 2).reshape(1, q_len, self.heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, dec, layer, index: int, max_context: int):
+        super().__init__()
+        eps = dec.rms_eps
+        self.attn_norm = RMSNorm(layer.attn_norm, eps)
+        self.attn = Attention(dec, layer, index, max_context)
+        self.ffn_norm = RMSNorm(layer.ffn_norm, eps)
+        gate, up = split_fused(layer.gate_up)
+        self.gate, self.up = linear_module(gate), linear_module(up)
+        self.down = linear_module(layer.down)
+        self.post_attn_norm = RMSNorm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
+        self.post_ffn_norm = RMSNorm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
+        self.act = nn.SiLU() if dec.activation == "silu" else nn.GELU(approximate="tanh")
+
+    def forward(self, x, cos, sin, rot_t, start, masks, key_cache, value_cache):
+        mask = masks[1] if self.attn.window is not None else masks[0]
+        h = self.attn(self.attn_norm(x), cos, sin, rot_t, start, mask, key_cache, value_cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.ffn_norm(x)
+        h = self.down(self.act(self.gate(h)) * self.up(h))
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm(h)
+        return x + h
+
+
+class CoreMLDecoder(nn.Module):
+    def __init__(self, dec, max_context: int):
+        super().__init__()
+        self.max_context = max_context
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
+        self.embed_scale = float(dec.embed_scale)
+        self.layers = nn.ModuleList(Block(dec, layer, i, max_context) for i, layer in enumerate(dec.layers))
+        windows = {b.attn.window for b in self.layers if b.attn.window is not None}
+        if len(windows) > 1:
+            raise ValueError(f"layers with different sliding windows {sorted(windows)} are not supported")
+        self.window = windows.pop() if windows else None
+        # module name -> the PyTorch parameter it was built from (quant rules match on those names)
+        self.sources = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+        for i, block in enumerate(self.layers):
+            for name, mod in block.named_modules():
+                if isinstance(mod, nn.Linear) and hasattr(mod, "source"):
+                    self.sources[f"layers.{i}.{name}"] = mod.source
+        self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
+        # A separate copy even when tied: the gather and the matmul are quantized each in its own form.
+        self.lm_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
+        self.lm_head.weight = nn.Parameter(torch.from_numpy(dec.lm_head).clone(), requires_grad=False)
+        self.final_softcap = float(dec.final_softcap)
+        cos = torch.from_numpy(dec.rope_cos[:max_context])
+        sin = torch.from_numpy(dec.rope_sin[:max_context])
+        self.register_buffer("rope_cos", torch.cat([cos, cos], -1).contiguous(), persistent=False)
+        self.register_buffer("rope_sin", torch.cat([sin, sin], -1).contiguous(), persistent=False)
+        self.register_buffer("rot_t", rotate_half_matrix(dec.head_dim).t().contiguous(), persistent=False)
+        self.head_dim = dec.head_dim
+        self.register_buffer("key_positions", torch.arange(max_context), persistent=False)
+        cache = (dec.num_layers, dec.num_kv_heads, max_context, dec.head_dim)
+        self.register_buffer("key_cache", torch.zeros(cache, dtype=CACHE_DTYPE), persistent=False)
+        self.register_buffer("value_cache", torch.zeros(cache, dtype=CACHE_DTYPE), persistent=False)
+
+    def forward(self, input_ids, position):
+        q_len = input_ids.shape[1]
+        start = position[0].item()
+        torch._check(start >= 0)
+        torch._check(start + q_len <= self.max_context)
+        positions = position.long() + torch.arange(q_len)  # [q] (index ops take int64)
+        dtype = self.rope_cos.dtype
+        cos = self.rope_cos.index_select(0, positions).view(1, 1, q_len, self.head_dim)
+        sin = self.rope_sin.index_select(0, positions).view(1, 1, q_len, self.head_dim)
+        # Additive masks [q, max_context]: causal, and causal within the sliding window.
+        offset = self.key_positions.view(1, -1) - positions.view(-1, 1)  # key - query position
+        big = torch.tensor(-3e4 if dtype == torch.float16 else -1e9, dtype=dtype)  # finite: fp16-safe
+        zero = torch.zeros((), dtype=dtype)
+        causal = torch.where(offset <= 0, zero, big)
+        # (nested where, not `&`: coremltools has no converter for a bool tensor `and`)
+        masks = (causal, torch.where(offset > -self.window, causal, big) if self.window else causal)
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.rot_t, start, masks, self.key_cache, self.value_cache)
+        logits = self.lm_head(self.norm(x))
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

@@ -1,0 +1,42 @@
+"""Plain-PyTorch building blocks shared by the exporters that trace a module of their own
+(ExecuTorch, Core ML): undoing the Decoder's q|k|v and gate|up fusion, nn.Linear from a Decoder
+Linear, and rope's rotate-half as a matrix.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def split_fused(fused):
+    """Undo the Decoder's q|k|v (gate|up) fusion into one Linear per source (a split of a dynamic-length
+    output would cut an XNNPACK delegate, and per-source linears keep quant rules per PyTorch name)."""
+    from ..architectures import Linear
+
+    bounds = torch.tensor(fused.split).cumsum(0).tolist()[:-1]
+    ws = torch.tensor_split(torch.from_numpy(fused.weight), bounds)
+    bs = torch.tensor_split(torch.from_numpy(fused.bias), bounds) if fused.bias is not None else [None] * len(ws)
+    return [Linear(w.numpy(), None if b is None else b.numpy(), [src]) for w, b, src in
+            zip(ws, bs, fused.sources if len(fused.sources) == len(ws) else [fused.sources[0]] * len(ws))]
+
+
+def linear_module(lin) -> nn.Linear:
+    out_f, in_f = lin.weight.shape
+    m = nn.Linear(in_f, out_f, bias=lin.bias is not None)
+    m.source = lin.sources[0]
+    m.weight = nn.Parameter(torch.from_numpy(lin.weight).clone(), requires_grad=False)
+    if lin.bias is not None:
+        m.bias = nn.Parameter(torch.from_numpy(lin.bias).clone(), requires_grad=False)
+    return m
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R with x @ R == cat(-x2, x1): Hugging Face's rotate-half as a matmul.
+
+    Slicing a dynamic-length tensor splits an XNNPACK delegate; a small constant matmul does not.
+    """
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r

@@ -1,0 +1,212 @@
+"""The coreml target on Linux: tiny models of every architecture converted at fp16 / int8 / int4,
+with everything that can be checked without executing Core ML (which needs macOS): the package's
+spec against the manifest, its weights read back and compared with an independent quantization,
+and the converted PyTorch program against the original model."""
+import json
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import slm_export
+from slm_export import SlmExportError
+from slm_export.errors import RuntimeUnavailable
+
+from conftest import ARCHS, run_cli, tiny_model, tiny_tokenizer
+
+pytest.importorskip("coremltools")
+pytestmark = pytest.mark.skipif(platform.system() == "Darwin", reason="these tests cover the Linux behaviour")
+
+
+def _export(model, tmp_path, bits, name=None, **kw):
+    kw.setdefault("max_context", 128)
+    return slm_export.export(model, target="coreml", bits=bits, out=tmp_path / (name or f"b{bits}"),
+                             log=lambda *a: None, **kw)
+
+
+def _checks(report) -> dict:
+    return {c["name"]: c for c in report.checks}
+
+
+@pytest.fixture(scope="module")
+def llama_int4(tmp_path_factory):
+    model = tiny_model("llama")
+    return model, _export(model, tmp_path_factory.mktemp("coreml"), 4, tokenizer=tiny_tokenizer())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_package_checks_and_program_parity(arch, bits, tmp_path):
+    model = tiny_model(arch)
+    art = _export(model, tmp_path, bits)
+    # 40 prompt + 24 decode steps: past the 24-token sliding windows of phi3 / gemma2
+    report = art.verify(reference=model, prompt_tokens=40, decode_steps=24, perplexity=False)
+    assert "needs macOS" in report.not_executed
+    assert report.executed_by.startswith("PyTorch, running the converted program")
+    checks = _checks(report)
+    assert [c["passed"] for c in checks.values()] == [True, True], report.format()
+    by_ref = {c.reference: c for c in report.comparisons}
+    if bits == 16:  # float16 compute and cache against the fp32 model
+        assert by_ref["fp32"].mean_kl < 1e-3 and by_ref["fp32"].max_abs_logit_diff < 0.05, report.format()
+    else:
+        assert by_ref["same-quant"].mean_kl < 1e-3, report.format()
+        assert by_ref["same-quant"].max_abs_logit_diff < 0.1, report.format()
+    assert report.passed, report.format()
+
+
+def test_package_layout_spec_and_report(llama_int4):
+    _, art = llama_int4
+    m = art.manifest
+    assert (art.path / "model.mlpackage" / "Manifest.json").is_file()
+    assert m["runtime"] == "coreml" and m["target_extra"]["compute_precision"] == "float16"
+    assert m["quant"]["label"] == "int4-g32-sym-wo"  # Core ML quantizes weights only: the label says so
+    f = m["io"]["functions"]["main"]
+    assert list(f["inputs"]) == ["input_ids", "position"] and list(f["outputs"]) == ["logits"]
+    assert f["states"]["key_cache"] == {"dtype": "float16", "shape": [2, 2, 128, 16]}
+    assert m["io"]["prefill_chunk"] == 64
+    # the tied embedding and lm_head are one table, at the finer of the two rules (embedding int8)
+    report = json.loads((art.path / "quant_report.json").read_text())["weights"]
+    emb = next(e for e in report if e["name"] == "embed_tokens")
+    assert emb["sources"] == ["model.embed_tokens.weight", "lm_head.weight"] and emb["bits"] == 8
+    assert not any(e["name"] == "lm_head" for e in report)
+    assert {e["bits"] for e in report if e["name"] != "embed_tokens"} == {4}
+    assert art.size_mb * 1e6 == sum(v["bytes"] for k, v in m["files"].items() if k.startswith("model.mlpackage/"))
+
+
+def test_untied_lm_head_is_its_own_table(tmp_path):
+    model = tiny_model("tinyllama")
+    art = _export(model, tmp_path, 4)
+    report = {e["name"]: e for e in json.loads((art.path / "quant_report.json").read_text())["weights"]}
+    assert report["lm_head"]["bits"] == 4 and report["embed_tokens"]["bits"] == 8
+
+
+def test_checks_fail_on_a_wrong_reference_or_manifest(llama_int4, tmp_path):
+    """The package checks can fail: other weights, or a manifest that does not describe the package."""
+    from slm_export.exporters.coreml.checks import check_spec, check_weights
+
+    _, art = llama_int4
+    other = tiny_model("llama", seed=1)
+    result = check_weights(art.path, art.manifest, other)
+    assert not result["passed"] and "quantization steps from the original" in result["detail"]
+    wrong = json.loads(json.dumps(art.manifest))
+    wrong["io"]["functions"]["main"]["states"]["key_cache"]["shape"][2] = 256
+    wrong["io"]["prefill_chunk"] = 32
+    result = check_spec(art.path, wrong)
+    assert not result["passed"]
+    assert "state key_cache" in result["detail"] and "query length range" in result["detail"]
+
+
+@pytest.mark.parametrize("inter, bits, group, reason", [
+    (48, 4, 16, "fell back to group 16"),  # blocks of 32 do not divide 48: 16 does
+    (40, 8, None, "int8 per-channel instead"),  # no power-of-two block >= 16 divides 40
+])
+def test_group_fallback_is_reported_never_float(inter, bits, group, reason, tmp_path):
+    model = tiny_model("llama", intermediate_size=inter)  # down_proj has `inter` in-features
+    art = _export(model, tmp_path, 4)
+    report = {e["name"]: e for e in json.loads((art.path / "quant_report.json").read_text())["weights"]}
+    down = report["layers.0.down"]
+    assert (down["bits"], down["group_size"]) == (bits, group) and reason in down["reason"]
+    verdict = art.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
+    assert all(c["passed"] for c in verdict.checks), verdict.format()
+
+
+def test_palettized_asymmetric_and_fp32_compute(tmp_path):
+    from slm_export.exporters.coreml.quant import load_program
+
+    model = tiny_model("qwen2")
+    pal = _export(model, tmp_path, 4, name="pal", palettize=True)
+    assert pal.manifest["quant"]["label"] == "palette4-wo"
+    _, prog = load_program(pal.path / "model.mlpackage")
+    ops = [op.op_type for op in prog.functions["main"].operations]
+    assert ops.count("constexpr_lut_to_dense") == 15
+    report = pal.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
+    assert report.passed, report.format()
+
+    asym = _export(model, tmp_path, 4, name="asym", symmetric=False)
+    report = asym.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
+    assert report.passed, report.format()
+
+    fp32 = _export(model, tmp_path, 16, name="fp32", compute_precision="float32")
+    assert fp32.manifest["io"]["functions"]["main"]["outputs"]["logits"]["dtype"] == "float32"
+    report = fp32.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
+    assert report.comparisons[0].max_abs_logit_diff < 0.02, report.format()  # only the float16 cache rounds
+    assert report.passed, report.format()
+
+
+def test_fp16_norm_does_not_overflow():
+    """Hidden states in the thousands: a plain float16 RMSNorm overflows (x*x > 65504), ours does not."""
+    import torch
+
+    from slm_export.exporters.coreml.module import RMSNorm
+
+    x = torch.randn(1, 3, 64) * 20
+    x[..., 5] = 3000.0
+    w = np.random.default_rng(0).normal(1, 0.1, 64).astype(np.float32)
+    norm = RMSNorm(w, 1e-5)
+    want = norm(x)
+    got = norm.half()(x.half()).float()
+    naive = (x.half() * torch.rsqrt((x.half() * x.half()).mean(-1, keepdim=True) + 1e-5)).float()
+    assert not torch.isfinite(naive).all() or (naive - want / torch.from_numpy(w)).abs().max() > 0.1
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_linux_says_core_ml_needs_macos(llama_int4):
+    _, art = llama_int4
+    for args in (["bench", str(art.path)], ["generate", str(art.path), "--prompt", "hi"]):
+        p = subprocess.run([sys.executable, "-m", "slm_export.cli", *args], capture_output=True, text=True)
+        assert p.returncode == 4, p.stderr
+        assert "executing Core ML needs macOS 15 or later" in p.stderr and "verify" in p.stderr
+        assert "Traceback" not in p.stderr
+    with pytest.raises(RuntimeUnavailable, match="needs macOS"):
+        art.runner()
+
+
+def test_cli_export_and_verify_from_a_local_folder(tiny_dir, tmp_path):
+    out = tmp_path / "cm"
+    code, stdout, stderr = run_cli("--target", "coreml", "--bits", "4", "--model", str(tiny_dir), "--out", str(out),
+                                   "--max-context", "128")
+    assert code == 0, stderr
+    assert "quantizes weights only; activations stay float16" in stdout + stderr
+    code, stdout, stderr = run_cli("verify", str(out), "--prompt-tokens", "24", "--decode-steps", "8")
+    assert code == 0, stdout + stderr
+    assert "not executed: executing Core ML needs macOS 15 or later" in stdout
+    assert "check: package spec matches the manifest: PASS" in stdout
+    assert "check: package weights match PyTorch quantized independently: PASS" in stdout
+    assert "perplexity on" in stdout and "Running MIL" not in stderr  # no coremltools progress bars
+
+
+def test_swift_example_and_bundle_readme_use_the_recorded_names(llama_int4, tmp_path):
+    _, art = llama_int4
+    swift = (art.path / "SlmExportExample.swift").read_text()
+    for name in ("input_ids", "position", "logits"):
+        assert f'"{name}"' in swift
+    assert "makeState()" in swift and "prediction(from: input, using: state)" in swift
+    assert "prefillChunk = 64" in swift and "import CoreML" in swift
+    assert swift.count("{") == swift.count("}")
+    out = art.bundle(out=tmp_path / "bundle")
+    readme = (out / "README.md").read_text()
+    assert "iOS 18 / macOS 15" in readme and "`input_ids` int32" in readme and "SlmExportExample.swift" in readme
+    assert (out / "SlmExportExample.swift").is_file()
+
+
+def test_cli_inspect_shows_function_and_state(llama_int4):
+    _, art = llama_int4
+    p = subprocess.run([sys.executable, "-m", "slm_export.cli", "inspect", str(art.path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "function      main(input_ids, position) -> logits; state key_cache, value_cache" in p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "onnx", "--compute-precision", "float16"], "--compute-precision float16 is not available for the onnx target"),
+    (["--target", "onnx", "--palettize"], "--palettize is a Core ML option"),
+    (["--target", "executorch", "--palettize"], "--palettize is a Core ML option"),
+    (["--target", "coreml", "--palettize", "--bits", "16"], "--palettize needs --bits 4 or 8"),
+    (["--target", "coreml", "--compute-precision", "float64"], "invalid choice: 'float64'"),
+])
+def test_bad_options_are_one_sentence(args, message, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "slm_export.cli", *args, "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
