@@ -13,6 +13,10 @@ Two references:
              Each target supplies those weights (`same_quant_weights`): ONNX reads them back out of
              the file; ExecuTorch, whose XNNPACK blob is opaque, re-runs its export's quantization.
 Perplexity on the shipped passage is reported for the artifact and for PyTorch fp32.
+
+Where a runtime cannot execute on this machine (Core ML off macOS), the target's stand-in runs
+instead (for Core ML: the converted PyTorch program with the package's weights), the report says
+so (`not_executed`, `executed_by`), and the target's static checks of its files join the verdict.
 """
 from __future__ import annotations
 

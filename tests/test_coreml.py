@@ -123,6 +123,10 @@ def test_palettized_asymmetric_and_fp32_compute(tmp_path):
     assert ops.count("constexpr_lut_to_dense") == 15
     report = pal.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
     assert report.passed, report.format()
+    from slm_export.exporters.coreml.checks import check_weights
+
+    wrong = check_weights(pal.path, pal.manifest, tiny_model("qwen2", seed=1))
+    assert not wrong["passed"] and "not on their table's nearest entry" in wrong["detail"]
 
     asym = _export(model, tmp_path, 4, name="asym", symmetric=False)
     report = asym.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
@@ -210,3 +214,25 @@ def test_bad_options_are_one_sentence(args, message, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_missing_coremltools_is_one_sentence_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
+    with pytest.raises(SlmExportError, match=r"the coreml target needs coremltools: pip install coremltools==9.0"):
+        slm_export.export(tiny_model("llama"), target="coreml", bits=4, out=tmp_path / "x", log=lambda *a: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_kmeans_1d_beats_a_uniform_grid_and_maps_to_nearest():
+    from slm_export.exporters.coreml.quant import kmeans_1d
+
+    w = np.random.default_rng(0).standard_normal((16, 576)).astype(np.float16)
+    table, idx = kmeans_1d(w, 4)
+    assert table.shape == (16,) and idx.shape == (w.size,) and idx.max() < 16
+    deq = table[idx].astype(np.float32).reshape(w.shape)
+    x = w.astype(np.float32)
+    nearest = np.abs(x[..., None] - table.astype(np.float32)).min(-1)
+    assert np.allclose(np.abs(x - deq), nearest, atol=1e-3)
+    grid = np.linspace(x.min(), x.max(), 16)
+    uniform = np.abs(x[..., None] - grid).min(-1)
+    assert np.abs(x - deq).mean() < 0.8 * uniform.mean()

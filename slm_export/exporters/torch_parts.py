@@ -1,6 +1,6 @@
 """Plain-PyTorch building blocks shared by the exporters that trace a module of their own
 (ExecuTorch, Core ML): undoing the Decoder's q|k|v and gate|up fusion, nn.Linear from a Decoder
-Linear, and rope's rotate-half as a matrix.
+Linear, the lm_head, the weight -> PyTorch-name table, and rope as tables plus a rotate-half matrix.
 """
 from __future__ import annotations
 
@@ -40,3 +40,29 @@ def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     r[torch.arange(half) + half, torch.arange(half)] = -1.0
     r[torch.arange(half), torch.arange(half) + half] = 1.0
     return r
+
+
+def lm_head_module(dec) -> nn.Linear:
+    """A separate copy even when tied: the embedding (a gather) and the lm_head (a matmul) may be
+    quantized differently, each in the form its kernel reads fastest."""
+    head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
+    head.weight = nn.Parameter(torch.from_numpy(dec.lm_head).clone(), requires_grad=False)
+    return head
+
+
+def weight_sources(layers: nn.ModuleList) -> dict[str, str]:
+    """Module name -> the PyTorch parameter it was built from (quant rules match on those names)."""
+    sources = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+    for i, block in enumerate(layers):
+        for name, mod in block.named_modules():
+            if isinstance(mod, nn.Linear) and hasattr(mod, "source"):
+                sources[f"layers.{i}.{name}"] = mod.source
+    return sources
+
+
+def rope_tables(dec, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width cos/sin tables [max_context, head_dim] (each half repeated), so rope is two
+    multiplies and one small matmul with `rotate_half_matrix`."""
+    cos = torch.from_numpy(dec.rope_cos[:max_context])
+    sin = torch.from_numpy(dec.rope_sin[:max_context])
+    return torch.cat([cos, cos], -1).contiguous(), torch.cat([sin, sin], -1).contiguous()

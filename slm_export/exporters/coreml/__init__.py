@@ -8,6 +8,7 @@ quantization, and the converted PyTorch program against the original model.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def describe_io(decoder, max_context: int, fp16: bool) -> dict:
 
     chunk = prefill_chunk(max_context)
     cache = [decoder.num_layers, decoder.num_kv_heads, max_context, decoder.head_dim]
-    kv_bytes = 2 * int(__import__("math").prod(cache)) * 2
+    kv_bytes = 2 * math.prod(cache) * 2  # keys and values, float16
     return {
         "functions": {"main": {
             "inputs": {

@@ -169,13 +169,26 @@ def _check_linear(w: np.ndarray, deq: np.ndarray, op, bits: int, symmetric: bool
     return None
 
 
-def _check_palette(w: np.ndarray, deq: np.ndarray, op) -> str | None:
-    lut = op.lut.val.astype(np.float32)[:, 0, :, 0]  # [groups, entries]
-    rows_per_group = w.shape[0] // lut.shape[0]
-    nearest = np.abs(w[:, :, None] - np.repeat(lut, rows_per_group, axis=0)[:, None, :]).min(-1)
-    excess = float((np.abs(w - deq) - nearest).max())
-    if excess > 1e-3 * max(float(np.abs(w).max()), 1e-6):
-        return f"a weight is not mapped to its nearest palette entry (off by {excess:.3g})"
+def _check_palette(w: np.ndarray, deq: np.ndarray, lut: np.ndarray) -> str | None:
+    """Every weight must sit on the entry of its own table nearest to the original value, i.e.
+    inside that entry's interval between the midpoints to its neighbours in the sorted table."""
+    tables = np.sort(lut.reshape(-1, lut.shape[-1]).astype(np.float64), axis=1)  # [n tables, entries]
+    span = 4 * float(np.abs(tables).max()) + 1
+    keys = (tables + span * np.arange(len(tables))[:, None]).ravel()  # one sorted line, table after table
+    r = np.arange(w.shape[0]) // (w.shape[0] // lut.shape[0])
+    c = np.arange(w.shape[1]) // (w.shape[1] // lut.shape[1])
+    table_id = (r[:, None] * lut.shape[1] + c[None, :]).astype(np.float64)
+    key = deq.astype(np.float64) + span * table_id
+    lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")  # the assigned entry (ties)
+    entries = tables.shape[1]
+    first, last = (lo % entries) == 0, (hi % entries) == 0  # no neighbour below / above in this table
+    below, above = keys[np.maximum(lo - 1, 0)], keys[np.minimum(hi, len(keys) - 1)]
+    lower = np.where(first, -np.inf, (key + below) / 2 - span * table_id)
+    upper = np.where(last, np.inf, (key + above) / 2 - span * table_id)
+    tol = 1e-3 * max(float(np.abs(w).max()), 1e-6)
+    outside = (w < lower - tol) | (w > upper + tol)
+    if outside.any():
+        return f"{int(outside.sum())} weights are not on their table's nearest entry"
     return None
 
 
@@ -192,7 +205,7 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     problems, n_quant, n_float = [], 0, 0
     for e in _report(folder, manifest):
         w = module.get_submodule(e["name"]).weight.detach().to(torch.float16 if fp16 else torch.float32).float().numpy()
-        kind, deq, op = stored[const_name(e["name"], fp16)]
+        kind, deq, ops = stored[const_name(e["name"], fp16)]
         if deq.shape != w.shape:
             problems.append(f"{e['name']}: package shape {deq.shape} != {w.shape}")
             continue
@@ -202,9 +215,10 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
                 problems.append(f"{e['name']}: should be stored float, found {kind}")
             continue
         n_quant += 1
-        if kind == "constexpr_lut_to_dense":
-            problem = _check_palette(w, deq, op)
-        elif kind == "constexpr_blockwise_shift_scale":
+        if kind == "palette":
+            problem = _check_palette(w, deq, ops["tables"])
+        elif kind == "linear":
+            op = ops["constexpr_blockwise_shift_scale"]
             problem = _check_linear(w, deq, op, e["bits"], spec["symmetric"])
             codes = op.data.val.astype(np.int32)
             if problem is None and codes.max() - codes.min() >= 2 ** e["bits"]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..torch_parts import linear_module, rotate_half_matrix, split_fused
+from ...errors import SlmExportError
+from ..torch_parts import linear_module, lm_head_module, rope_tables, rotate_half_matrix, split_fused, weight_sources
 
 CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
 
@@ -118,23 +119,16 @@ class CoreMLDecoder(nn.Module):
         self.layers = nn.ModuleList(Block(dec, layer, i, max_context) for i, layer in enumerate(dec.layers))
         windows = {b.attn.window for b in self.layers if b.attn.window is not None}
         if len(windows) > 1:
-            raise ValueError(f"layers with different sliding windows {sorted(windows)} are not supported")
+            raise SlmExportError(f"layers with different sliding windows {sorted(windows)} are not supported "
+                                 "by the coreml target (one window mask is built per call)")
         self.window = windows.pop() if windows else None
-        # module name -> the PyTorch parameter it was built from (quant rules match on those names)
-        self.sources = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
-        for i, block in enumerate(self.layers):
-            for name, mod in block.named_modules():
-                if isinstance(mod, nn.Linear) and hasattr(mod, "source"):
-                    self.sources[f"layers.{i}.{name}"] = mod.source
+        self.sources = weight_sources(self.layers)
         self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
-        # A separate copy even when tied: the gather and the matmul are quantized each in its own form.
-        self.lm_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
-        self.lm_head.weight = nn.Parameter(torch.from_numpy(dec.lm_head).clone(), requires_grad=False)
+        self.lm_head = lm_head_module(dec)
         self.final_softcap = float(dec.final_softcap)
-        cos = torch.from_numpy(dec.rope_cos[:max_context])
-        sin = torch.from_numpy(dec.rope_sin[:max_context])
-        self.register_buffer("rope_cos", torch.cat([cos, cos], -1).contiguous(), persistent=False)
-        self.register_buffer("rope_sin", torch.cat([sin, sin], -1).contiguous(), persistent=False)
+        cos, sin = rope_tables(dec, max_context)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rot_t", rotate_half_matrix(dec.head_dim).t().contiguous(), persistent=False)
         self.head_dim = dec.head_dim
         self.register_buffer("key_positions", torch.arange(max_context), persistent=False)

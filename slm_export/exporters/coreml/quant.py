@@ -13,6 +13,7 @@ rule gets less precision than it asked for; the report says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def plan(module, spec: QuantSpec, fp16: bool, tied: bool) -> tuple[list[WeightPl
         if spec.palettize:
             groups = -(-out_f // PALETTE_GROUP)
             stored = w.numel() * bits // 8 + groups * (2 ** bits) * elem
-            scheme = f"palettized {bits}-bit k-means, one table per {PALETTE_GROUP} output channels"
+            scheme = f"palette {bits}-bit per {PALETTE_GROUP} rows"
         else:
             if bits == 4:
                 block, note = block_size_for(in_f, p.group_size, minimum=MIN_BLOCK)
@@ -85,12 +86,39 @@ def plan(module, spec: QuantSpec, fp16: bool, tied: bool) -> tuple[list[WeightPl
     return plans, report
 
 
+def kmeans_1d(values: np.ndarray, nbits: int, iters: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(lookup table of 2**nbits values, index per value): Lloyd's k-means on a line.
+
+    In 1-D the clusters of sorted data are runs, so each step is a search for the midpoints and
+    a cumulative sum, not a distance matrix. Starts from the quantiles; every value ends on its
+    nearest table entry (what `verify`'s package check tests). It minimises the mean error, not the
+    worst: a group's few outlier weights end up far from any entry (see README on palettization).
+    """
+    x = np.sort(values.astype(np.float32).ravel())
+    k = 2 ** nbits
+    table = x[((np.arange(k) + 0.5) / k * (x.size - 1)).astype(int)]
+    csum = np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
+    for _ in range(iters):
+        cut = np.searchsorted(x, (table[1:] + table[:-1]) / 2)
+        lo, hi = np.concatenate([[0], cut]), np.concatenate([cut, [x.size]])
+        n = hi - lo
+        table = np.sort(np.where(n > 0, (csum[hi] - csum[lo]) / np.maximum(n, 1), table).astype(np.float32))
+    table = table.astype(values.dtype)  # the stored precision decides the nearest entry
+    mids = (table[1:].astype(np.float32) + table[:-1].astype(np.float32)) / 2
+    return table, np.searchsorted(mids, values.astype(np.float32).ravel()).astype(np.uint8)
+
+
 def _op_config(p: WeightPlan):
     import coremltools.optimize.coreml as cto
 
     if p.palettize:
-        return cto.OpPalettizerConfig(nbits=p.bits, mode="kmeans", granularity="per_grouped_channel",
-                                      group_size=PALETTE_GROUP, weight_threshold=0)
+        # mode "custom" with our 1-D k-means: coremltools' "kmeans" runs scikit-learn once per group
+        # of 16 rows (12,800 groups for SmolLM2-135M: over 10 minutes here); this takes seconds.
+        # (Not `enable_per_channel_scale`: coremltools folds that scale into the tables, one table per
+        # row group and input column, which made reading an 8-bit package back run out of 24 GB, and
+        # it did not rescue 4-bit SmolLM2 either: perplexity 1286 with it, 633k without.)
+        return cto.OpPalettizerConfig(mode="custom", lut_function=partial(kmeans_1d, nbits=p.bits),
+                                      granularity="per_grouped_channel", group_size=PALETTE_GROUP, weight_threshold=0)
     return cto.OpLinearQuantizerConfig(
         mode="linear_symmetric" if p.symmetric else "linear", dtype=f"int{p.bits}" if p.symmetric else f"uint{p.bits}",
         granularity="per_channel" if p.block is None else "per_block",
@@ -132,10 +160,12 @@ def load_program(package):
     return spec, milproto_load(spec, spec.specificationVersion, model.weights_dir)
 
 
-def _dequantize(op) -> np.ndarray:
-    """numpy dequantization of one constexpr op (Core ML's documented formulas)."""
+def _dequantize(op, produced: dict) -> np.ndarray:
+    """numpy dequantization of one constexpr op (Core ML's documented formulas). `produced`: the
+    arrays of earlier constexpr ops (a palette's per-row scale is a second op on the table's output)."""
     if op.op_type == "constexpr_blockwise_shift_scale":
-        data = op.data.val.astype(np.float32)
+        data = op.data.val if op.data.val is not None else produced[op.data.name]
+        data = data.astype(np.float32)
         scale = op.scale.val.astype(np.float32)
         offset = op.offset.val.astype(np.float32) if op.offset is not None else None
         reps = [d // s for d, s in zip(data.shape, scale.shape)]
@@ -143,22 +173,38 @@ def _dequantize(op) -> np.ndarray:
             data = data - np.kron(offset, np.ones(reps, np.float32))
         return data * np.kron(scale, np.ones(reps, np.float32))
     if op.op_type == "constexpr_lut_to_dense":
-        lut = op.lut.val.astype(np.float32)  # [groups..., 2**bits, 1]
         idx = op.indices.val.astype(np.int64)
-        rows_per_group = idx.shape[0] // lut.shape[0]
-        group = np.arange(idx.shape[0]) // rows_per_group
-        return lut[group[:, None], 0, idx, 0]
+        lut = effective_lut(op, produced)
+        r = np.arange(idx.shape[0]) // (idx.shape[0] // lut.shape[0])
+        c = np.arange(idx.shape[1]) // (idx.shape[1] // lut.shape[1])
+        return lut[r[:, None], c[None, :], idx]  # a gather: each weight reads its own table
     raise ValueError(f"unexpected weight op {op.op_type}")
 
 
-def read_weights(package) -> dict[str, tuple[str, np.ndarray, object]]:
-    """const name -> (storage kind, float weight as computed with, the constexpr op or None)."""
+def effective_lut(op, produced: dict) -> np.ndarray:
+    """A palette op's tables [row groups, column groups, entries], after any scale op on them
+    (coremltools folds `enable_per_channel_scale` into the tables as a scale op)."""
+    lut = op.lut.val if op.lut.val is not None else produced[op.lut.name]
+    return lut.astype(np.float32)[..., 0]
+
+
+def read_weights(package) -> dict[str, tuple[str, np.ndarray, dict]]:
+    """const name -> (storage kind, float weight as computed with, {op type: constexpr op, "tables"}).
+
+    Kinds: "const" (float), "linear" (int codes and scales), "palette" (indices into lookup tables,
+    "tables" holding them as computed with, scales folded in).
+    """
     _, prog = load_program(package)
-    out = {}
+    out, produced, chains = {}, {}, {}
     for op in prog.functions["main"].operations:
         if op.op_type.startswith("constexpr_"):
-            name = op.name.removesuffix("_quantized").removesuffix("_palettized")
-            out[name] = (op.op_type, _dequantize(op), op)
+            name = op.name.removesuffix("_pcs").removesuffix("_quantized").removesuffix("_palettized")
+            produced[op.outputs[0].name] = _dequantize(op, produced)
+            chains.setdefault(name, {})[op.op_type] = op
+            if op.op_type == "constexpr_lut_to_dense":
+                chains[name]["tables"] = effective_lut(op, produced)
+            kind = "palette" if "constexpr_lut_to_dense" in chains[name] else "linear"
+            out[name] = (kind, produced[op.outputs[0].name], chains[name])
         elif op.op_type == "const" and op.name.startswith("p_") and op.outputs[0].val is not None:
-            out[op.name] = ("const", np.asarray(op.outputs[0].val, dtype=np.float32), None)
+            out[op.name] = ("const", np.asarray(op.outputs[0].val, dtype=np.float32), {})
     return out

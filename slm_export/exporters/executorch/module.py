@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..torch_parts import linear_module as _linear, rotate_half_matrix, split_fused as _split
+from ..torch_parts import (linear_module as _linear, lm_head_module, rope_tables, rotate_half_matrix,
+                           split_fused as _split, weight_sources)
 
 
 def _custom_ops() -> None:
@@ -127,23 +128,13 @@ class ExportableDecoder(nn.Module):
         self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
         self.embed_scale = float(dec.embed_scale)
         self.layers = nn.ModuleList(Block(dec, layer, max_context) for layer in dec.layers)
-        # module name -> the PyTorch parameter it was built from (quant rules match on those names)
-        self.sources = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
-        for i, block in enumerate(self.layers):
-            for name, mod in block.named_modules():
-                if isinstance(mod, nn.Linear) and hasattr(mod, "source"):
-                    self.sources[f"layers.{i}.{name}"] = mod.source
+        self.sources = weight_sources(self.layers)
         self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
-        # A separate copy even when tied: the embedding (a gather) and the lm_head (a matmul) are
-        # quantized differently, each in the form its kernel reads fastest.
-        self.lm_head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
-        self.lm_head.weight = nn.Parameter(torch.from_numpy(dec.lm_head).clone(), requires_grad=False)
+        self.lm_head = lm_head_module(dec)
         self.final_softcap = float(dec.final_softcap)
-        # Full-width tables (each half repeated) so rope is two multiplies and one small matmul.
-        cos = torch.from_numpy(dec.rope_cos[:max_context])
-        sin = torch.from_numpy(dec.rope_sin[:max_context])
-        self.register_buffer("rope_cos", torch.cat([cos, cos], -1).contiguous(), persistent=False)
-        self.register_buffer("rope_sin", torch.cat([sin, sin], -1).contiguous(), persistent=False)
+        cos, sin = rope_tables(dec, max_context)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rot_t", rotate_half_matrix(dec.head_dim).t().contiguous(), persistent=False)
         self.head_dim = dec.head_dim
 
