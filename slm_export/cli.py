@@ -2,13 +2,16 @@
 
   slm-export --target onnx --bits 4 [--model ID|DIR|FILE.gguf] [--out DIR]   export (the default command)
   slm-export verify DIR        parity against PyTorch (exit 1 when over tolerance)
-  slm-export bench DIR         latency and memory on this machine
+  slm-export bench DIR         latency and memory here, on a board over SSH, or simulated (--device)
+  slm-export fit --device D    will it fit on device D, and roughly how fast (before exporting)
+  slm-export devices           the device profiles (built in and yours)
   slm-export generate DIR --prompt "..."
   slm-export bundle DIR [--zip] a self-describing folder for the app developer (and a zip)
   slm-export inspect DIR|ZIP   what a bundle holds, checksum status, last parity and bench
   slm-export demo              export the bundled model to ONNX int4, verify, bench, print a table
 
-Exit codes: 0 ok, 1 parity over tolerance, 2 bad input, 3 internal error.
+Exit codes: 0 ok, 1 parity over tolerance (fit: does not fit), 2 bad input, 3 internal error or a
+failed bench run, 4 the runtime cannot execute here (Core ML off macOS).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from .errors import SlmExportError
 
-COMMANDS = ("export", "verify", "bench", "generate", "bundle", "inspect", "demo", "targets")
+COMMANDS = ("export", "verify", "bench", "generate", "bundle", "inspect", "demo", "targets", "fit", "devices")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +59,16 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="runtime threads; default: all cores")
-    p.add_argument("--device", default="local", help="device to run on; default local")
+    p.add_argument("--device", default="local",
+                   help="local (default), ssh://user@host[:port], sim:PROFILE, adb[:SERIAL], simctl[:UDID], "
+                        "or a profile with an address (see `slm-export devices`)")
+    p.add_argument("--identity", default=None, help="SSH: private key file (default: the agent, then ~/.ssh keys)")
+    p.add_argument("--known-hosts", default=None, help="SSH: known_hosts file (default ~/.ssh/known_hosts)")
+    p.add_argument("--accept-new-host-key", action="store_true",
+                   help="SSH: trust a host not yet in known_hosts and save its key (a changed key is always refused)")
+    p.add_argument("--provision", action="store_true",
+                   help="SSH: install numpy and the artifact's runtime into a venv on the device first")
+    p.add_argument("--remote-python", default=None, help="SSH/adb: the Python to run on the device")
     p.add_argument("--format", default="table", choices=["table", "markdown", "json"])
     p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
 
@@ -69,6 +81,22 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--junit-xml", default=None, help="write the result as JUnit XML (one test case per reference)")
 
 
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", required=True, help="a device profile (see `slm-export devices`); sim:NAME also accepted")
+    p.add_argument("--target", default="onnx", help="export target; default onnx")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--asymmetric", action="store_true")
+    p.add_argument("--weight-only", action="store_true")
+    p.add_argument("--embedding-bits", type=int, default=8)
+    p.add_argument("--context", type=int, default=2048, help="tokens of KV cache to plan for; default 2048")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt prefilled in one pass; default 128")
+    p.add_argument("--model", default=None, help="hub id, local folder or .gguf; default: bundled SmolLM2-135M-Instruct")
+    p.add_argument("--artifact", default=None, help="an exported folder: use its real per-weight sizes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"slm-export {command}" if command != "export" else "slm-export",
                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +106,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _add_export_args(p)
         _add_bench_args(p)
         p.set_defaults(out="smollm2-onnx-int4")
+    elif command == "fit":
+        _add_fit_args(p)
+    elif command == "devices":
+        p.add_argument("name", nargs="?", help="show one profile in full")
     elif command in ("verify", "bench", "generate", "bundle", "inspect"):
         p.add_argument("artifact", help="an exported folder, a bundle folder or a bundle .zip")
         if command == "bundle":
@@ -121,8 +153,11 @@ def cmd_export(a):
 def _bench(art, a):
     from .results import PRINTERS, format_json
 
+    options = dict(identity=a.identity, known_hosts=a.known_hosts, accept_new_host_key=a.accept_new_host_key or None,
+                   provision=a.provision or None, remote_python=a.remote_python)
     rows = art.bench(device=a.device, prompt_tokens=[int(x) for x in str(a.prompt_tokens).split(",")],
-                     decode_tokens=a.decode_tokens, warmup=a.warmup, repeats=a.repeats, threads=a.threads)
+                     decode_tokens=a.decode_tokens, warmup=a.warmup, repeats=a.repeats, threads=a.threads,
+                     device_options={k: v for k, v in options.items() if v is not None})
     print(PRINTERS[a.format](rows))
     if a.json_out:
         Path(a.json_out).write_text(format_json(rows))
@@ -215,8 +250,40 @@ def cmd_targets(a):
     return 0
 
 
+def cmd_fit(a):
+    from .devices.profiles import load_profile
+    from .fit import fit
+    from .quantize import QuantSpec
+
+    spec = QuantSpec(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
+                     activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits)
+    report = fit(load_profile(a.device.removeprefix("sim:")), target=a.target, spec=spec, context=a.context,
+                 prompt_tokens=a.prompt_tokens, model=a.model, artifact=a.artifact, trust_remote_code=a.trust_remote_code)
+    print(json.dumps(report.to_dict(), indent=1) if a.json else report.format())
+    return 0 if report.fits else 1
+
+
+def cmd_devices(a):
+    from .devices.profiles import load_profile, profile_names, user_dir
+
+    if a.name:
+        p = load_profile(a.name)
+        print(f"{p.name}: {p.description}  ({p.path})")
+        for k, v in p.summary().items():
+            print(f"  {k:<26} {v}")
+        print(f"  {'formats':<26} {', '.join(p.formats)}")
+        return 0
+    for name in profile_names():
+        p = load_profile(name)
+        print(f"{name:<22} {p.app_budget_mb / 1024:5.1f} GB app budget  {p.sustained_bandwidth_gb_s:5.1f} GB/s  "
+              f"{', '.join(p.formats):<24} {p.description}")
+    print(f"\nadd your own: {user_dir()}/NAME.toml (fields: slm_export/devices/profiles/README.md)")
+    return 0
+
+
 HANDLERS = {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "generate": cmd_generate,
-            "bundle": cmd_bundle, "inspect": cmd_inspect, "demo": cmd_demo, "targets": cmd_targets}
+            "bundle": cmd_bundle, "inspect": cmd_inspect, "demo": cmd_demo, "targets": cmd_targets,
+            "fit": cmd_fit, "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s
 
 
 @dataclass
@@ -18,6 +18,7 @@ class BenchResult:
     target: str = ""
     runtime: str = ""
     device: str = "local"
+    simulated: bool = False  # measured here under another device's limits: the timings are this machine's
     quant: str = ""
     artifact_mb: float | None = None
     threads: int | None = None
@@ -30,6 +31,8 @@ class BenchResult:
     decode_tok_s_min: float | None = None
     decode_tok_s_max: float | None = None
     decode_gb_s: float | None = None  # weight bytes read per token x median tok/s
+    device_peak_gb_s: float | None = None  # the device profile's DRAM peak, to judge decode_gb_s against
+    predicted_decode_tok_s: float | None = None  # `fit`'s estimate for the device (the real one, when simulated)
     peak_rss_mb: float | None = None  # whole runner process, which never imports torch
     baseline_rss_mb: float | None = None  # same process with the runtime imported, before loading the model
     kv_capacity: int | None = None
@@ -55,6 +58,7 @@ TABLE_COLUMNS = [
     ("ttft_ms", "TTFT ms", "{:.1f}"), ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"), ("decode_tok_s_min", "min", "{:.1f}"),
     ("decode_tok_s_max", "max", "{:.1f}"), ("decode_gb_s", "GB/s", "{:.1f}"),
+    ("device_peak_gb_s", "peak GB/s", "{:.1f}"), ("predicted_decode_tok_s", "predicted tok/s", "{:.0f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
 
@@ -64,8 +68,10 @@ def _cells(r: BenchResult) -> list[str]:
     for key, _, fmt in TABLE_COLUMNS:
         v = getattr(r, key)
         out.append("-" if v is None else fmt.format(v))
+    if r.simulated:
+        out[0] += " (simulated)"
     if r.error:
-        out[-1] = f"FAILED: {r.error[:120]}"
+        out[-1] = f"FAILED: {r.error[:160]}"
     return out
 
 

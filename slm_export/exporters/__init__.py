@@ -64,6 +64,12 @@ class ExporterBase:
 
     compute_precisions: tuple[str, ...] = ("float32",)
     quantizes_activations = True
+    # What `slm-export fit` assumes about this target's files and runtime before anything is exported.
+    float_weight_bytes = 4  # bytes per weight kept float
+    scale_bytes = 4  # bytes per quantization scale (and per zero point)
+    kv_bytes = 4  # bytes per KV-cache element
+    int8_in_groups = False  # int8 linear weights scaled per group (True) or per output channel (False)
+    runtime_overhead_mb = 50.0  # the runtime and its arenas in an app, beyond weights, KV cache and activations
 
     def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
         return []  # the runtime executes the files; verify's parity metrics are the check

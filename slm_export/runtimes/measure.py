@@ -53,8 +53,14 @@ def prompt_ids(art, n: int) -> list[int]:
     return ids[:n]
 
 
+def _say(progress: bool, text: str) -> None:
+    # Devices stream these lines (stderr, "progress: " first) while the run goes on.
+    if progress:
+        print(f"progress: {text}", file=sys.stderr, flush=True)
+
+
 def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
-            threads: int | None) -> list[dict]:
+            threads: int | None, progress: bool = False) -> list[dict]:
     from ..artifact import Artifact
 
     from . import RUNTIMES
@@ -66,6 +72,7 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
     t0 = time.perf_counter()
     runner = art.runner(threads)
     load_s = time.perf_counter() - t0
+    _say(progress, f"loaded in {load_s:.2f}s ({rss_mb():.0f} MB resident)")
     rows = []
     for ids in prompts:
         p = len(ids)
@@ -84,6 +91,7 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
                 steps.append((time.perf_counter() - t) * 1000)
         tok_s = sorted(1000.0 / s for s in steps)
         ttft_med = statistics.median(ttft)
+        _say(progress, f"prompt {p}: TTFT {ttft_med:.1f} ms, decode {statistics.median(tok_s):.1f} tok/s")
         rows.append({
             "prompt_tokens": p, "ttft_ms": ttft_med, "prefill_tok_s": p / (ttft_med / 1000),
             "decode_tokens": decode_tokens, "decode_tok_s": statistics.median(tok_s),
@@ -108,12 +116,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--progress", action="store_true", help="print progress lines to stderr")
     a = ap.parse_args(argv)
     from ..errors import SlmExportError
 
     try:
         prompts = json.loads(open(a.prompt_ids).read())
-        rows = measure(a.folder, prompts, a.decode_tokens, a.warmup, a.repeats, a.threads)
+        rows = measure(a.folder, prompts, a.decode_tokens, a.warmup, a.repeats, a.threads, a.progress)
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

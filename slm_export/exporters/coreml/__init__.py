@@ -71,6 +71,7 @@ class CoreMLExporter(ExporterBase):
     packages = ("coremltools",)
     compute_precisions = ("float16", "float32")  # the first is the default
     quantizes_activations = False  # Core ML quantizes weights; activations stay float
+    float_weight_bytes = scale_bytes = kv_bytes = 2  # float16 weights, scales and state
 
     def check(self, spec) -> None:
         require_sdk()
