@@ -19,10 +19,10 @@ from pathlib import Path
 from .errors import SlmExportError
 
 # Fixed cost of one decoder layer per decode step, in CPU cycles, beyond the roofline. Calibrated
-# once on this machine: SmolLM2-135M int4 ONNX decoded at 150 tok/s (6.7 ms a step) where the roofline
-# gives 3.3 ms, so 30 layers cost ~3.3 ms, ~110 us each at 2.6 GHz. How well this one constant
-# predicts the other targets and bit widths is measured by benchmarks/fit_check.py (README "Fit").
-STEP_CYCLES_PER_LAYER = 285_000
+# once on this machine (2.6 GHz, 34 GB/s read): SmolLM2-135M int4 ONNX decoded at 139 tok/s (7.2 ms
+# a step) where the roofline gives 2.6 ms, so 30 layers cost ~4.6 ms, ~154 us each. How well this one
+# constant predicts the other bit widths and contexts is measured by benchmarks/fit_check.py (README "Fit").
+STEP_CYCLES_PER_LAYER = 400_000
 PREFILL_CHUNK = 128  # default prompt length whose activations the estimate holds at once
 
 
@@ -177,8 +177,9 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     from .exporters import TARGETS
     from .quantize import QuantSpec
 
-    if context < 1 or prompt_tokens < 1:
-        raise SlmExportError(f"--context {context} and --prompt-tokens {prompt_tokens} must be at least 1")
+    for flag, value in (("--context", context), ("--prompt-tokens", prompt_tokens)):
+        if value < 1:
+            raise SlmExportError(f"{flag} {value} must be at least 1 (tokens)")
     notes = []
     if artifact is not None:  # the real sizes and the recorded shape: no config needed
         from . import manifest as mf
