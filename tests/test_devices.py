@@ -176,3 +176,14 @@ def test_devices_command_lists_profiles():
     assert code == 0 and all(name in out for name in REQUIRED) and "add your own" in out
     code, out, err = run_cli("devices", "raspberry-pi-5-8gb")
     assert code == 0 and "17.1" in out and "app_budget_mb" in out
+
+
+def test_without_a_cgroup_the_watchdog_enforces_the_budget(tiny_onnx, user_profiles, monkeypatch):
+    """Where no memory cgroup can be made (no root, no delegation), an RSS watchdog kills the runner."""
+    from slm_export.devices import sim
+
+    monkeypatch.setattr(sim, "CGROUP_ROOTS", (("/nonexistent", "memory.max", "memory.peak"),))
+    (user_profiles / "small-phone.toml").write_text('extends = "pixel-8"\napp_memory_gb = 0.02\n')
+    (row,) = tiny_onnx.bench(device="sim:small-phone", prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
+    assert row.error and "killed at the small-phone app memory budget" in row.error and "RSS watchdog" in row.error
+    assert "RSS watchdog" in row.machine["memory_limit"]
