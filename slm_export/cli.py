@@ -31,7 +31,8 @@ class _Parser(argparse.ArgumentParser):
         raise SlmExportError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_export_args(p: argparse.ArgumentParser) -> None:
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    """The target and the quantization spec: shared by export and fit."""
     p.add_argument("--target", default="onnx", help="export target (see `slm-export targets`); default onnx")
     p.add_argument("--bits", type=int, default=4, help="weight bits: 4, 8 or 16 (= no quantization); default 4")
     p.add_argument("--group-size", type=int, default=32, help="quantization group (block) size, a power of two; default 32")
@@ -41,6 +42,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-bits", type=int, default=8,
                    help="8 (default) or 4; with 4 and tied embeddings the table is shared with the int4 lm_head")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    _add_quant_args(p)
     p.add_argument("--palettize", action="store_true",
                    help="Core ML: k-means palettes of 2**bits entries per 16 output channels instead of int scales")
     p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
@@ -83,12 +88,7 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, help="a device profile (see `slm-export devices`); sim:NAME also accepted")
-    p.add_argument("--target", default="onnx", help="export target; default onnx")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--asymmetric", action="store_true")
-    p.add_argument("--weight-only", action="store_true")
-    p.add_argument("--embedding-bits", type=int, default=8)
+    _add_quant_args(p)
     p.add_argument("--context", type=int, default=2048, help="tokens of KV cache to plan for; default 2048")
     p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt prefilled in one pass; default 128")
     p.add_argument("--model", default=None, help="hub id, local folder or .gguf; default: bundled SmolLM2-135M-Instruct")
@@ -133,9 +133,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+def _quant_kwargs(a) -> dict:
+    return dict(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
+                activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits)
+
+
 def _spec_kwargs(a) -> dict:
-    return dict(target=a.target, bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
-                activations="float" if a.weight_only else "int8", quantize_embeddings=not a.no_quantize_embeddings, embedding_bits=a.embedding_bits,
+    return dict(target=a.target, **_quant_kwargs(a), quantize_embeddings=not a.no_quantize_embeddings,
                 quantize_lm_head=not a.no_quantize_lm_head, palettize=a.palettize,
                 compute_precision=a.compute_precision, out=a.out, force=a.force, max_context=a.max_context,
                 trust_remote_code=a.trust_remote_code)
@@ -255,8 +259,7 @@ def cmd_fit(a):
     from .fit import fit
     from .quantize import QuantSpec
 
-    spec = QuantSpec(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
-                     activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits)
+    spec = QuantSpec(**_quant_kwargs(a), embeddings=not a.no_quantize_embeddings, lm_head=not a.no_quantize_lm_head)
     report = fit(load_profile(a.device.removeprefix("sim:")), target=a.target, spec=spec, context=a.context,
                  prompt_tokens=a.prompt_tokens, model=a.model, artifact=a.artifact, trust_remote_code=a.trust_remote_code)
     print(json.dumps(report.to_dict(), indent=1) if a.json else report.format())

@@ -164,6 +164,26 @@ def kv_bytes_per_token(shape: Shape, kv_bytes: int) -> int:
     return shape.layers * 2 * shape.kv_heads * shape.head_dim * kv_bytes
 
 
+def bytes_read_per_token(weights: list[dict]) -> int:
+    """Weight bytes one decode step reads: every matrix, but one row of the embedding, unless the
+    embedding's table is also the lm_head (no separate lm_head entry: Core ML's tied table)."""
+    separate_head = any("lm_head" in w["name"] for w in weights)
+    return sum(w["stored_bytes"] // w["shape"][0] if separate_head and "embed_tokens" in w["name"]
+               else w["stored_bytes"] for w in weights)
+
+
+def ops_per_token(weights: list[dict]) -> int:
+    """~2 ops per weight a decode step multiplies with (the embedding is a lookup, unless it is the lm_head)."""
+    separate_head = any("lm_head" in w["name"] for w in weights)
+    return 2 * sum(w["shape"][0] * w["shape"][1] for w in weights
+                   if not (separate_head and "embed_tokens" in w["name"]))
+
+
+def expected_tok_s(ceiling_tok_s: float, layers: int, profile) -> float:
+    """The roofline ceiling slowed by the fixed per-layer cost of a real decode step."""
+    return 1 / (1 / ceiling_tok_s + layers * STEP_CYCLES_PER_LAYER / (profile.big_core_ghz * 1e9))
+
+
 def decode_roofline(profile, weight_bytes_per_token: float, kv_bytes_so_far: float, ops_per_token: float,
                     int8: bool) -> tuple[float, str]:
     """(tok/s ceiling, what bounds it) on `profile` for one decode step."""
@@ -204,19 +224,13 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     if target not in profile.formats:
         notes.append(f"{target} does not run on {profile.name} (it runs {', '.join(profile.formats)})")
     weights_total = sum(w["stored_bytes"] for w in weights)
-    # A decode step reads one row of the embedding, unless the same table is also the lm_head.
-    shared = shape.tied and not any("lm_head" in w["name"] for w in weights)
-    embed = [] if shared else [w for w in weights if w["name"].split(".")[-2:][0] == "embed_tokens"
-                                or w["name"] == "embed_tokens"]
-    per_token_weights = weights_total - sum(w["stored_bytes"] - w["stored_bytes"] // w["shape"][0] for w in embed)
+    per_token_weights, ops = bytes_read_per_token(weights), ops_per_token(weights)
     kv_per_token = kv_bytes_per_token(shape, exporter.kv_bytes)
     chunk = min(prompt_tokens, context)  # the runners prefill a prompt in one pass
     act = 4 * chunk * (4 * shape.hidden + 3 * shape.intermediate + shape.vocab) + 4 * shape.heads * chunk * context
-    ops = 2 * sum(w["shape"][0] * w["shape"][1] for w in weights if w not in embed)
     int8 = spec.quantized and spec.activations == "int8" and exporter.quantizes_activations
     short, bound = decode_roofline(profile, per_token_weights, kv_per_token * 64, ops, int8)
     full, _ = decode_roofline(profile, per_token_weights, kv_per_token * context, ops, int8)
-    step_overhead_s = shape.layers * STEP_CYCLES_PER_LAYER / (profile.big_core_ghz * 1e9)
     mb = 2**20
     total = weights_total + kv_per_token * context + act + exporter.runtime_overhead_mb * mb
     return FitReport(
@@ -226,6 +240,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         total_mb=round(total / mb, 1), app_budget_mb=round(profile.app_budget_mb, 1),
         fits=total <= profile.app_budget_mb * mb, decode_bytes_per_token_mb=round((per_token_weights + kv_per_token * 64) / mb, 1),
         roofline_tok_s=round(short, 1), roofline_tok_s_full_context=round(full, 1),
-        expected_decode_tok_s=round(1 / (1 / short + step_overhead_s), 1),
-        expected_decode_tok_s_full_context=round(1 / (1 / full + step_overhead_s), 1), bound=bound, notes=notes,
+        expected_decode_tok_s=round(expected_tok_s(short, shape.layers, profile), 1),
+        expected_decode_tok_s_full_context=round(expected_tok_s(full, shape.layers, profile), 1), bound=bound,
+        notes=notes,
         weights=[{"name": w["name"], "mb": round(w["stored_bytes"] / mb, 3), "bits": w["bits"]} for w in weights])

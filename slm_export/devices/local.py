@@ -20,6 +20,10 @@ from .probe import describe as probe
 KILLED = (-9, 137)
 
 
+class RunnerKilled(RuntimeError):
+    """The runner died of SIGKILL (a failed run, kept as a row like any RuntimeError)."""
+
+
 def describe() -> dict:
     info = probe()
     info.pop("runtimes", None)
@@ -44,7 +48,7 @@ def read_measure_output(returncode: int, stdout: str, stderr: str, where: str = 
     if returncode == 2:
         raise SlmExportError(tail)
     if returncode in KILLED:
-        raise RuntimeError(f"the runner{where} was killed (SIGKILL, exit {returncode}): out of memory for this "
+        raise RunnerKilled(f"the runner{where} was killed (SIGKILL, exit {returncode}): out of memory for this "
                            "model, most likely; use fewer bits, a smaller --max-context or a device with more memory")
     if returncode != 0:
         raise RuntimeError(f"runner{where} exited with code {returncode}: {tail}")
@@ -73,19 +77,23 @@ class LocalDevice:
     def describe(self) -> dict:
         return describe()
 
-    def run(self, cmd: list[str], timeout_s: float, **popen) -> list[dict]:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, **popen)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
-        return read_measure_output(proc.returncode, proc.stdout, proc.stderr)
-
     def measure(self, folder, *, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
-                threads: int | None, timeout_s: float = 1800) -> list[dict]:
+                threads: int | None, timeout_s: float = 1800, cap=None) -> list[dict]:
+        """Run the runner in a child process; `cap` (sim.MemoryCap) limits its memory."""
         prompt_file = write_prompts(prompts)
         try:
             cmd = measure_command(sys.executable, folder, prompt_file, decode_tokens=decode_tokens, warmup=warmup,
                                   repeats=repeats, threads=threads)
-            return self.run(cmd, timeout_s)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=cap.preexec() if cap else None)
+            if cap:
+                cap.watch(proc)
+            try:
+                out, err = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
+            return read_measure_output(proc.returncode, out, err, where=f" under {self.name}" if cap else "")
         finally:
             os.unlink(prompt_file)

@@ -13,17 +13,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
 
 from ..errors import SlmExportError
 from . import DEVICES
-from .local import LocalDevice, measure_command, read_measure_output, write_prompts
+from .local import LocalDevice, RunnerKilled
 
-CGROUP_ROOTS = (("/sys/fs/cgroup", "memory.max", "memory.peak"),  # cgroup v2
-                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.max_usage_in_bytes"))  # v1
+# (hierarchy, a file only a real memory hierarchy has, the limit file of a child group)
+CGROUP_ROOTS = (("/sys/fs/cgroup", "cgroup.controllers", "memory.max"),  # cgroup v2
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.limit_in_bytes"))  # v1
 
 
 class MemoryCap:
@@ -32,8 +32,8 @@ class MemoryCap:
     def __init__(self, budget_mb: float):
         self.budget_bytes = int(budget_mb * 2**20)
         self.group = self.limit_file = None
-        for root, limit_file, _ in CGROUP_ROOTS:
-            if os.path.exists(os.path.join(root, limit_file if root.endswith("memory") else "cgroup.controllers")):
+        for root, marker, limit_file in CGROUP_ROOTS:
+            if os.path.exists(os.path.join(root, marker)):
                 try:
                     group = Path(root) / f"slm-export-sim-{uuid.uuid4().hex[:8]}"
                     group.mkdir()
@@ -52,7 +52,6 @@ class MemoryCap:
         self.mechanism = (f"cgroup {'v2' if self.limit_file == 'memory.max' else 'v1'} {self.limit_file}="
                           f"{self.budget_bytes}" if self.group else
                           f"RSS watchdog (no writable memory cgroup here): SIGKILL above {self.budget_bytes} bytes")
-        self.watchdog_killed = False
 
     def preexec(self):
         if self.group:
@@ -70,7 +69,6 @@ class MemoryCap:
                 p = psutil.Process(proc.pid)
                 while proc.poll() is None:
                     if p.memory_info().rss > self.budget_bytes:
-                        self.watchdog_killed = True
                         proc.send_signal(signal.SIGKILL)
                         return
                     threading.Event().wait(0.01)
@@ -115,31 +113,16 @@ class SimulatedDevice(LocalDevice):
             raise SlmExportError(f"an {target} artifact does not run on {self.profile.name} (it runs "
                                  f"{', '.join(self.profile.formats)}); export for one of those targets")
         cap_threads = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
-        threads = min(threads or cap_threads, cap_threads)
-        prompt_file = write_prompts(prompts)
         cap = MemoryCap(self.profile.app_budget_mb)
         self.last_memory_limit = cap.mechanism
         try:
-            cmd = measure_command(sys.executable, folder, prompt_file, decode_tokens=decode_tokens, warmup=warmup,
-                                  repeats=repeats, threads=threads)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    preexec_fn=cap.preexec())
-            cap.watch(proc)
-            try:
-                out, err = proc.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
-            try:
-                return read_measure_output(proc.returncode, out, err, where=f" under {self.name}")
-            except RuntimeError as e:
-                if proc.returncode in (-9, 137):
-                    raise RuntimeError(
-                        f"killed at the {self.profile.name} app memory budget of {self.profile.app_budget_mb:.0f} MB "
-                        f"({cap.mechanism}), as the device's OS would kill the app: use fewer bits, a smaller "
-                        "--max-context or a device with more memory") from e
-                raise
+            return super().measure(folder, prompts=prompts, decode_tokens=decode_tokens, warmup=warmup,
+                                   repeats=repeats, threads=min(threads or cap_threads, cap_threads),
+                                   timeout_s=timeout_s, cap=cap)
+        except RunnerKilled as e:
+            raise RunnerKilled(
+                f"killed at the {self.profile.name} app memory budget of {self.profile.app_budget_mb:.0f} MB "
+                f"({cap.mechanism}), as the device's OS would kill the app: use fewer bits, a smaller "
+                "--max-context or a device with more memory") from e
         finally:
             cap.close()
-            os.unlink(prompt_file)
