@@ -3,13 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# OpenSSH's server: the SSH device's tests start a real sshd on 127.0.0.1 (Debian's openssh-server).
-# Installed when we can (root or passwordless sudo); otherwise those tests say why they skip.
-if ! [ -x /usr/sbin/sshd ] && command -v apt-get >/dev/null; then
+# System packages, installed when we can (root or passwordless sudo); otherwise the tests that need
+# them say why they skip:
+#  - openssh-server: the SSH device's tests start a real sshd on 127.0.0.1;
+#  - qemu-user-static: `--device sim:PROFILE` runs ARM profiles' real aarch64 runtimes under QEMU.
+NEED=""
+[ -x /usr/sbin/sshd ] || NEED="$NEED openssh-server"
+command -v qemu-aarch64-static >/dev/null || NEED="$NEED qemu-user-static"
+if [ -n "$NEED" ] && command -v apt-get >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || (sudo -n true 2>/dev/null && echo "sudo -n") || echo none)
   if [ "$SUDO" != none ]; then
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server >/dev/null \
-      || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server >/dev/null; }
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $NEED >/dev/null \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $NEED >/dev/null; }
   fi
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -46,7 +46,8 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
         except RuntimeError as e:  # a failed run is a row with its error, not a missing row
             results.append(BenchResult(**row, machine=dev.describe(), error=str(e)))
             continue
-        r["decode_gb_s"] = per_token * r["decode_tok_s"] / 1e9
+        if r.get("decode_tok_s") is not None:  # an emulated run reports no timings
+            r["decode_gb_s"] = per_token * r["decode_tok_s"] / 1e9
         row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
         machine = dict(dev.describe())  # after the run (a board's temperature after it); a copy per row
         if machine.get("runtimes"):  # a remote device: the versions that ran are the board's

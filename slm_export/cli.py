@@ -65,8 +65,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="runtime threads; default: all cores")
     p.add_argument("--device", default="local",
-                   help="local (default), ssh://user@host[:port], sim:PROFILE, adb[:SERIAL], simctl[:UDID], "
-                        "or a profile with an address (see `slm-export devices`)")
+                   help="local (default), ssh://user@host[:port], sim:PROFILE (ARM profiles: the real ARM runtime "
+                        "under QEMU, no timings), limits:PROFILE (this machine's runtime under the profile's threads and "
+                        "memory), adb[:SERIAL], simctl[:UDID], or a profile with an address (see `slm-export devices`)")
     p.add_argument("--identity", default=None, help="SSH: private key file (default: the agent, then ~/.ssh keys)")
     p.add_argument("--known-hosts", default=None, help="SSH: known_hosts file (default ~/.ssh/known_hosts)")
     p.add_argument("--accept-new-host-key", action="store_true",
@@ -84,6 +85,10 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the shipped passage")
     p.add_argument("--json", dest="json_out", default=None, help="write the parity report as JSON to this file")
     p.add_argument("--junit-xml", default=None, help="write the result as JUnit XML (one test case per reference)")
+    p.add_argument("--device", default="local",
+                   help="local (default), or sim:PROFILE: run on that device's real ARM runtime under QEMU emulation "
+                        "and also compare with this machine's run; limits:PROFILE: this machine's runtime under its limits")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads; default: all cores (capped by a device profile)")
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +114,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     elif command == "fit":
         _add_fit_args(p)
     elif command == "devices":
-        p.add_argument("name", nargs="?", help="show one profile in full")
+        p.add_argument("name", nargs="?", help="show one profile in full; or `prepare` with a device")
+        p.add_argument("device", nargs="?", help="with prepare: sim:PROFILE, the emulated ARM device to build once")
     elif command in ("verify", "bench", "generate", "bundle", "inspect"):
         p.add_argument("artifact", help="an exported folder, a bundle folder or a bundle .zip")
         if command == "bundle":
@@ -190,7 +196,8 @@ def cmd_verify(a):
     from .verify import check, write_json, write_junit_xml
 
     art = Artifact.open(a.artifact)
-    report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity)
+    report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity,
+                        device=a.device, threads=a.threads)
     print(report.format())
     if a.json_out:
         write_json(report, a.json_out)
@@ -269,6 +276,10 @@ def cmd_fit(a):
 def cmd_devices(a):
     from .devices.profiles import load_profile, profile_names, user_dir
 
+    if a.name == "prepare":
+        return _prepare_device(a.device)
+    if a.device:
+        raise SlmExportError(f"`slm-export devices {a.name} {a.device}`: only `prepare` takes a device")
     if a.name:
         p = load_profile(a.name)
         print(f"{p.name}: {p.description}  ({p.path})")
@@ -281,6 +292,21 @@ def cmd_devices(a):
         print(f"{name:<22} {p.app_budget_mb / 1024:5.1f} GB app budget  {p.sustained_bandwidth_gb_s:5.1f} GB/s  "
               f"{', '.join(p.formats):<24} {p.description}")
     print(f"\nadd your own: {user_dir()}/NAME.toml (fields: slm_export/devices/profiles/README.md)")
+    return 0
+
+
+def _prepare_device(spec: str | None) -> int:
+    from .devices import open_device
+    from .devices.emulation import RUNTIME_WHEELS, smoke_test
+
+    dev = open_device(spec or "")
+    if not getattr(dev, "emulates", False):
+        raise SlmExportError(f"nothing to prepare for '{spec}': `devices prepare` builds an emulated ARM device, "
+                             "e.g. `slm-export devices prepare sim:raspberry-pi-5` (profiles with a qemu_cpu)")
+    for runtime in RUNTIME_WHEELS:
+        arm = dev.arm(runtime)
+        print(f"{dev.name}: {smoke_test(arm, runtime)}")
+        print(f"  root {arm.root}\n  site {arm.site}")
     return 0
 
 

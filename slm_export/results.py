@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-SCHEMA_VERSION = 2  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s
+SCHEMA_VERSION = 3  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s; 3: emulated
 
 
 @dataclass
@@ -19,6 +19,9 @@ class BenchResult:
     runtime: str = ""
     device: str = "local"
     simulated: bool = False  # measured here under another device's limits: the timings are this machine's
+    # The device's CPU emulated (QEMU) running its real runtime build, e.g. "qemu-aarch64 7.2.22 -cpu cortex-a76".
+    # Such a row has no timings (they would be QEMU's): raw emulated samples are in `samples`.
+    emulated: str | None = None
     quant: str = ""
     artifact_mb: float | None = None
     threads: int | None = None
@@ -68,7 +71,9 @@ def _cells(r: BenchResult) -> list[str]:
     for key, _, fmt in TABLE_COLUMNS:
         v = getattr(r, key)
         out.append("-" if v is None else fmt.format(v))
-    if r.simulated:
+    if r.emulated:
+        out[0] += f" (emulated {r.emulated.split('-cpu ')[-1]})"
+    elif r.simulated:
         out[0] += " (simulated)"
     if r.error:
         out[-1] = f"FAILED: {r.error[:160]}"

@@ -98,3 +98,30 @@ def run_cli(*args, env=None):
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_slm_export_cache(tmp_path_factory):
+    """Every test session starts from an empty slm-export cache (the emulated ARM userland, bandwidth):
+    what a fresh machine sees, and nothing of the user's is touched."""
+    import os
+
+    old = os.environ.get("SLM_EXPORT_CACHE")
+    os.environ["SLM_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("slm-export-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SLM_EXPORT_CACHE", None)
+    else:
+        os.environ["SLM_EXPORT_CACHE"] = old
+
+
+def require_qemu() -> None:
+    """Skip without qemu-aarch64-static, or fail when SLM_EXPORT_REQUIRE_QEMU=1 (CI installs it)."""
+    import os
+    import shutil
+
+    if not shutil.which("qemu-aarch64-static"):
+        why = "qemu-aarch64-static is not installed (apt install qemu-user-static; scripts/setup.sh does it as root)"
+        if os.environ.get("SLM_EXPORT_REQUIRE_QEMU"):
+            pytest.fail(f"SLM_EXPORT_REQUIRE_QEMU is set but {why}")
+        pytest.skip(why)

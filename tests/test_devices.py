@@ -11,7 +11,7 @@ from slm_export.errors import SlmExportError
 from slm_export.fit import decode_roofline, estimate_weight_bytes, fit, report_weight_bytes, shape_of
 from slm_export.quantize import QuantSpec
 
-from conftest import run_cli, tiny_model, tiny_tokenizer
+from conftest import require_qemu, run_cli, tiny_model, tiny_tokenizer
 
 REQUIRED = {"laptop", "raspberry-pi-5-4gb", "raspberry-pi-5-8gb", "raspberry-pi-5-16gb", "iphone-15-pro", "pixel-8",
             "snapdragon-8-gen-3", "budget-android-4gb"}
@@ -72,7 +72,7 @@ def test_device_specs_resolve_or_say_what_exists(user_profiles):
     assert open_device("local").name == "local"
     sim = open_device("sim:pixel-8")
     assert sim.simulated and sim.name == "sim:pixel-8" and sim.profile.big_cores == 5
-    with pytest.raises(SlmExportError, match="unknown device kind 'tcp'; choose one of: adb, local, sim, simctl, ssh"):
+    with pytest.raises(SlmExportError, match="unknown device kind 'tcp'; choose one of: adb, limits, local, sim, simctl, ssh"):
         open_device("tcp://host")
     with pytest.raises(SlmExportError, match="unknown device 'pixel-9'.*sim:PROFILE"):
         open_device("pixel-9")
@@ -135,10 +135,11 @@ def test_local_bench_reports_peak_bandwidth_and_prediction(tiny_onnx):
     assert row.predicted_decode_tok_s > 0 and row.decode_gb_s > 0
 
 
-def test_simulated_phone_caps_threads_and_labels_the_result(tiny_onnx):
-    (row,) = tiny_onnx.bench(device="sim:raspberry-pi-5-8gb", prompt_tokens=(8,), decode_tokens=4, warmup=1,
+def test_limits_device_caps_threads_and_labels_the_result(tiny_onnx):
+    (row,) = tiny_onnx.bench(device="limits:raspberry-pi-5-8gb", prompt_tokens=(8,), decode_tokens=4, warmup=1,
                              repeats=1, threads=64)
-    assert row.error is None and row.simulated and row.device == "sim:raspberry-pi-5-8gb"
+    assert row.error is None and row.simulated and row.device == "limits:raspberry-pi-5-8gb"
+    assert row.emulated is None and row.decode_tok_s > 0  # this machine's runtime: its own timings
     assert row.threads == min(4, len(os.sched_getaffinity(0)))
     assert row.device_peak_gb_s == 17.1 and row.predicted_decode_tok_s > 0
     assert row.machine["simulates"]["profile"] == "raspberry-pi-5-8gb"
@@ -146,6 +147,7 @@ def test_simulated_phone_caps_threads_and_labels_the_result(tiny_onnx):
 
 
 def test_simulated_phone_kills_an_over_budget_model(tiny_onnx, user_profiles):
+    require_qemu()  # sim: on an ARM profile runs the phone's aarch64 runtime under QEMU, within the budget
     (user_profiles / "small-phone.toml").write_text('extends = "pixel-8"\napp_memory_gb = 0.02\n')
     (row,) = tiny_onnx.bench(device="sim:small-phone", prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
     assert row.error and "killed at the small-phone app memory budget of 20 MB" in row.error
@@ -160,7 +162,7 @@ def test_simulated_device_refuses_a_format_it_cannot_run(tiny_onnx, user_profile
 
 
 def test_cli_sim_bench_and_phone_tools_missing(tiny_onnx, tmp_path):
-    code, out, err = run_cli("bench", tiny_onnx.path, "--device", "sim:pixel-8", "--prompt-tokens", "8",
+    code, out, err = run_cli("bench", tiny_onnx.path, "--device", "limits:pixel-8", "--prompt-tokens", "8",
                              "--decode-tokens", "4", "--repeats", "1")
     assert code == 0, err
     assert "(simulated)" in out and "predicted tok/s" in out
@@ -184,6 +186,6 @@ def test_without_a_cgroup_the_watchdog_enforces_the_budget(tiny_onnx, user_profi
 
     monkeypatch.setattr(sim, "CGROUP_ROOTS", (("/nonexistent", "memory.max", "memory.peak"),))
     (user_profiles / "small-phone.toml").write_text('extends = "pixel-8"\napp_memory_gb = 0.02\n')
-    (row,) = tiny_onnx.bench(device="sim:small-phone", prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
+    (row,) = tiny_onnx.bench(device="limits:small-phone", prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
     assert row.error and "killed at the small-phone app memory budget" in row.error and "RSS watchdog" in row.error
     assert "RSS watchdog" in row.machine["memory_limit"]

@@ -68,6 +68,8 @@ def write_prompts(prompts: list[list[int]]) -> str:
 class LocalDevice:
     name = "local"
     simulated = False
+    emulates = False  # runs another CPU's build of the runtime under emulation (sim: on an ARM profile)
+    emulated = ""  # what emulates the device's CPU, e.g. "qemu-aarch64 7.2 -cpu cortex-a76"; empty when native
 
     def __init__(self, profile=None, **_ssh_options):  # the CLI's SSH flags mean nothing here
         from .profiles import load_profile
@@ -77,23 +79,52 @@ class LocalDevice:
     def describe(self) -> dict:
         return describe()
 
+    def python(self, runtime: str) -> tuple[list[str], dict | None]:
+        """The command that starts a Python able to run `runtime`, and its environment (None: ours)."""
+        return [sys.executable], None
+
+    def _run_child(self, args: list[str], runtime: str, timeout_s: float, cap=None) -> tuple[int, str, str]:
+        """Run `python -m slm_export.runtimes.X args` in a child process; `cap` (sim.MemoryCap) limits its memory."""
+        python, env = self.python(runtime)
+        proc = subprocess.Popen([*python, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=cap.preexec() if cap else None)
+        if cap:
+            cap.watch(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
+        return proc.returncode, out, err
+
     def measure(self, folder, *, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
                 threads: int | None, timeout_s: float = 1800, cap=None) -> list[dict]:
-        """Run the runner in a child process; `cap` (sim.MemoryCap) limits its memory."""
+        from .. import manifest as mf
+
         prompt_file = write_prompts(prompts)
         try:
-            cmd = measure_command(sys.executable, folder, prompt_file, decode_tokens=decode_tokens, warmup=warmup,
+            cmd = measure_command("python", folder, prompt_file, decode_tokens=decode_tokens, warmup=warmup,
                                   repeats=repeats, threads=threads)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    preexec_fn=cap.preexec() if cap else None)
-            if cap:
-                cap.watch(proc)
-            try:
-                out, err = proc.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
-            return read_measure_output(proc.returncode, out, err, where=f" under {self.name}" if cap else "")
+            code, out, err = self._run_child(cmd[1:], mf.read(folder)["runtime"], timeout_s, cap)
+            return read_measure_output(code, out, err, where=f" under {self.name}" if cap else "")
         finally:
             os.unlink(prompt_file)
+
+    def replay(self, folder, steps: list[dict], *, threads: int | None, timeout_s: float = 3600) -> list:
+        """Run KV-cache steps on the artifact in a child process (see runtimes.replay); one array per forward."""
+        import numpy as np
+
+        from .. import manifest as mf
+
+        with tempfile.TemporaryDirectory(prefix="slm-export-replay-") as tmp:
+            steps_file, out_file = os.path.join(tmp, "steps.json"), os.path.join(tmp, "out.npz")
+            with open(steps_file, "w") as f:
+                json.dump(steps, f)
+            args = ["-m", "slm_export.runtimes.replay", str(folder), steps_file, out_file]
+            code, out, err = self._run_child(args + (["--threads", str(threads)] if threads else []),
+                                             mf.read(folder)["runtime"], timeout_s)
+            if code != 0:
+                read_measure_output(code, out, err, where=f" on {self.name}")  # raises with the runner's error
+            with np.load(out_file) as saved:
+                return [saved[f"out_{i}"] for i in range(len(saved.files))]

@@ -27,6 +27,8 @@ def user_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    if os.environ.get("SLM_EXPORT_CACHE"):
+        return Path(os.environ["SLM_EXPORT_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "slm-export"
 
 

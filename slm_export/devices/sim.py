@@ -1,12 +1,18 @@
-"""`sim:PROFILE`: the real runtime, here, under a device profile's limits. Labelled simulated.
+"""Devices simulated here under a device profile. Labelled simulated; the profile's real device
+carries the roofline prediction (`predicted_decode_tok_s`).
 
-- threads: capped at the profile's big cores (and at this machine's cores);
-- memory: capped at the profile's app budget with a memory cgroup when this process may create one
-  (root, or a delegated cgroup v2 subtree), so an over-budget model is killed the way the phone's OS
-  would kill the app; otherwise a watchdog kills the runner when its RSS passes the budget. The
-  mechanism used is recorded in every result;
-- the result also carries the roofline prediction for the real device (`predicted_decode_tok_s`):
-  the measured speed is this machine's, never the phone's.
+`limits:PROFILE`  this machine's own runtime under the profile's limits:
+  - threads: capped at the profile's big cores (and at this machine's cores);
+  - memory: capped at the profile's app budget with a memory cgroup when this process may create one
+    (root, or a delegated cgroup v2 subtree), so an over-budget model is killed the way the phone's OS
+    would kill the app; otherwise a watchdog kills the runner when its RSS passes the budget. The
+    mechanism used is recorded in every result. The timings are this machine's, never the device's.
+`sim:PROFILE`     for a profile with ARM cores (`qemu_cpu`) on a machine that is not ARM: the same
+  limits, with the real aarch64 runtime run under QEMU with the profile's CPU model (see
+  emulation.py). It shows that the artifact loads and runs there, its memory and its outputs (verify
+  compares them with PyTorch and with this machine's run). Emulated timings say nothing about the
+  device, so rows carry none (the raw emulated samples stay in `samples`, prefixed `emulated_`).
+  For other profiles, or on an ARM machine, it is `limits:`.
 """
 from __future__ import annotations
 
@@ -85,33 +91,38 @@ class MemoryCap:
                 pass
 
 
-@DEVICES.register("sim")
-class SimulatedDevice(LocalDevice):
+@DEVICES.register("limits")
+class LimitedDevice(LocalDevice):
     simulated = True
+    scheme = "limits"
 
     def __init__(self, profile_name: str = "", profile=None, **_options):
         from .profiles import load_profile
 
         if not profile_name and profile is None:
-            raise SlmExportError("sim: needs a profile name, e.g. --device sim:raspberry-pi-5-8gb "
+            raise SlmExportError(f"{self.scheme}: needs a profile name, e.g. --device {self.scheme}:raspberry-pi-5-8gb "
                                  "(see `slm-export devices`)")
         self.profile = profile or load_profile(profile_name)
-        self.name = f"sim:{self.profile.name}"
+        self.name = f"{self.scheme}:{self.profile.name}"
         self.last_memory_limit = ""
 
     def describe(self) -> dict:
         from .local import describe
 
         return {**describe(), "name": self.name, "simulated": True, "simulates": self.profile.summary(),
-                "memory_limit": self.last_memory_limit}
+                "memory_limit": self.last_memory_limit, **({"emulated": self.emulated} if self.emulated else {})}
 
-    def measure(self, folder, *, prompts, decode_tokens, warmup, repeats, threads, timeout_s: float = 1800):
+    def check_format(self, folder) -> dict:
         from .. import manifest as mf
 
-        target = mf.read(folder)["target"]
-        if target not in self.profile.formats:
-            raise SlmExportError(f"an {target} artifact does not run on {self.profile.name} (it runs "
+        manifest = mf.read(folder)
+        if manifest["target"] not in self.profile.formats:
+            raise SlmExportError(f"an {manifest['target']} artifact does not run on {self.profile.name} (it runs "
                                  f"{', '.join(self.profile.formats)}); export for one of those targets")
+        return manifest
+
+    def measure(self, folder, *, prompts, decode_tokens, warmup, repeats, threads, timeout_s: float = 1800):
+        self.check_format(folder)
         cap_threads = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
         cap = MemoryCap(self.profile.app_budget_mb)
         self.last_memory_limit = cap.mechanism
@@ -126,3 +137,50 @@ class SimulatedDevice(LocalDevice):
                 "--max-context or a device with more memory") from e
         finally:
             cap.close()
+
+    def replay(self, folder, steps, *, threads, timeout_s: float = 3600):
+        self.check_format(folder)
+        cap_threads = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
+        return super().replay(folder, steps, threads=min(threads or cap_threads, cap_threads), timeout_s=timeout_s)
+
+
+# Timing fields an emulated run produces but must not report as the device's (kept as raw samples).
+EMULATED_TIMINGS = ("load_s", "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
+
+
+@DEVICES.register("sim")
+class SimulatedDevice(LimitedDevice):
+    scheme = "sim"
+
+    def __init__(self, profile_name: str = "", profile=None, **options):
+        from .emulation import host_is_arm
+
+        super().__init__(profile_name, profile, **options)
+        self.emulates = bool(self.profile.qemu_cpu) and not host_is_arm()
+        self._arm = None
+
+    def arm(self, runtime: str):
+        """The emulated aarch64 environment for `runtime` (prepared on first use)."""
+        from .emulation import prepare
+
+        if self._arm is None:
+            self._arm = prepare(self.profile, runtime)
+            self.emulated = self._arm.describe()
+        return self._arm
+
+    def python(self, runtime: str):
+        if not self.emulates:
+            return super().python(runtime)
+        arm = self.arm(runtime)
+        return arm.command(), arm.env()
+
+    def measure(self, folder, **kwargs):
+        rows = super().measure(folder, **kwargs)
+        if self.emulates:
+            for r in rows:
+                samples = {f"emulated_{key}": v for key, v in r.get("samples", {}).items()}  # the raw lists
+                samples["emulated_load_s"] = r.get("load_s")
+                for key in EMULATED_TIMINGS:
+                    r.pop(key, None)
+                r.update(samples=samples, emulated=self.emulated)
+        return rows
