@@ -92,7 +92,7 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", required=True, help="a device profile (see `slm-export devices`); sim:NAME also accepted")
+    p.add_argument("--device", required=True, help="a device profile (see `slm-export devices`); sim:NAME and limits:NAME also accepted")
     _add_quant_args(p)
     p.add_argument("--context", type=int, default=2048, help="tokens of KV cache to plan for; default 2048")
     p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt prefilled in one pass; default 128")
@@ -267,7 +267,7 @@ def cmd_fit(a):
     from .quantize import QuantSpec
 
     spec = QuantSpec(**_quant_kwargs(a), embeddings=not a.no_quantize_embeddings, lm_head=not a.no_quantize_lm_head)
-    report = fit(load_profile(a.device.removeprefix("sim:")), target=a.target, spec=spec, context=a.context,
+    report = fit(load_profile(a.device.removeprefix("sim:").removeprefix("limits:")), target=a.target, spec=spec, context=a.context,
                  prompt_tokens=a.prompt_tokens, model=a.model, artifact=a.artifact, trust_remote_code=a.trust_remote_code)
     print(json.dumps(report.to_dict(), indent=1) if a.json else report.format())
     return 0 if report.fits else 1

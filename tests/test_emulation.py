@@ -182,8 +182,10 @@ def test_missing_qemu_and_failed_downloads_are_one_sentence(pi5, tiny_artifacts,
 
 
 def test_a_runtime_without_an_emulated_build_says_so(tmp_path):
-    with pytest.raises(SlmExportError, match="the coreml runtime has no aarch64 build .*limits:PROFILE"):
+    with pytest.raises(SlmExportError, match="coreml runtime does not run under ARM emulation here: Core ML runs only"):
         emulation._site("coreml", say=lambda text: None)
+    with pytest.raises(SlmExportError, match="executorch runtime does not run .*libtorch.*limits:PROFILE"):
+        emulation._site("executorch", say=lambda text: None)
     with pytest.raises(SlmExportError, match="qemu_cpu 'cortex-x4': no such ARM core model"):
         emulation._cpuinfo("qemu-aarch64-static", "cortex-x4", tmp_path, 1)
     with pytest.raises(SlmExportError, match="has no qemu_cpu"):

@@ -46,6 +46,12 @@ WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinu
                    "manylinux2014_aarch64")
 # The packages each runtime's emulated site holds (numpy for the runner itself).
 RUNTIME_WHEELS = {"onnxruntime": ("onnxruntime", "numpy")}
+# Why the other runtimes do not run under emulation here (README "ARM without a board").
+NOT_EMULATED = {
+    "executorch": "ExecuTorch's aarch64 Python bindings load libtorch, and PyPI's aarch64 torch 2.13.0 is a CUDA "
+                  "build (the wheels are ~440 MB and need the CUDA libraries to load)",
+    "coreml": "Core ML runs only on Apple's operating systems",
+}
 
 # What Linux prints for each core QEMU can model: (implementer, variant, part, revision). The Features
 # line is read from the emulated CPU itself (AT_HWCAP), so it always matches what `-cpu` turns on.
@@ -166,9 +172,10 @@ def _base(say) -> Path:
 
 def _site(runtime: str, say) -> Path:
     if runtime not in RUNTIME_WHEELS:
-        raise SlmExportError(f"the {runtime} runtime has no aarch64 build that runs under emulation here "
-                             f"(supported: {', '.join(RUNTIME_WHEELS)}); measure this machine's runtime under the "
-                             "profile's limits with --device limits:PROFILE instead")
+        why = NOT_EMULATED.get(runtime, "no aarch64 build of it is set up for emulation")
+        raise SlmExportError(f"the {runtime} runtime does not run under ARM emulation here: {why}. Emulated: "
+                             f"{', '.join(RUNTIME_WHEELS)}; for this artifact use --device limits:PROFILE (this "
+                             "machine's runtime under the profile's limits)")
     pins = []
     for dist in RUNTIME_WHEELS[runtime]:
         try:
