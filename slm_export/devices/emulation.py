@@ -48,8 +48,8 @@ WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinu
 RUNTIME_WHEELS = {"onnxruntime": ("onnxruntime", "numpy")}
 # Why the other runtimes do not run under emulation here (README "ARM without a board").
 NOT_EMULATED = {
-    "executorch": "ExecuTorch's aarch64 Python bindings load libtorch, and PyPI's aarch64 torch 2.13.0 is a CUDA "
-                  "build (the wheels are ~440 MB and need the CUDA libraries to load)",
+    "executorch": "ExecuTorch's aarch64 Python bindings link libtorch, and PyPI's aarch64 torch 2.13.0 is the CUDA "
+                  "build (427 MB) that loads only with 15 CUDA libraries present",
     "coreml": "Core ML runs only on Apple's operating systems",
 }
 
@@ -170,12 +170,16 @@ def _base(say) -> Path:
     return _into_place(build, cache_root() / f"base-{DEBIAN_SUITE}") / "root"
 
 
-def _site(runtime: str, say) -> Path:
+def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIME_WHEELS:
         why = NOT_EMULATED.get(runtime, "no aarch64 build of it is set up for emulation")
         raise SlmExportError(f"the {runtime} runtime does not run under ARM emulation here: {why}. Emulated: "
                              f"{', '.join(RUNTIME_WHEELS)}; for this artifact use --device limits:PROFILE (this "
                              "machine's runtime under the profile's limits)")
+
+
+def _site(runtime: str, say) -> Path:
+    check_runtime(runtime)
     pins = []
     for dist in RUNTIME_WHEELS[runtime]:
         try:
@@ -247,6 +251,7 @@ def prepare(profile, runtime: str = "onnxruntime", say=None) -> ArmEnvironment:
     say = say or (lambda text: print(f"prepare: {text}", file=sys.stderr, flush=True))
     if not profile.qemu_cpu:
         raise SlmExportError(f"profile '{profile.name}' has no qemu_cpu: it does not describe an ARM device to emulate")
+    check_runtime(runtime)  # before any download
     qemu = find_qemu()
     base = _base(say)
     site = _site(runtime, say)
