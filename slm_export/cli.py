@@ -299,7 +299,9 @@ def _prepare_device(spec: str | None) -> int:
     from .devices import open_device
     from .devices.emulation import RUNTIME_WHEELS, smoke_test
 
-    dev = open_device(spec or "")
+    if not spec:
+        raise SlmExportError("`devices prepare` needs a device: e.g. `slm-export devices prepare sim:raspberry-pi-5`")
+    dev = open_device(spec)
     if not getattr(dev, "emulates", False):
         raise SlmExportError(f"nothing to prepare for '{spec}': `devices prepare` builds an emulated ARM device, "
                              "e.g. `slm-export devices prepare sim:raspberry-pi-5` (profiles with a qemu_cpu)")

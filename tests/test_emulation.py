@@ -151,9 +151,11 @@ def test_cli_verify_and_prepare_on_the_emulated_device(tiny_dir, tmp_path):
     assert saved["device"] == "sim:raspberry-pi-5" and saved["passed"]
     code, out, err = run_cli("devices", "prepare", "sim:raspberry-pi-5")
     assert code == 0, err
-    assert "onnxruntime 1.32.0 on aarch64" in out or "onnxruntime" in out and "aarch64" in out
+    assert "onnxruntime" in out and "on aarch64 Python 3.11" in out and "-cpu cortex-a76" in out
     code, out, err = run_cli("devices", "prepare", "sim:laptop")
     assert code == 2 and "nothing to prepare for 'sim:laptop'" in err
+    code, out, err = run_cli("devices", "prepare")
+    assert code == 2 and "`devices prepare` needs a device" in err
 
 
 def test_missing_qemu_and_failed_downloads_are_one_sentence(pi5, tiny_artifacts, tmp_path):
