@@ -24,14 +24,16 @@ def check_destination(out: Path, force: bool) -> None:
 
 
 @contextmanager
-def staged_folder(out: Path):
-    """Yield a temporary folder beside `out`; on success it becomes `out` (readable by all)."""
+def staged_folder(out: Path, share: bool = True):
+    """Yield a temporary folder beside `out`; on success it becomes `out`.
+
+    share: make everything readable by all (an artifact, shared like any build output). Off for
+    trees whose own modes matter (the emulated ARM userland: executables, links into itself)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        # mkdtemp makes a 0700 folder; an artifact is shared like any build output.
-        tmp.chmod(0o755)
-        for p in tmp.rglob("*"):
+        tmp.chmod(0o755)  # mkdtemp makes a 0700 folder
+        for p in tmp.rglob("*") if share else ():
             p.chmod(0o755 if p.is_dir() else 0o644)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

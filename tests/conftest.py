@@ -125,3 +125,18 @@ def require_qemu() -> None:
         if os.environ.get("SLM_EXPORT_REQUIRE_QEMU"):
             pytest.fail(f"SLM_EXPORT_REQUIRE_QEMU is set but {why}")
         pytest.skip(why)
+
+
+def require_extra(module: str, extra: str) -> None:
+    """Skip a test module whose target SDK is not installed, saying which extra installs it; fail instead
+    when SLM_EXPORT_REQUIRE_SDKS=1 (CI installs every extra, so a skip there would hide a broken install)."""
+    import importlib
+    import os
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        why = f"{module} is not importable ({e}): pip install -e '.[{extra}]' (scripts/setup.sh installs it)"
+        if os.environ.get("SLM_EXPORT_REQUIRE_SDKS"):
+            pytest.fail(f"SLM_EXPORT_REQUIRE_SDKS is set but {why}", pytrace=False)
+        pytest.skip(why, allow_module_level=True)

@@ -14,9 +14,9 @@ import slm_export
 from slm_export import SlmExportError
 from slm_export.errors import RuntimeUnavailable
 
-from conftest import ARCHS, run_cli, tiny_model, tiny_tokenizer
+from conftest import ARCHS, require_extra, run_cli, tiny_model, tiny_tokenizer
 
-pytest.importorskip("coremltools")
+require_extra("coremltools", "coreml")
 pytestmark = pytest.mark.skipif(
     platform.system() == "Darwin",
     reason="on macOS Core ML executes, so the 'needs macOS' messages and Linux stand-ins these tests assert do not "

@@ -10,9 +10,9 @@ import slm_export
 from slm_export import SlmExportError
 from slm_export.verify import tolerances_for
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, require_extra, tiny_model
 
-pytest.importorskip("executorch")
+require_extra("executorch", "executorch")
 
 
 def _export(model, tmp_path, bits, name=None, **kw):

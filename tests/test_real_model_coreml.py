@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import require_extra, run_cli
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("coremltools")
+require_extra("coremltools", "coreml")
 
 
 @pytest.fixture(scope="module")

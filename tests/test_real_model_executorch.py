@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import require_extra, run_cli
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("executorch")
+require_extra("executorch", "executorch")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from functools import cache
@@ -115,19 +114,16 @@ def _run(cmd: list[str], what: str, **kw) -> str:
 
 
 def _into_place(build, final: Path) -> Path:
-    """Build into a temp folder beside `final`, then rename it into place; a no-op when it exists."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        os.rename(tmp, final)
-    except OSError as e:
-        if not final.exists():  # another prepare may have won the race: that is fine
+    """`build(tmp)` in a staged folder that becomes `final` (see staging.py); a no-op when it exists."""
+    from ..staging import staged_folder
+
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with staged_folder(final, share=False) as tmp:
+                build(tmp)
+        except OSError as e:
             raise SlmExportError(f"could not write {final}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -121,14 +121,18 @@ class LimitedDevice(LocalDevice):
                                  f"{', '.join(self.profile.formats)}); export for one of those targets")
         return manifest
 
+    def capped_threads(self, threads: int | None) -> int:
+        """Threads within the profile's big cores and this machine's cores."""
+        cap = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
+        return min(threads or cap, cap)
+
     def measure(self, folder, *, prompts, decode_tokens, warmup, repeats, threads, timeout_s: float = 1800):
         self.check_format(folder)
-        cap_threads = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
         cap = MemoryCap(self.profile.app_budget_mb)
         self.last_memory_limit = cap.mechanism
         try:
             return super().measure(folder, prompts=prompts, decode_tokens=decode_tokens, warmup=warmup,
-                                   repeats=repeats, threads=min(threads or cap_threads, cap_threads),
+                                   repeats=repeats, threads=self.capped_threads(threads),
                                    timeout_s=timeout_s, cap=cap)
         except RunnerKilled as e:
             raise RunnerKilled(
@@ -140,8 +144,7 @@ class LimitedDevice(LocalDevice):
 
     def replay(self, folder, steps, *, threads, timeout_s: float = 3600):
         self.check_format(folder)
-        cap_threads = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
-        return super().replay(folder, steps, threads=min(threads or cap_threads, cap_threads), timeout_s=timeout_s)
+        return super().replay(folder, steps, threads=self.capped_threads(threads), timeout_s=timeout_s)
 
 
 # Timing fields an emulated run produces but must not report as the device's (kept as raw samples).
@@ -157,16 +160,16 @@ class SimulatedDevice(LimitedDevice):
 
         super().__init__(profile_name, profile, **options)
         self.emulates = bool(self.profile.qemu_cpu) and not host_is_arm()
-        self._arm = None
+        self._arm: dict = {}  # runtime -> its prepared environment
 
     def arm(self, runtime: str):
         """The emulated aarch64 environment for `runtime` (prepared on first use)."""
         from .emulation import prepare
 
-        if self._arm is None:
-            self._arm = prepare(self.profile, runtime)
-            self.emulated = self._arm.describe()
-        return self._arm
+        if runtime not in self._arm:
+            self._arm[runtime] = prepare(self.profile, runtime)
+            self.emulated = self._arm[runtime].describe()
+        return self._arm[runtime]
 
     def python(self, runtime: str):
         if not self.emulates:
