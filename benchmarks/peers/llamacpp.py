@@ -1,26 +1,23 @@
 """The llama.cpp peer: llama-cpp-python in its own venv, measured with our protocol.
 
 Standard library only, so the benchmark runner can import it without llama.cpp installed.
-The measuring happens in `llamacpp_child.py`, run by the venv's python, one process per prompt
-length (as our runner does), so each row's peak RSS is that process's own.
+GGUFs come from llama.cpp's own tools: `convert_hf_to_gguf.py` (taken from the llama-cpp-python
+sdist, run with our venv's torch) writes f16, then `llama_model_quantize` makes each variant.
+Q4_0 is llama.cpp's fastest 4-bit CPU format here, Q8_0 its 8-bit one.
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+from common import VENVS, PeerError, dir_mb, ensure_venv as _ensure_venv, last_line, run_child, run_measured
+
+NAME = "llama.cpp"
+VARIANTS = ["Q4_0", "Q8_0"]
 CHILD = Path(__file__).resolve().with_name("llamacpp_child.py")
-PASSAGE = Path(__file__).resolve().parents[2] / "slm_export" / "data" / "passage.txt"
-
-
-def _last_line(text: str, errors_only: bool = False) -> str:
-    """The one line worth showing: the last (error) line of a tool's output."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()] if errors_only else []
-    return (errors or lines or ["(no output)"])[-1]
+VERSION = "0.3.36"  # llama-cpp-python: the build measured and the converter it vendors, kept in step
 
 
 def _cmake_args() -> str:
@@ -35,64 +32,90 @@ def _cmake_args() -> str:
     return " ".join(args)
 
 
-def ensure_venv(root: Path) -> Path:
-    """root/llamacpp with llama-cpp-python built from source (~8 min on 2 cores); its python."""
-    venv = Path(root).resolve() / "llamacpp"
-    py = venv / "bin" / "python"
-    if py.exists() and subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
-        return py
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    steps = [
-        # Its own venv: llama-cpp-python pins numpy/jinja2 versions we must not impose on ours.
-        ([sys.executable, "-m", "venv", str(venv)], {}),
-        ([str(py), "-m", "pip", "install", "--no-cache-dir", "llama-cpp-python"], {"CMAKE_ARGS": _cmake_args()}),
-    ]
-    for cmd, env in steps:
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-        if r.returncode != 0:
-            last = _last_line(r.stdout + r.stderr, errors_only=True)
-            raise RuntimeError(f"llama.cpp venv: {' '.join(cmd[-3:])} failed: {last}")
-    return py
+def ensure_venv() -> Path:
+    """VENVS/llamacpp with llama-cpp-python built from source (~9 min on 2 cores); its python."""
+    return _ensure_venv("llamacpp", [["--no-cache-dir", f"llama-cpp-python=={VERSION}"]], check="import llama_cpp",
+                        env={"CMAKE_ARGS": _cmake_args()})
 
+
+def _converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its packages, unpacked from the llama-cpp-python sdist."""
+    root = VENVS / f"llama.cpp-{VERSION}"
+    if (root / "convert_hf_to_gguf.py").exists():
+        return root
+    dl = VENVS / "sdist"
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={VERSION}", "-d", str(dl)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise PeerError(f"downloading the llama-cpp-python sdist failed: {last_line(r.stderr, True)}")
+    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+    tmp = root.with_name(root.name + ".tmp")
+    with tarfile.open(dl / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
+        wanted = [m for m in tar.getmembers() if m.name.startswith(prefix) and
+                  m.name[len(prefix):].split("/")[0] in ("convert_hf_to_gguf.py", "conversion", "gguf-py")]
+        for m in wanted:
+            m.name = m.name[len(prefix):]
+        tar.extractall(tmp, members=wanted, filter="data")
+    tmp.rename(root)
+    return root
+
+
+# All benchmark models carry SmolLM2's tokenizer; the converter recognises a tokenizer by a hash of
+# its output, which transformers 5 changes, so name it ("smollm") instead of failing.
+_CONVERT = """
+import runpy, sys
+root = sys.argv[1]
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "smollm"
+sys.argv = [root + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 _QUANTIZE = """
 import ctypes, sys, llama_cpp
 src, dst, ftype = sys.argv[1:]
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
-p.allow_requantize = True  # the source is already 4-bit; llama.cpp refuses that unless told
+p.allow_requantize = True
 sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)))
 """
 
 
-def requantize(py: Path, src_gguf: Path, dst_gguf: Path, ftype: str = "Q4_0") -> None:
-    """dst_gguf in `ftype`, re-quantized from src_gguf (the shipped Q4_1) by llama.cpp itself.
+def export(py: Path, hf_dir: Path, out: Path, variant: str) -> dict:
+    """out (a .gguf) in `variant`, from hf_dir through an f16 GGUF; times and peaks of both steps."""
+    out = Path(out)
+    f16 = out.with_name(Path(hf_dir).name + ".f16.gguf")
+    steps = []
+    if not f16.exists():
+        tmp = f16.with_suffix(".tmp")
+        steps.append(run_measured([sys.executable, "-c", _CONVERT, _converter(), hf_dir, "--outtype", "f16",
+                                   "--outfile", tmp]))
+        tmp.rename(f16)
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        try:
+            steps.append(run_measured([py, "-c", _QUANTIZE, f16, tmp, variant]))
+        except PeerError:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.rename(out)
+    return {"artifact": str(out), "quant": variant, "artifact_mb": dir_mb(out),
+            "export_s": sum(s["wall_s"] for s in steps) if steps else None,
+            "export_peak_rss_mb": max(s["peak_rss_mb"] for s in steps) if steps else None}
 
-    Only a Q4_1 GGUF ships with the model; Q4_0 is llama.cpp's fastest 4-bit CPU format, so the peer
-    gets both. Going through Q4_1 costs Q4_0 a little accuracy, not speed.
-    """
-    dst_gguf = Path(dst_gguf)
-    if dst_gguf.exists():
-        return
-    dst_gguf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_gguf.with_suffix(".tmp.gguf")  # never leave a half-written file under the real name
-    r = subprocess.run([str(py), "-c", _QUANTIZE, str(src_gguf), str(tmp), ftype], capture_output=True, text=True)
-    if r.returncode != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp quantize to {ftype} failed (exit {r.returncode}): {_last_line(r.stderr)}")
-    tmp.rename(dst_gguf)
 
-
-def bench(py: Path, gguf: Path, prompt_tokens: list[int], decode_tokens: int, warmup: int, repeats: int,
+def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
           threads: int) -> list[dict]:
-    """One row per prompt length, in BenchResult's keys plus sample_text and versions."""
     rows = []
-    for p in prompt_tokens:
-        cfg = dict(model=str(gguf), passage=str(PASSAGE), prompt_tokens=[p], decode_tokens=decode_tokens,
-                   warmup=warmup, repeats=repeats, threads=threads)
-        r = subprocess.run([str(py), str(CHILD), json.dumps(cfg)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"llama.cpp bench of {Path(gguf).name} failed (exit {r.returncode}): "
-                               f"{_last_line(r.stderr)}")
-        rows += json.loads(r.stdout)
+    for ids in prompts:  # one process per prompt: each row's peak RSS is its own
+        cfg = dict(artifact=str(artifact), mode="bench", threads=threads, prompts=[ids],
+                   decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
+        got = run_child(py, CHILD, cfg, f"llama.cpp bench of {Path(artifact).name}")
+        rows += [{**r, "versions": got["versions"]} for r in got["rows"]]
     return rows
+
+
+def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
+    run_child(py, CHILD, dict(artifact=str(artifact), mode="logits", threads=threads, ids=ids, out_npy=str(out_npy)),
+              f"llama.cpp logits of {Path(artifact).name}")
