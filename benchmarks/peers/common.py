@@ -77,6 +77,18 @@ def run_child(py: Path, child: Path, cfg: dict, what: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def bench_per_prompt(py: Path, child: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int,
+                     repeats: int, threads: int, name: str) -> list[dict]:
+    """A peer's bench: one child process per prompt (so each row's peak RSS is its own), versions on each row."""
+    rows = []
+    for ids in prompts:
+        cfg = dict(artifact=str(artifact), mode="bench", threads=threads, prompts=[list(map(int, ids))],
+                   decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
+        got = run_child(py, child, cfg, f"{name} bench of {Path(artifact).name} ({len(ids)}-token prompt)")
+        rows += [{**r, "versions": got["versions"]} for r in got["rows"]]
+    return rows
+
+
 def dir_mb(path: Path) -> float:
     path = Path(path)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]

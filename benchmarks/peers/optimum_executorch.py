@@ -92,17 +92,7 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str) -> dict:
 
 def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
           threads: int) -> list[dict]:
-    """One row per prompt, each measured in its own child process (so its peak RSS is its own)."""
-    rows = []
-    for ids in prompts:
-        cfg = dict(artifact=str(artifact), mode="bench", threads=threads, prompts=[list(map(int, ids))],
-                   decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
-        got = common.run_child(py, CHILD, cfg, f"{NAME} bench of {Path(artifact).name} ({len(ids)}-token prompt)")
-        for row in got["rows"]:
-            row["versions"] = got["versions"]
-        rows += got["rows"]
-    return rows
-
+    return common.bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
 def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
     """Teacher-forced logits of `ids` fed from position 0, saved as float32 [len(ids), vocab] in out_npy."""

@@ -134,17 +134,7 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str) -> dict:
 
 def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
           threads: int) -> list[dict]:
-    """One child per prompt; rows in protocol.measure's keys plus load_s, threads, peak/baseline RSS, versions."""
-    rows = []
-    for ids in prompts:
-        cfg = {"artifact": str(artifact), "mode": "bench", "threads": threads, "prompts": [list(map(int, ids))],
-               "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats}
-        got = common.run_child(py, CHILD, cfg, f"optimum-onnx bench of {Path(artifact).name} ({len(ids)} tokens)")
-        for r in got["rows"]:
-            r["versions"] = got["versions"]
-            rows.append(r)
-    return rows
-
+    return common.bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
 def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
     """Teacher-forced logits of `ids` from position 0, saved as float32 [len(ids), vocab] to out_npy."""

@@ -113,17 +113,7 @@ def _result(out: Path, info: dict) -> dict:
 
 def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
           threads: int) -> list[dict]:
-    """One row per prompt (protocol.measure's keys + load_s, threads, peak/baseline RSS, versions)."""
-    rows = []
-    for ids in prompts:
-        cfg = {"artifact": str(artifact), "mode": "bench", "threads": threads, "prompts": [list(ids)],
-               "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats}
-        got = common.run_child(py, CHILD, cfg, f"{NAME} bench of {Path(artifact).name} ({len(ids)}-token prompt)")
-        for r in got["rows"]:
-            r["versions"] = got["versions"]
-        rows += got["rows"]
-    return rows
-
+    return common.bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
 def _npy_shape(path: Path) -> tuple[str, tuple]:
     """(dtype descr, shape) from a .npy header, without numpy."""

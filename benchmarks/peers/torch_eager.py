@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common import dir_mb, run_child
+from common import bench_per_prompt, dir_mb, run_child
 
 NAME = "PyTorch eager"
 VARIANTS = ["fp32"]
@@ -25,15 +25,9 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str) -> dict:
             "export_s": None, "export_peak_rss_mb": None}
 
 
-def bench(py: Path, artifact, prompts, decode_tokens, warmup, repeats, threads) -> list[dict]:
-    rows = []
-    for ids in prompts:  # one process per prompt: each row's peak RSS is its own
-        cfg = dict(artifact=str(artifact), mode="bench", threads=threads, prompts=[ids],
-                   decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
-        got = run_child(py, CHILD, cfg, "PyTorch eager bench")
-        rows += [{**r, "versions": got["versions"]} for r in got["rows"]]
-    return rows
-
+def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
+          threads: int) -> list[dict]:
+    return bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
 def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
     run_child(py, CHILD, dict(artifact=str(artifact), mode="logits", threads=threads, ids=ids, out_npy=str(out_npy)),
