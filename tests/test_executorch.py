@@ -51,6 +51,29 @@ def test_prompt_longer_than_one_chunk_goes_through_the_cache_in_chunks(tmp_path)
     assert fp32.max_abs_logit_diff < 1e-3 and fp32.greedy_match_tokens == 16, report.format()
 
 
+def test_lowering_decomposes_the_graph_once(tmp_path, monkeypatch):
+    # Each decomposition re-traces every node (~11 s on SmolLM2-135M here); executorch 1.5.1's
+    # to_edge_transform_and_lower runs three unless the partitioner says no per-node check is needed
+    # and the graph holds nothing left to decompose (lower.py, module.py). This guards that seam
+    # against an executorch upgrade or a module change quietly bringing the other two back.
+    from torch.export import ExportedProgram
+
+    calls = []
+    original = ExportedProgram.run_decompositions
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExportedProgram, "run_decompositions", counted)
+    model = tiny_model("llama")
+    art = _export(model, tmp_path, 4)
+    assert len(calls) == 1
+    report = art.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
+    same = next(c for c in report.comparisons if c.reference == "same-quant")
+    assert same.mean_kl < tolerances_for("executorch", 4)["same-quant"].mean_kl, report.format()
+
+
 @pytest.fixture(scope="module")
 def llama_int4(tmp_path_factory):
     """One tiny Llama int4 .pte shared by the tests that only read it (each export costs ~15 s)."""

@@ -39,6 +39,12 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(nn.functional.linear(x * x, self.mean_w) + self.eps) * self.weight
 
 
+def _silu(x):
+    # Written out (what the core-ATen decomposition would make of it) so that the exported graph has
+    # no op left to decompose and the lowering skips a whole re-tracing pass (lower.py).
+    return x * torch.sigmoid(x)
+
+
 def _rotate(x, cos, sin, rot_t):
     return x * cos + torch.nn.functional.linear(x, rot_t) * sin
 
@@ -64,16 +70,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, rot_t, start: int, seq: int):
         q_size = self.heads * self.head_dim
-        q = _rotate(self.q(x).view(1, seq, self.heads, self.head_dim), cos, sin, rot_t)
-        k = _rotate(self.k(x).view(1, seq, self.kv_heads, self.head_dim), cos, sin, rot_t)
-        v = self.v(x).view(1, seq, self.kv_heads, self.head_dim)
+        # -1, not `seq`, for the dynamic length: XNNPACK takes a reshape with one -1 but none with a
+        # symbolic size, and a reshape it refuses splits the layer into two delegates.
+        q = _rotate(self.q(x).view(1, -1, self.heads, self.head_dim), cos, sin, rot_t)
+        k = _rotate(self.k(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin, rot_t)
+        v = self.v(x).view(1, -1, self.kv_heads, self.head_dim)
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
         if self.explicit:
             y = self._explicit_attention(q, start, seq)
         else:
             y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True, self.scale)
-        return self.o(y.reshape(1, seq, q_size))
+        return self.o(y.reshape(1, -1, q_size))
 
     def _explicit_attention(self, q, start: int, seq: int):
         end = start + seq
@@ -106,7 +114,7 @@ class Block(nn.Module):
         self.down = _linear(layer.down)
         self.post_attn_norm = RMSNorm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
         self.post_ffn_norm = RMSNorm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
-        self.act = nn.SiLU() if dec.activation == "silu" else nn.GELU(approximate="tanh")
+        self.act = _silu if dec.activation == "silu" else nn.GELU(approximate="tanh")
 
     def forward(self, x, cos, sin, rot_t, start: int, seq: int):
         h = self.attn(self.attn_norm(x), cos, sin, rot_t, start, seq)
@@ -140,11 +148,12 @@ class ExportableDecoder(nn.Module):
 
     def forward(self, tokens, input_pos, logit_rows):
         seq = tokens.shape[1]
-        start = input_pos[0].item()
+        # What `.item()` decomposes to, written directly for the same reason as `_silu`.
+        start = torch.ops.aten._local_scalar_dense.default(input_pos[0])
         torch._check(start >= 0)
         torch._check(start + seq <= self.max_context)
-        cos = self.rope_cos.narrow(0, start, seq).view(1, seq, 1, self.head_dim)
-        sin = self.rope_sin.narrow(0, start, seq).view(1, seq, 1, self.head_dim)
+        cos = self.rope_cos.narrow(0, start, seq).view(1, -1, 1, self.head_dim)
+        sin = self.rope_sin.narrow(0, start, seq).view(1, -1, 1, self.head_dim)
         x = self.embed_tokens(tokens)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
