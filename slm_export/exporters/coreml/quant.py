@@ -90,13 +90,18 @@ def kmeans_1d(values: np.ndarray, nbits: int, iters: int = 10) -> tuple[np.ndarr
     """(lookup table of 2**nbits values, index per value): Lloyd's k-means on a line.
 
     In 1-D the clusters of sorted data are runs, so each step is a search for the midpoints and
-    a cumulative sum, not a distance matrix. Starts from the quantiles; every value ends on its
-    nearest table entry (what `verify`'s package check tests). It minimises the mean error, not the
-    worst: a group's few outlier weights end up far from any entry (see README on palettization).
+    a cumulative sum, not a distance matrix. Every value ends on its nearest table entry (what
+    `verify`'s package check tests). The start decides what survives: from quantiles alone, a group's
+    few outlier weights fall into the outermost cluster, whose mean stays near the bulk, and are lost
+    (SmolLM2-135M, 4-bit palettes on every linear: perplexity 456,851 against 33.8 in fp32 on 512
+    tokens). Half the entries start on quantiles (the bulk) and half on an even grid over [min, max]
+    (the tails, as linear quantization covers them): perplexity 63.6 at 4 bits, 33.9 at 8 bits.
     """
     x = np.sort(values.astype(np.float32).ravel())
     k = 2 ** nbits
-    table = x[((np.arange(k) + 0.5) / k * (x.size - 1)).astype(int)]
+    bulk = x[((np.arange(k // 2) + 0.5) / (k // 2) * (x.size - 1)).astype(int)]
+    tails = np.linspace(x[0], x[-1], k - k // 2, dtype=np.float32)
+    table = np.sort(np.concatenate([bulk, tails]))
     csum = np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
     for _ in range(iters):
         cut = np.searchsorted(x, (table[1:] + table[:-1]) / 2)
