@@ -12,7 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from common import bench_per_prompt, VENVS, PeerError, dir_mb, ensure_venv as _ensure_venv, last_line, run_child, run_measured
+from common import VENVS, PeerError, bench_per_prompt, dir_mb, ensure_venv as _ensure_venv, last_line, run_child, run_measured
 
 NAME = "llama.cpp"
 VARIANTS = ["Q4_0", "Q8_0"]
@@ -108,6 +108,7 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str) -> dict:
 def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
           threads: int) -> list[dict]:
     return bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
+
 
 def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
     run_child(py, CHILD, dict(artifact=str(artifact), mode="logits", threads=threads, ids=ids, out_npy=str(out_npy)),

@@ -94,6 +94,7 @@ def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warm
           threads: int) -> list[dict]:
     return common.bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
+
 def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
     """Teacher-forced logits of `ids` fed from position 0, saved as float32 [len(ids), vocab] in out_npy."""
     out_npy = Path(out_npy).resolve()

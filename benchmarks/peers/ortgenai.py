@@ -115,6 +115,7 @@ def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warm
           threads: int) -> list[dict]:
     return common.bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
+
 def _npy_shape(path: Path) -> tuple[str, tuple]:
     """(dtype descr, shape) from a .npy header, without numpy."""
     with open(path, "rb") as f:

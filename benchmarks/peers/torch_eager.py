@@ -29,6 +29,7 @@ def bench(py: Path, artifact, prompts: list[list[int]], decode_tokens: int, warm
           threads: int) -> list[dict]:
     return bench_per_prompt(py, CHILD, artifact, prompts, decode_tokens, warmup, repeats, threads, NAME)
 
+
 def logits(py: Path, artifact, ids: list[int], out_npy: Path, threads: int) -> None:
     run_child(py, CHILD, dict(artifact=str(artifact), mode="logits", threads=threads, ids=ids, out_npy=str(out_npy)),
               "PyTorch eager logits")
