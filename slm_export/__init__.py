@@ -23,13 +23,14 @@ from .quantize import QuantSpec
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
            activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int = 8,
            quantize_lm_head: bool = True, palettize: bool = False, compute_precision: str | None = None,
-           out=None, force: bool = False, max_context: int | None = None, tokenizer=None,
+           kv_bits: int | None = None, out=None, force: bool = False, max_context: int | None = None, tokenizer=None,
            trust_remote_code: bool = False, log=print):
     """Export `model` to `target` and return an `Artifact`.
 
     max_context: KV-cache length; default min(2048, the model's max_position_embeddings).
     palettize: Core ML only, k-means palettes of 2**bits entries instead of linear quantization.
     compute_precision: "float16" (Core ML's default) or "float32"; other targets compute in float32.
+    kv_bits: KV-cache element bits, 32 or (ExecuTorch) 8; default: the target's first choice.
     model: None (bundled SmolLM2-135M-Instruct), a hub id, a local folder, a .gguf file, or a
     transformers causal LM object of a supported architecture (pass its `tokenizer` to use
     generate/bench on real text).
@@ -39,7 +40,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
                      embeddings=quantize_embeddings, embedding_bits=embedding_bits, lm_head=quantize_lm_head, palettize=palettize)
     return run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
-                      compute_precision=compute_precision,
+                      compute_precision=compute_precision, kv_bits=kv_bits,
                       tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)
 
 

@@ -31,10 +31,10 @@ class Artifact:
     def size_mb(self) -> float:
         return mf.model_size_bytes(self.manifest) / 1e6
 
-    def runner(self, threads: int | None = None):
+    def runner(self, threads: int | None = None, in_process: bool = False):
         from .runtimes import open_runner
 
-        return open_runner(self.path, self.manifest, threads)
+        return open_runner(self.path, self.manifest, threads, in_process)
 
     def codec(self):
         from .text import TextCodec

@@ -35,7 +35,7 @@ def library_versions(*names: str) -> dict:
 
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
                force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
-               tokenizer=None, trust_remote_code: bool = False, log=print):
+               kv_bits: int | None = None, tokenizer=None, trust_remote_code: bool = False, log=print):
     """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
     from .artifact import Artifact
 
@@ -44,6 +44,11 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     if compute_precision is not None and compute_precision not in exporter.compute_precisions:
         raise SlmExportError(f"--compute-precision {compute_precision} is not available for the {target} target; "
                              f"use {' or '.join(exporter.compute_precisions)}")
+    if kv_bits is None:
+        kv_bits = exporter.kv_cache_bits[0]
+    elif kv_bits not in exporter.kv_cache_bits:
+        raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {target} target; "
+                             f"use {' or '.join(map(str, exporter.kv_cache_bits))}")
     if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
         # int8 activations are "where the target can": this one cannot, so the label says weight-only
         log(f"note: the {target} target quantizes weights only; activations stay "
@@ -69,14 +74,14 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
 
     with staged_folder(out) as tmp:
         t1 = time.perf_counter()
-        options = ExportOptions(max_context=max_context, compute_precision=compute_precision)
+        options = ExportOptions(max_context=max_context, compute_precision=compute_precision, kv_bits=kv_bits)
         result = exporter.write(decoder, spec, tmp, options)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
         tok_info = _save_tokenizer(loaded, tmp)
         manifest = {
             "target": exporter.name,
-            "runtime": exporter.runtime,
+            "runtime": result.runtime or exporter.runtime,
             "model_file": result.model_file,
             "target_extra": result.extra,
             "source": loaded.source,

@@ -19,6 +19,7 @@ TARGETS: Registry = Registry("target")
 class ExportOptions:
     max_context: int = 2048
     compute_precision: str | None = None  # None: the target's default (its compute_precisions[0])
+    kv_bits: int = 32  # bits per KV-cache element (one of the target's kv_cache_bits)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TargetOutput:
     io: dict  # inputs / outputs / kv layout, recorded in the manifest for app developers
     report: object  # QuantReport
     extra: dict = field(default_factory=dict)
+    runtime: str | None = None  # the RUNTIMES name for these files, when not the exporter's `runtime`
 
 
 class Exporter(Protocol):
@@ -63,6 +65,7 @@ class ExporterBase:
     """Defaults for targets whose runtime runs everywhere slm-export does."""
 
     compute_precisions: tuple[str, ...] = ("float32",)
+    kv_cache_bits: tuple[int, ...] = (32,)  # what --kv-bits may be here; the first is the default
     quantizes_activations = True
     # What `slm-export fit` assumes about this target's files and runtime before anything is exported.
     float_weight_bytes = 4  # bytes per weight kept float

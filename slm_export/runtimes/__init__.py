@@ -18,5 +18,12 @@ def _register_builtin_runtimes() -> None:
 _register_builtin_runtimes()
 
 
-def open_runner(folder, manifest: dict, threads: int | None = None):
-    return RUNTIMES.get(manifest["runtime"])(folder, manifest, threads)
+def open_runner(folder, manifest: dict, threads: int | None = None, in_process: bool = False):
+    """The runner for `manifest`'s runtime; in a child process if the runtime needs its own
+    (`in_process=True` only from a process made to hold the runtime alone: measure, replay, child)."""
+    runtime = RUNTIMES.get(manifest["runtime"])
+    if runtime.needs_own_process and not in_process:
+        from .child import ChildRunner
+
+        return ChildRunner(folder, manifest, threads, runtime)
+    return runtime(folder, manifest, threads)

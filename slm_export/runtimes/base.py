@@ -22,6 +22,9 @@ class Runner(ABC):
     # True when the runtime's Python bindings load libtorch themselves (ExecuTorch's do): the
     # measuring process then allows torch, and its baseline RSS reading includes it.
     imports_torch = False
+    # True when loading the runtime into a process that holds other libraries can break it (the
+    # torch-free ExecuTorch runner): open_runner then runs it in a child process (runtimes/child.py).
+    needs_own_process = False
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None):
         self.folder, self.manifest = Path(folder), manifest

@@ -70,7 +70,7 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
     runtime.import_sdk()
     baseline = rss_mb()  # Python + the runtime's library, before the model
     t0 = time.perf_counter()
-    runner = art.runner(threads)
+    runner = art.runner(threads, in_process=True)  # this process holds the runtime alone
     load_s = time.perf_counter() - t0
     _say(progress, f"loaded in {load_s:.2f}s ({rss_mb():.0f} MB resident)")
     rows = []

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     from ..errors import SlmExportError
 
     try:
-        runner = Artifact.open(a.folder, check=False).runner(a.threads)  # the parent checked the files
+        # the parent checked the files; this process holds the runtime alone
+        runner = Artifact.open(a.folder, check=False).runner(a.threads, in_process=True)
         outputs = run_steps(runner, json.loads(open(a.steps).read()))
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)

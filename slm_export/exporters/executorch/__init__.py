@@ -27,7 +27,7 @@ def require_sdk() -> None:
             "pip install executorch==1.5.1 torchao==0.18.0 (with torch==2.13.0 installed first)") from None
 
 
-def build_module(decoder, spec, max_context: int):
+def build_module(decoder, spec, max_context: int, kv_bits: int = 32):
     """The quantized PyTorch program that is exported: (module, QuantReport)."""
     import torch
 
@@ -35,7 +35,7 @@ def build_module(decoder, spec, max_context: int):
     from .quant import quantize_module
 
     with torch.no_grad():
-        module = ExportableDecoder(decoder, max_context).eval()
+        module = ExportableDecoder(decoder, max_context, kv_bits).eval()
         report = quantize_module(module, spec)
     return module, report
 
@@ -45,8 +45,8 @@ class ExecuTorchExporter(ExporterBase):
     name = "executorch"
     runtime = "executorch"
     packages = ("executorch", "torchao")
-    # The C++ runtime with XNNPACK in an app (an estimate); the Python bindings used here load
-    # libtorch as well (356 MB measured before the model), which no app pays.
+    kv_cache_bits = (32, 8)
+    # The C++ runtime with XNNPACK (our runner measures ~15 MB of libraries; an app's own code aside).
     runtime_overhead_mb = 30.0
 
     def check(self, spec) -> None:
@@ -71,11 +71,14 @@ class ExecuTorchExporter(ExporterBase):
         require_sdk()
         from .lower import PREFILL_CHUNK, export_program, write_pte
 
-        module, report = build_module(decoder, spec, options.max_context)
+        module, report = build_module(decoder, spec, options.max_context, options.kv_bits)
         program = export_program(module, options.max_context)
         write_pte(program, Path(out_dir) / MODEL_FILE)
         chunk = min(PREFILL_CHUNK, options.max_context)
-        kv_bytes = 2 * decoder.num_layers * options.max_context * decoder.num_kv_heads * decoder.head_dim * 4
+        int8_kv = options.kv_bits == 8
+        # int8 rows carry an fp32 scale and an int8 zero point each
+        row_bytes = decoder.head_dim + 5 if int8_kv else decoder.head_dim * 4
+        kv_bytes = 2 * decoder.num_layers * options.max_context * decoder.num_kv_heads * row_bytes
         io = {
             "methods": {METHOD: {
                 "inputs": {
@@ -89,13 +92,20 @@ class ExecuTorchExporter(ExporterBase):
             }},
             "prefill_chunk": chunk,
             "kv_layout": {"layers": decoder.num_layers, "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim,
-                          "dtype": "float32", "in_program": True, "bytes": kv_bytes,
+                          "dtype": "int8 rows, fp32 scale + int8 zero point per row" if int8_kv else "float32",
+                          "in_program": True, "bytes": kv_bytes,
                           "note": "mutable buffers inside the program, sized for max_context; "
                                   "a new conversation just starts again at input_pos 0"},
         }
-        extra = {"delegate": "XnnpackBackend", "custom_ops": ["llama::update_cache", "llama::custom_sdpa"],
-                 "quantized_ops": ["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []}
-        return TargetOutput(MODEL_FILE, io, report, extra)
+        sdpa = "llama::custom_quantized_sdpa" if int8_kv else "llama::custom_sdpa"
+        extra = {"delegate": "XnnpackBackend", "custom_ops": ["llama::update_cache", sdpa],
+                 "quantized_ops": (["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []) +
+                                  (["quantized_decomposed::choose_qparams_per_token_asymmetric / quantize_per_token"]
+                                   if int8_kv else []),
+                 "kv_bits": options.kv_bits}
+        # The torch-free C++ runner implements custom_sdpa, not ExecuTorch's int8-cache attention,
+        # whose kernel ships only linked to libtorch: those files run in the Python bindings.
+        return TargetOutput(MODEL_FILE, io, report, extra, runtime="executorch-pybind" if int8_kv else None)
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         # XNNPACK keeps its weights in an opaque delegate blob, so they are not read back out of the

@@ -21,7 +21,9 @@ from ..torch_parts import (linear_module as _linear, lm_head_module, rope_tables
 
 
 def _custom_ops() -> None:
-    # Registers torch.ops.llama.* (export-time meta functions and the CPU kernels).
+    # Registers torch.ops.llama.* (export-time meta functions and the CPU kernels), and the out
+    # variants of the quantized_decomposed ops that the int8 KV cache leaves outside the delegate.
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 
@@ -45,12 +47,21 @@ def _silu(x):
     return x * torch.sigmoid(x)
 
 
+def _quantize_rows(x):
+    """Per-row (last dim) asymmetric int8: (values, fp32 scales, int8 zero points), as
+    custom_quantized_sdpa reads them."""
+    ops = torch.ops.quantized_decomposed
+    scale, zero = ops.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+    q = ops.quantize_per_token.default(x, scale, zero, -128, 127, torch.int8)
+    return q, scale.to(torch.float32), zero.to(torch.int8)
+
+
 def _rotate(x, cos, sin, rot_t):
     return x * cos + torch.nn.functional.linear(x, rot_t) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, dec, layer, max_context: int):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int = 32):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
         self.scale = float(dec.attn_scale)
@@ -60,9 +71,18 @@ class Attention(nn.Module):
         self.q, self.k, self.v = _linear(q), _linear(k), _linear(v)
         self.o = _linear(layer.o)
         shape = (1, max_context, self.kv_heads, self.head_dim)
+        # int8 cache: each cached row (one token, one head) is int8 with its own fp32 scale and
+        # int8 zero point, read by custom_quantized_sdpa; a quarter of the fp32 cache's memory.
+        self.kv_int8 = kv_bits == 8 and not self.explicit
+        dtype = torch.int8 if self.kv_int8 else torch.float32
         # persistent=False: the cache is state, not weights; ExecuTorch plans it as a mutable buffer.
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        if self.kv_int8:
+            row = (1, max_context, self.kv_heads, 1)
+            for name in ("k", "v"):
+                self.register_buffer(f"{name}_scales", torch.ones(row), persistent=False)
+                self.register_buffer(f"{name}_zeros", torch.zeros(row, dtype=torch.int8), persistent=False)
 
     @property
     def explicit(self) -> bool:
@@ -75,6 +95,9 @@ class Attention(nn.Module):
         q = _rotate(self.q(x).view(1, -1, self.heads, self.head_dim), cos, sin, rot_t)
         k = _rotate(self.k(x).view(1, -1, self.kv_heads, self.head_dim), cos, sin, rot_t)
         v = self.v(x).view(1, -1, self.kv_heads, self.head_dim)
+        if self.kv_int8:
+            y = self._int8_cache_attention(q, k, v, start)
+            return self.o(y.reshape(1, -1, q_size))
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
         if self.explicit:
@@ -82,6 +105,17 @@ class Attention(nn.Module):
         else:
             y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True, self.scale)
         return self.o(y.reshape(1, -1, q_size))
+
+    def _int8_cache_attention(self, q, k, v, start: int):
+        k8, k_scale, k_zero = _quantize_rows(k)
+        v8, v_scale, v_zero = _quantize_rows(v)
+        for value, cache in ((k8, self.k_cache), (k_scale, self.k_scales), (k_zero, self.k_zeros),
+                             (v8, self.v_cache), (v_scale, self.v_scales), (v_zero, self.v_zeros)):
+            torch.ops.llama.update_cache(value, cache, start)
+        q8, q_scale, q_zero = _quantize_rows(q)
+        return torch.ops.llama.custom_quantized_sdpa(
+            q8, self.k_cache, self.v_cache, start, None, 0, True, self.scale,
+            q_zero, q_scale, self.k_zeros, self.k_scales, self.v_zeros, self.v_scales)
 
     def _explicit_attention(self, q, start: int, seq: int):
         end = start + seq
@@ -103,11 +137,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dec, layer, max_context: int):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int):
         super().__init__()
         eps = dec.rms_eps
         self.attn_norm = RMSNorm(layer.attn_norm, eps)
-        self.attn = Attention(dec, layer, max_context)
+        self.attn = Attention(dec, layer, max_context, kv_bits)
         self.ffn_norm = RMSNorm(layer.ffn_norm, eps)
         gate, up = _split(layer.gate_up)
         self.gate, self.up = _linear(gate), _linear(up)
@@ -129,13 +163,13 @@ class Block(nn.Module):
 
 
 class ExportableDecoder(nn.Module):
-    def __init__(self, dec, max_context: int):
+    def __init__(self, dec, max_context: int, kv_bits: int = 32):
         super().__init__()
         _custom_ops()
         self.max_context = max_context
         self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
         self.embed_scale = float(dec.embed_scale)
-        self.layers = nn.ModuleList(Block(dec, layer, max_context) for layer in dec.layers)
+        self.layers = nn.ModuleList(Block(dec, layer, max_context, kv_bits) for layer in dec.layers)
         self.sources = weight_sources(self.layers)
         self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
         self.lm_head = lm_head_module(dec)

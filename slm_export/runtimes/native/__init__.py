@@ -1,0 +1,170 @@
+"""The torch-free ExecuTorch runner: a small C++ library built on first use, called through ctypes.
+
+The executorch wheel ships its C++ runtime (libexecutorch.so, the XNNPACK delegate, the optimized
+and quantized kernels, headers and a CMake config) free of libtorch; only its Python bindings and
+its LLM custom-op kernels link libtorch. `llama_ops.cpp` implements the two custom ops our .pte
+files call, `runner.cpp` loads and runs a program, and this module compiles both against the wheel
+once per (sources, executorch version, compiler) into a user cache, so that running a .pte costs
+what it costs in an app, not an app plus PyTorch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import SlmExportError
+
+SOURCES = ("runner.cpp", "llama_ops.cpp")
+HEADERS = ("attention.h",)
+LIBS = ("executorch", "executorch_kernels_optimized", "executorch_kernels_quantized", "executorch_backend_xnnpack",
+        "executorch_threadpool")
+# The definitions the wheel's CMake config (lib/cmake/executorch) says a consumer must compile with.
+DEFINES = ("C10_USING_CUSTOM_GENERATED_MACROS", "ET_EVENT_TRACER_ENABLED", "ET_USE_THREADPOOL")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SLM_EXPORT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slm-export")
+    return Path(base) / "native"
+
+
+def _executorch_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("executorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlmExportError("running a .pte needs the executorch package: pip install executorch==1.5.1 "
+                             "(with torch==2.13.0 installed first)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not (root / "include" / "executorch").is_dir() or not (root / "lib" / "libexecutorch.so").is_file():
+        raise SlmExportError(f"the executorch package at {root} has no C++ runtime (include/ and lib/libexecutorch.so); "
+                             "reinstall it: pip install --force-reinstall --no-deps executorch==1.5.1")
+    return root
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx or not shutil.which(cxx):
+        raise SlmExportError(
+            "running a .pte builds slm-export's torch-free ExecuTorch runner once (two short C++ files) and needs a "
+            "C++ compiler: install one (Debian/Ubuntu: apt install g++) or set CXX to its path")
+    return cxx
+
+
+def _command(cxx: str, root: Path, out: Path, native_flags: bool) -> list[str]:
+    here = Path(__file__).parent
+    inc = root / "include"
+    return [cxx, "-O3", *(["-march=native"] if native_flags else []), "-ffast-math", "-std=c++17", "-shared", "-fPIC",
+            *(f"-D{d}" for d in DEFINES), f"-I{inc}", f"-I{inc / 'executorch/runtime/core/portable_type/c10'}",
+            *(str(here / s) for s in SOURCES), "-o", str(out), f"-L{root / 'lib'}",
+            # registration-only libraries (kernels, the delegate) must stay linked though nothing names them
+            "-Wl,--no-as-needed", *(f"-l{lib}" for lib in LIBS), "-Wl,--as-needed", f"-Wl,-rpath,{root / 'lib'}"]
+
+
+def _cpu_flags() -> str:
+    # Part of the cache key: a -march=native build must not be reused on another CPU (a shared home).
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+@lru_cache(maxsize=1)
+def library_path() -> Path:
+    """The built library, compiling it first if this (sources, executorch, compiler) has none yet."""
+    from importlib import metadata
+
+    root = _executorch_root()
+    cxx = _compiler()
+    here = Path(__file__).parent
+    key = hashlib.sha256()
+    for s in SOURCES + HEADERS:
+        key.update((here / s).read_bytes())
+    key.update(f"{metadata.version('executorch')}|{root}|{cxx}|{platform.machine()}|{_cpu_flags()}".encode())
+    target = cache_dir() / key.hexdigest()[:16] / "libslm_et.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a temp file and renamed into place: two processes building at once both succeed.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        # -march=native makes the attention loops use this CPU's widest vectors; an old or odd
+        # compiler that rejects it gets a portable build instead.
+        for native_flags in (True, False):
+            proc = subprocess.run(_command(cxx, root, out, native_flags), capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+        else:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+            raise SlmExportError(f"building the ExecuTorch runner with {cxx} failed:\n{tail}")
+        os.replace(out, target)
+    return target
+
+
+# ExecuTorch's own builds of kernels this library registers too (loaded by exporting, or by its Python
+# bindings). ExecuTorch's operator registry aborts the process on a duplicate name.
+_CONFLICTING = ("libcustom_ops_aot_lib", "libquantized_ops_aot_lib", "executorch/extension/pybindings/_C")
+
+
+def _conflicts_in_this_process() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return []
+    return [name for name in _CONFLICTING if name in maps]
+
+
+class NativeProgram:
+    """One loaded .pte method: forward(tokens, input_pos, rows) -> logits [rows, vocab]."""
+
+    def __init__(self, pte: Path, method: str, threads: int, vocab: int):
+        path = library_path()
+        conflicts = _conflicts_in_this_process()
+        if conflicts:
+            raise SlmExportError(
+                f"the torch-free ExecuTorch runner cannot load into a process that has loaded {conflicts[0]} (ExecuTorch's "
+                "Python packages register the same kernels); open the runner without in_process=True, which runs it in "
+                "a child process")
+        lib = ctypes.CDLL(str(path))
+        lib.slm_et_open.restype = ctypes.c_void_p
+        lib.slm_et_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+        lib.slm_et_forward.restype = ctypes.c_int
+        lib.slm_et_forward.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
+        lib.slm_et_close.argtypes = [ctypes.c_void_p]
+        self._lib, self._method, self.vocab = lib, method.encode(), vocab
+        self._err = ctypes.create_string_buffer(2048)
+        self._handle = lib.slm_et_open(str(pte).encode(), self._method, threads, self._err, len(self._err))
+        if not self._handle:
+            raise SlmExportError(f"{pte}: {self._err.value.decode(errors='replace')}")
+
+    def forward(self, tokens: np.ndarray, position: int, rows: np.ndarray) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.vocab), dtype=np.float32)
+        rc = self._lib.slm_et_forward(self._handle, self._method, tokens.ctypes.data, tokens.size, position,
+                                      rows.ctypes.data, rows.size, out.ctypes.data, out.size, self._err, len(self._err))
+        if rc:
+            raise SlmExportError(f"the ExecuTorch runner failed: {self._err.value.decode(errors='replace')}")
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None):
+            self._lib.slm_et_close(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+

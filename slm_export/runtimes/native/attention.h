@@ -1,0 +1,145 @@
+// Causal grouped-query attention over a KV cache, in plain C++ (no ExecuTorch types), so that
+// llama_ops.cpp wraps it as a kernel and attention_bench.cpp times it alone.
+//
+// q [S, H, D] (rows at positions start..start+S-1) attends to cache rows 0..start+s of
+// k, v [T, Hkv, D]; query head h reads kv head h / (H / Hkv); out [S, H, D].
+//
+// The work is split into items of (kv head, block of query rows, chunk of keys), each an exact
+// softmax over its chunk with its own max, merged afterwards (the flash-decoding scheme): a decode
+// step still spreads over every thread, which a split by heads alone would not do (3 kv heads on
+// 2 threads leaves one idle half the time). Within an item, each key and value row is read once
+// for all the query vectors that share it.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace slm_export {
+
+constexpr int64_t kKeyChunk = 128;  // keys per work item
+constexpr int64_t kRowBlock = 4;    // query rows per work item (prefill)
+
+struct Partial {  // one item's softmax state for one (query row, query head)
+  float max;
+  float sum;
+};
+
+// Scores of nvec query vectors (qs, pre-scaled, D apart) against n key rows (stride ks) into
+// sc [nvec][n]. DIM > 0 fixes the head size at compile time, so the loops unroll into registers.
+template <int DIM>
+inline void item_scores(const float* __restrict qs, int64_t nvec, const float* __restrict k, int64_t ks,
+                        int64_t n, int64_t dim, float* __restrict sc) {
+  const int64_t D = DIM > 0 ? DIM : dim;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* __restrict kr = k + j * ks;
+    for (int64_t i = 0; i < nvec; ++i) {
+      const float* __restrict qv = qs + i * D;
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += qv[d] * kr[d];
+      sc[i * n + j] = dot;
+    }
+  }
+}
+
+// acc[i] = sum_j p[i][j] * v[j] for nvec rows of weights p [nvec][n] over n value rows (stride vs).
+template <int DIM>
+inline void item_values(const float* __restrict p, int64_t nvec, const float* __restrict v, int64_t vs,
+                        int64_t n, int64_t dim, float* __restrict acc) {
+  const int64_t D = DIM > 0 ? DIM : dim;
+  std::fill(acc, acc + nvec * D, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* __restrict vr = v + j * vs;
+    for (int64_t i = 0; i < nvec; ++i) {
+      const float w = p[i * n + j];
+      float* __restrict a = acc + i * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += w * vr[d];
+    }
+  }
+}
+
+template <int DIM, typename ParallelFor>
+void causal_attention_impl(const float* q, const float* k, const float* v, float* out, int64_t S, int64_t H,
+                           int64_t Hkv, int64_t D, int64_t start, float scale, ParallelFor&& parallel_for) {
+  const int64_t group = H / Hkv, keys = start + S, kv_row = Hkv * D;
+  const int64_t row_blocks = (S + kRowBlock - 1) / kRowBlock;
+  const int64_t chunks = (keys + kKeyChunk - 1) / kKeyChunk;
+  const int64_t items = Hkv * row_blocks * chunks;
+  std::vector<Partial> partial(static_cast<size_t>(chunks * S * H));
+  std::vector<float> acc(static_cast<size_t>(chunks * S * H * D));
+
+  parallel_for(int64_t(0), items, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(static_cast<size_t>(kRowBlock * group * D));
+    std::vector<float> sc(static_cast<size_t>(kRowBlock * group * kKeyChunk));
+    std::vector<float> part(static_cast<size_t>(kRowBlock * group * D));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item % chunks, rb = (item / chunks) % row_blocks, hk = item / (chunks * row_blocks);
+      const int64_t s0 = rb * kRowBlock, s1 = std::min(S, s0 + kRowBlock);
+      const int64_t j0 = c * kKeyChunk, n = std::min(keys, j0 + kKeyChunk) - j0;
+      const int64_t nvec = (s1 - s0) * group;
+      for (int64_t i = 0; i < nvec; ++i) {  // vector i: row s0 + i / group, head hk * group + i % group
+        const float* src = q + ((s0 + i / group) * H + hk * group + i % group) * D;
+        for (int64_t d = 0; d < D; ++d) qs[i * D + d] = src[d] * scale;
+      }
+      item_scores<DIM>(qs.data(), nvec, k + j0 * kv_row + hk * D, kv_row, n, D, sc.data());
+      // Softmax numerators over the keys each row may see (causal); keys it may not see weigh 0.
+      for (int64_t i = 0; i < nvec; ++i) {
+        const int64_t s = s0 + i / group;
+        const int64_t visible = std::max<int64_t>(0, std::min(n, start + s + 1 - j0));
+        float* row = sc.data() + i * n;
+        float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
+        for (int64_t j = 0; j < visible; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        std::fill(row + visible, row + n, 0.f);
+        partial[(c * S + s) * H + hk * group + i % group] = {mx, sum};
+      }
+      item_values<DIM>(sc.data(), nvec, v + j0 * kv_row + hk * D, kv_row, n, D, part.data());
+      for (int64_t i = 0; i < nvec; ++i) {
+        const int64_t s = s0 + i / group, h = hk * group + i % group;
+        std::copy(part.data() + i * D, part.data() + (i + 1) * D, acc.data() + ((c * S + s) * H + h) * D);
+      }
+    }
+  });
+
+  // Merge the chunks of each (row, head): rescale each to the common max, then normalise.
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t h = 0; h < H; ++h) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Partial& p = partial[(c * S + s) * H + h];
+        if (p.sum > 0.f) mx = std::max(mx, p.max);
+      }
+      float* o = out + (s * H + h) * D;
+      std::fill(o, o + D, 0.f);
+      float total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Partial& p = partial[(c * S + s) * H + h];
+        if (p.sum <= 0.f) continue;
+        const float w = std::exp(p.max - mx);
+        total += w * p.sum;
+        const float* a = acc.data() + ((c * S + s) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+}
+
+// parallel_for(begin, end, fn(begin, end)) splits [begin, end) over the caller's threads.
+template <typename ParallelFor>
+void causal_attention(const float* q, const float* k, const float* v, float* out, int64_t S, int64_t H, int64_t Hkv,
+                      int64_t D, int64_t start, float scale, ParallelFor&& parallel_for) {
+  switch (D) {  // the head sizes of the supported architectures, unrolled; any other size works too
+    case 64: return causal_attention_impl<64>(q, k, v, out, S, H, Hkv, D, start, scale, parallel_for);
+    case 96: return causal_attention_impl<96>(q, k, v, out, S, H, Hkv, D, start, scale, parallel_for);
+    case 128: return causal_attention_impl<128>(q, k, v, out, S, H, Hkv, D, start, scale, parallel_for);
+    default: return causal_attention_impl<0>(q, k, v, out, S, H, Hkv, D, start, scale, parallel_for);
+  }
+}
+
+}  // namespace slm_export
