@@ -13,6 +13,7 @@ from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.pte"
 METHOD = "forward"
+KV_BUFFERS = ("k_cache", "v_cache", "k_scales", "v_scales", "k_zeros", "v_zeros")  # module.py's names
 
 
 def require_sdk() -> None:
@@ -76,9 +77,11 @@ class ExecuTorchExporter(ExporterBase):
         write_pte(program, Path(out_dir) / MODEL_FILE)
         chunk = min(PREFILL_CHUNK, options.max_context)
         int8_kv = options.kv_bits == 8
-        # int8 rows carry an fp32 scale and an int8 zero point each
-        row_bytes = decoder.head_dim + 5 if int8_kv else decoder.head_dim * 4
-        kv_bytes = 2 * decoder.num_layers * options.max_context * decoder.num_kv_heads * row_bytes
+        # Read off the module: layers with explicit attention (Gemma-2) keep an fp32 cache whatever --kv-bits says.
+        kv_buffers = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in KV_BUFFERS]
+        kv_bytes = sum(b.numel() * b.element_size() for b in kv_buffers)
+        kv_dtypes = sorted({str(b.dtype).removeprefix("torch.") for name, b in module.named_buffers()
+                            if name.endswith(("k_cache", "v_cache"))})
         io = {
             "methods": {METHOD: {
                 "inputs": {
@@ -92,7 +95,8 @@ class ExecuTorchExporter(ExporterBase):
             }},
             "prefill_chunk": chunk,
             "kv_layout": {"layers": decoder.num_layers, "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim,
-                          "dtype": "int8 rows, fp32 scale + int8 zero point per row" if int8_kv else "float32",
+                          "dtype": " + ".join(kv_dtypes) + (" rows with an fp32 scale and int8 zero point each"
+                                                            if int8_kv else ""),
                           "in_program": True, "bytes": kv_bytes,
                           "note": "mutable buffers inside the program, sized for max_context; "
                                   "a new conversation just starts again at input_pos 0"},
