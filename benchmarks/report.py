@@ -121,8 +121,8 @@ def write(out: Path, rows: list[BenchResult], args, *, started: str, command: st
         f"{args.decode_tokens} single-token greedy steps after 8 warm-up steps; {args.rounds} round(s) alternating all "
         "systems, the median round reported (every round in results.json). Export s and export peak RSS = the whole "
         "export command (model load included) and its children. Peak RSS = VmHWM of the measuring process: Python, "
-        "the runtime and the model, no tokenizer; only PyTorch eager and ExecuTorch's pip bindings (which link "
-        "libtorch) hold torch. GB/s = weight bytes read per token x decode tok/s (slm-export: from its quant "
+        "the runtime and the model, no tokenizer; only PyTorch eager and optimum-executorch (run by ExecuTorch's pip "
+        "bindings, which link libtorch) hold torch; slm-export's .pte runs in its torch-free C++ runner. GB/s = weight bytes read per token x decode tok/s (slm-export: from its quant "
         "report; peers: the file size). Quality = teacher-forced logits on the first "
         f"{args.quality_tokens} tokens of the passage against PyTorch eager fp32: mean KL(fp32 || system) and top-1 "
         "agreement.\n\n## Headline\n\n" + "\n".join(headline(rows, args.prompt_tokens)) +
