@@ -10,6 +10,8 @@ PYTHON=${PYTHON:-python3}
 NEED=""
 [ -x /usr/sbin/sshd ] || NEED="$NEED openssh-server"
 command -v qemu-aarch64-static >/dev/null || NEED="$NEED qemu-user-static"
+#  - g++-aarch64-linux-gnu: the emulated ARM devices run a .pte with slm-export's runner built for aarch64.
+command -v aarch64-linux-gnu-g++ >/dev/null || NEED="$NEED g++-aarch64-linux-gnu"
 #  - g++: running a .pte builds slm-export's torch-free ExecuTorch runner (two short C++ files) once.
 command -v g++ >/dev/null || command -v clang++ >/dev/null || NEED="$NEED g++"
 if [ -n "$NEED" ] && command -v apt-get >/dev/null; then

@@ -14,6 +14,13 @@ from pathlib import Path
 from .errors import SlmExportError
 
 
+def user_cache_dir() -> Path:
+    """Where slm-export keeps what it builds or downloads once ($SLM_EXPORT_CACHE, else ~/.cache/slm-export)."""
+    if os.environ.get("SLM_EXPORT_CACHE"):
+        return Path(os.environ["SLM_EXPORT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "slm-export"
+
+
 def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise SlmExportError(f"output folder {out} already exists; pass --force to replace it or choose another --out")

@@ -1,4 +1,4 @@
-"""ARM without a board: the real aarch64 onnxruntime under QEMU user-mode emulation (issue #9).
+"""ARM without a board: the real aarch64 onnxruntime and ExecuTorch runtimes under QEMU user-mode emulation (issue #9).
 
 Everything here is real: Debian's qemu-user-static, Debian bookworm's arm64 packages and PyPI's
 aarch64 wheels, downloaded into this session's empty cache (conftest) the first time a test needs them.
@@ -30,6 +30,21 @@ def pi5():
     """The emulated Raspberry Pi 5 (prepared once per session: ~10 s of downloads)."""
     require_qemu()
     return emulation.prepare(load_profile("raspberry-pi-5"), "onnxruntime", say=lambda text: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_ptes(tmp_path_factory):
+    """.pte files run by slm-export's C++ runner built for aarch64 (needs Debian's cross compiler)."""
+    import shutil
+
+    if not shutil.which(emulation.CROSS_CXX):
+        why = f"{emulation.CROSS_CXX} is not installed (apt install g++-aarch64-linux-gnu; scripts/setup.sh does it as root)"
+        if os.environ.get("SLM_EXPORT_REQUIRE_QEMU"):
+            pytest.fail(f"SLM_EXPORT_REQUIRE_QEMU is set but {why}")
+        pytest.skip(why)
+    out = tmp_path_factory.mktemp("emu-pte")
+    return {bits: slm_export.export(tiny_model("llama"), tokenizer=tiny_tokenizer(), target="executorch", bits=bits,
+                                    out=out / f"pte{bits}", max_context=96, log=lambda *a: None) for bits in (16, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +97,34 @@ def test_tiny_model_passes_parity_on_the_emulated_pi(tiny_artifacts, bits):
     assert host.reference.endswith(" run") and host.positions == 32 + 16 - 1
     if bits == 16:  # float: the ARM and x86 kernels agree to rounding
         assert host.max_abs_logit_diff < 1e-3, report.format()
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_pte_passes_parity_on_the_emulated_pi(tiny_ptes, bits):
+    """The aarch64 executorch wheel's runtime, XNNPACK and kernels, with our runner and attention kernel
+    cross-compiled for aarch64, against PyTorch and against this machine's run of the same file."""
+    report = tiny_ptes[bits].verify(reference=tiny_model("llama"), device="sim:raspberry-pi-5", prompt_tokens=32,
+                                    decode_steps=16, perplexity=False)
+    assert report.passed, report.format()
+    assert report.device == "sim:raspberry-pi-5" and report.executed_by.startswith("executorch on sim:raspberry-pi-5")
+    host = report.comparisons[-1]
+    assert host.reference.endswith(" run") and host.positions == 32 + 16 - 1
+    if bits == 16:  # float: the ARM and x86 kernels agree to rounding
+        assert host.max_abs_logit_diff < 1e-3, report.format()
+
+
+def test_emulated_pte_bench_reports_memory_never_timings(tiny_ptes):
+    (row,) = tiny_ptes[4].bench(device="sim:raspberry-pi-5", prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
+    assert row.error is None and row.runtime == "executorch" and row.emulated.endswith("-cpu cortex-a76")
+    assert row.decode_tok_s is None and len(row.samples["emulated_decode_step_ms"]) == 4
+    assert row.peak_rss_mb > row.baseline_rss_mb > 0
+
+
+def test_missing_cross_compiler_is_one_sentence(monkeypatch, tmp_path):
+    monkeypatch.setattr(emulation.shutil, "which", lambda name: None)
+    with pytest.raises(SlmExportError, match=r"builds slm-export's ExecuTorch runner for aarch64 with aarch64-linux-gnu-g\+\+, "
+                                             r"which is not installed: apt install g\+\+-aarch64-linux-gnu"):
+        emulation._native_lib(tmp_path, say=lambda text: None)
 
 
 def test_arm_and_x86_differ_only_where_documented(pi5, tmp_path):
@@ -186,8 +229,6 @@ def test_missing_qemu_and_failed_downloads_are_one_sentence(pi5, tiny_artifacts,
 def test_a_runtime_without_an_emulated_build_says_so(tmp_path):
     with pytest.raises(SlmExportError, match="coreml runtime does not run under ARM emulation here: Core ML runs only"):
         emulation._site("coreml", say=lambda text: None)
-    with pytest.raises(SlmExportError, match="executorch runtime does not run .*libtorch.*limits:PROFILE"):
-        emulation._site("executorch", say=lambda text: None)
     with pytest.raises(SlmExportError, match="qemu_cpu 'cortex-x4': no such ARM core model"):
         emulation._cpuinfo("qemu-aarch64-static", "cortex-x4", tmp_path, 1)
     with pytest.raises(SlmExportError, match="has no qemu_cpu"):

@@ -237,6 +237,39 @@ def test_provision_installs_the_runtime_pinned_to_this_machines_versions(device,
     assert dev.describe()["python_path"] == str(venv_python)
 
 
+def test_measure_runs_a_pte_remotely_with_the_torch_free_runner(device, tmp_path):
+    """The .pte runner's C++ sources go up with the package; the board builds it once (g++) and runs it."""
+    pytest.importorskip("executorch")
+    import slm_export
+    from conftest import tiny_model
+
+    art = slm_export.export(tiny_model("llama"), target="executorch", bits=4, out=tmp_path / "pte", max_context=64,
+                            log=lambda *a: None)
+    rows = device().measure(art.path, **RUN)
+    assert rows[0]["decode_tok_s"] > 0 and rows[0]["peak_rss_mb"] > rows[0]["baseline_rss_mb"]
+    pkg = tmp_path / "remote" / "pkg" / package_files()[0] / "slm_export" / "runtimes" / "native"
+    assert {p.name for p in pkg.iterdir()} >= {"runner.cpp", "llama_ops.cpp", "attention.h"}
+
+
+@pytest.mark.slow  # pip installs executorch (without its dependencies) and numpy from PyPI into a fresh venv
+def test_provision_for_a_pte_installs_executorch_without_torch(device, tmp_path):
+    import slm_export
+    from conftest import tiny_model
+
+    pytest.importorskip("executorch")
+    art = slm_export.export(tiny_model("llama"), target="executorch", bits=4, out=tmp_path / "pte", max_context=64,
+                            log=lambda *a: None)
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    rows = device(python=str(bare / "bin" / "python"), provision=True).measure(art.path, **RUN)
+    assert rows[0]["decode_tok_s"] > 0
+    assert any(m.startswith("provisioning") and "executorch==" in m for m in device.said)
+    venv_python = tmp_path / "remote" / "venv" / "bin" / "python"
+    has = subprocess.run([venv_python, "-c", "import importlib.util as u; print(u.find_spec('torch') is not None, "
+                          "u.find_spec('executorch') is not None)"], capture_output=True, text=True, check=True)
+    assert has.stdout.split() == ["False", "True"]  # the runner needs the wheel's C++ runtime, not torch
+
+
 def test_cli_bench_on_a_named_ssh_device(server, tiny_art, tmp_path):  # noqa: F811
     """The user's path: a profile file with an address, `slm-export bench DIR --device NAME`, rows back."""
     from conftest import run_cli

@@ -12,6 +12,8 @@
                on an x86 one; with -L, QEMU looks for /proc/cpuinfo under the root first. The features
                the kernels really use come from `-cpu MODEL` (the profile's `qemu_cpu`).
   code/        a link to this slm_export package (pure Python), so the same runner modules run inside
+  native/KEY/  for the executorch runtime: slm-export's C++ runner built for aarch64 with Debian's cross
+               compiler against the aarch64 executorch wheel in site/ (the emulated root has no compiler)
 
 No binfmt registration is needed: QEMU is called directly on the emulated Python. Every step builds in
 a temp folder and renames it into place, so an interrupted prepare leaves nothing half-made and a
@@ -44,13 +46,19 @@ DEBIAN_PACKAGES = ("libc6", "libgcc-s1", "libstdc++6", "gcc-12-base", "libgomp1"
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64",
                    "manylinux2014_aarch64")
 # The packages each runtime's emulated site holds (numpy for the runner itself).
-RUNTIME_WHEELS = {"onnxruntime": ("onnxruntime", "numpy")}
+RUNTIME_WHEELS = {"onnxruntime": ("onnxruntime", "numpy"), "executorch": ("executorch", "numpy")}
 # Why the other runtimes do not run under emulation here (README "ARM without a board").
 NOT_EMULATED = {
-    "executorch": "ExecuTorch's aarch64 Python bindings link libtorch, and PyPI's aarch64 torch 2.13.0 is the CUDA "
-                  "build (427 MB) that loads only with 15 CUDA libraries present",
     "coreml": "Core ML runs only on Apple's operating systems",
 }
+# The ExecuTorch runtime is slm-export's C++ runner (runtimes/native) on the aarch64 wheel's libraries,
+# built here with Debian's cross compiler (the emulated root has none).
+CROSS_CXX = "aarch64-linux-gnu-g++"
+# What the emulated Python imports to say it runs: sets `version`.
+SMOKE = {"onnxruntime": "import onnxruntime; version = onnxruntime.__version__",
+         "executorch": ("import ctypes; from importlib.metadata import version as v; "
+                        "from slm_export.runtimes.native import library_path; ctypes.CDLL(str(library_path())); "
+                        "version = v('executorch')")}
 
 # What Linux prints for each core QEMU can model: (implementer, variant, part, revision). The Features
 # line is read from the emulated CPU itself (AT_HWCAP), so it always matches what `-cpu` turns on.
@@ -199,6 +207,22 @@ def _site(runtime: str, say) -> Path:
     return _into_place(build, cache_root() / "site" / "-".join(p.replace("==", "-") for p in pins)) / "site"
 
 
+def _native_lib(site: Path, say) -> Path:
+    """slm-export's ExecuTorch runner for aarch64, built against the emulated site's executorch wheel."""
+    from ..runtimes import native
+
+    cxx = shutil.which(CROSS_CXX)
+    if not cxx:
+        raise SlmExportError(f"running a .pte under ARM emulation builds slm-export's ExecuTorch runner for aarch64 with "
+                             f"{CROSS_CXX}, which is not installed: apt install g++-aarch64-linux-gnu "
+                             "(scripts/setup.sh does, when it can)")
+    root = site / "executorch"
+    target = cache_root() / "native" / native.source_key("aarch64", str(root), cxx) / "libslm_et.so"
+    if not target.is_file():
+        say(f"building slm-export's ExecuTorch runner for aarch64 with {CROSS_CXX}")
+    return native.build(root, cxx, target, native_flags=False)
+
+
 def _cpuinfo(qemu: str, cpu: str, base: Path, processors: int) -> str:
     model = cpu.split(",")[0]
     if model not in ARM_CORES:
@@ -231,12 +255,14 @@ class ArmEnvironment:
     root: Path
     site: Path
     code: Path
+    native_lib: Path | None = None  # the aarch64 ExecuTorch runner, for the executorch runtime
 
     def command(self, *args: str) -> list[str]:
         return [self.qemu, "-cpu", self.cpu, "-L", str(self.root), str(self.root / "usr/bin/python3.11"), *args]
 
     def env(self) -> dict:
-        return _clean_env(PYTHONPATH=os.pathsep.join([str(self.site), str(self.code)]))
+        extra = {"SLM_EXPORT_NATIVE_LIB": str(self.native_lib)} if self.native_lib else {}
+        return _clean_env(PYTHONPATH=os.pathsep.join([str(self.site), str(self.code)]), **extra)
 
     def describe(self) -> str:
         return f"qemu-aarch64 {qemu_version(self.qemu)} -cpu {self.cpu}"
@@ -251,6 +277,7 @@ def prepare(profile, runtime: str = "onnxruntime", say=None) -> ArmEnvironment:
     qemu = find_qemu()
     base = _base(say)
     site = _site(runtime, say)
+    native_lib = _native_lib(site, say) if runtime == "executorch" else None
     processors = len(os.sched_getaffinity(0))  # /sys/devices/system/cpu is the host's, so list as many
 
     def build_root(tmp: Path) -> None:
@@ -270,14 +297,13 @@ def prepare(profile, runtime: str = "onnxruntime", say=None) -> ArmEnvironment:
         tmp_link.unlink(missing_ok=True)
         tmp_link.symlink_to(here)
         os.replace(tmp_link, link)
-    return ArmEnvironment(qemu, profile.qemu_cpu, root, site, code)
+    return ArmEnvironment(qemu, profile.qemu_cpu, root, site, code, native_lib)
 
 
 def smoke_test(arm: ArmEnvironment, runtime: str) -> str:
     """Import the runtime in the emulated Python: one line saying what runs, or SlmExportError."""
-    module = RUNTIME_WHEELS[runtime][0]
-    code = (f"import platform, {module} as m; feats = [l for l in open('/proc/cpuinfo') if l.startswith('Features')]; "
-            f"print(f'{module} {{m.__version__}} on {{platform.machine()}} Python {{platform.python_version()}}, '"
+    code = (f"{SMOKE[runtime]}; import platform; feats = [l for l in open('/proc/cpuinfo') if l.startswith('Features')]; "
+            f"print(f'{runtime} {{version}} on {{platform.machine()}} Python {{platform.python_version()}}, '"
             f"f'{{feats[0].split(\":\")[1].strip()}}')")
     proc = subprocess.run(arm.command("-c", code), capture_output=True, text=True, env=arm.env(), timeout=300)
     if proc.returncode != 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import SlmExportError
+from ..staging import user_cache_dir as cache_dir
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 HARDWARE = ("big_cores", "big_core_ghz", "fp32_flops_per_cycle", "int8_ops_per_cycle", "memory_gb",
@@ -24,12 +25,6 @@ def user_dir() -> Path:
     base = os.environ.get("SLM_EXPORT_CONFIG") or os.path.join(
         os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "slm-export")
     return Path(base) / "devices"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("SLM_EXPORT_CACHE"):
-        return Path(os.environ["SLM_EXPORT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "slm-export"
 
 
 @dataclass

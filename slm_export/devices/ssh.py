@@ -63,10 +63,10 @@ def fingerprint(key) -> str:
 
 @cache
 def package_files() -> tuple[str, dict[str, Path]]:
-    """The hash of slm_export's .py files and data/, and the files (relpath -> path)."""
+    """The hash of slm_export's .py files, data/ and the C++ runner's sources, and the files (relpath -> path)."""
     root = Path(__file__).resolve().parents[1]
     files = {f"slm_export/{p.relative_to(root).as_posix()}": p for p in sorted(root.rglob("*"))
-             if p.is_file() and (p.suffix == ".py" or p.relative_to(root).parts[0] == "data")}
+             if p.is_file() and (p.suffix in (".py", ".cpp", ".h") or p.relative_to(root).parts[0] == "data")}
     h = hashlib.sha256()
     for rel, p in files.items():
         h.update(rel.encode() + b"\0" + p.read_bytes())
@@ -244,7 +244,7 @@ class SSHDevice:
             if info.get("arch") in NO_WHEELS_ARCH:
                 raise SlmExportError(f"{self.host} runs a 32-bit OS ({info['arch']}), for which {need[0]} publishes "
                                      "no pip wheels; install the 64-bit Raspberry Pi OS")
-            self._provision(venv, need)
+            self._provision(venv, need, RUNTIMES.get(runtime).pip_no_deps)
             info = self._probe()
             missing = [p for p in missing if p not in info["runtimes"]]
         if missing:
@@ -253,7 +253,7 @@ class SSHDevice:
                                  f"{self._python} on {self.host}; rerun with --provision to install {them} into {venv}")
         return info
 
-    def _provision(self, venv: str, need: list[str]) -> None:
+    def _provision(self, venv: str, need: list[str], no_deps: bool = False) -> None:
         base = self.python or "python3"
         pins = [f"{p}=={v}" if (v := _local_version(p)) else p for p in need]  # as exported and checked here
         code, _, err = self._exec(f"test -x {q(venv)}/bin/python || {q(base)} -m venv {q(venv)} || "
@@ -263,7 +263,8 @@ class SSHDevice:
                                  "Raspberry Pi OS / Debian: sudo apt install python3-venv")
         self.on_progress(f"provisioning {venv} on {self.host}: pip install {' '.join(pins)}")
         code, _, err = self._exec(f"{q(venv)}/bin/python -m pip install --disable-pip-version-check --progress-bar "
-                                  f"off {' '.join(map(q, pins))} 1>&2", 1800, on_line=self.on_progress)  # streamed
+                                  f"off {'--no-deps ' if no_deps else ''}{' '.join(map(q, pins))} 1>&2", 1800,
+                                  on_line=self.on_progress)  # streamed
         if code != 0:
             raise SlmExportError(f"pip could not install {' '.join(pins)} into {venv} on {self.host}: "
                                  f"{_tail(err, code)}")

@@ -25,6 +25,9 @@ class Runner(ABC):
     # True when loading the runtime into a process that holds other libraries can break it (the
     # torch-free ExecuTorch runner): open_runner then runs it in a child process (runtimes/child.py).
     needs_own_process = False
+    # True when the runner needs only the packages' own files, not what they declare (ExecuTorch's wheel
+    # declares torch; the torch-free runner uses its C++ libraries only): provisioning a device uses --no-deps.
+    pip_no_deps = False
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None):
         self.folder, self.manifest = Path(folder), manifest

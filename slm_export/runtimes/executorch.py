@@ -62,6 +62,7 @@ class ExecuTorchRunner(_PteRunner):
     # Its llama:: kernels and ExecuTorch's own (loaded by exporting, or by the Python bindings)
     # share one operator registry, which aborts the process on a duplicate name.
     needs_own_process = True
+    pip_no_deps = True  # the wheel's C++ runtime is all it needs; executorch declares torch (gigabytes on ARM)
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         super().__init__(folder, manifest, threads)

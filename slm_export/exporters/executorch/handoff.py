@@ -16,7 +16,7 @@ Every file's sha256 is in `manifest.json`; `slm-export inspect .` checks them.
 | | |
 |---|---|
 | model | `model.pte`: one method, `forward`, XNNPACK delegate |
-| runtime | ExecuTorch >= 1.5 with the XNNPACK backend, the LLM custom ops (`llama::update_cache`, `llama::custom_sdpa`) and the quantized kernels (`quantized_decomposed::embedding_byte`, `embedding_4bit`); the prebuilt Android AAR and iOS frameworks of ExecuTorch's LLM demo apps include all three |
+| runtime | ExecuTorch >= 1.5 with the XNNPACK backend, the LLM custom ops (`llama::update_cache`, `llama::custom_sdpa`) and the quantized kernels (`quantized_decomposed::embedding_byte`, `embedding_4bit`); the prebuilt Android AAR and iOS frameworks of ExecuTorch's LLM demo apps include all three. On Linux (a Pi, a laptop) the pip wheel's C++ runtime runs it without torch, with the two custom ops from slm-export's `slm_export/runtimes/native/` (`llama_ops.cpp`, `attention.h`, `runner.cpp`: what `slm-export bench` measured) |
 | tokenizer | `tokenizer.json` (Hugging Face tokenizers format) |
 | max context | {manifest['max_context']} tokens (the KV cache is inside the program: {kv['bytes'] / 2**20:.0f} MiB) |
 | stop tokens | {eos} |

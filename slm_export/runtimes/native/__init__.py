@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import SlmExportError
+from ...staging import user_cache_dir
 
 SOURCES = ("runner.cpp", "llama_ops.cpp")
 HEADERS = ("attention.h",)
@@ -29,12 +30,7 @@ LIBS = ("executorch", "executorch_kernels_optimized", "executorch_kernels_quanti
         "executorch_threadpool")
 # The definitions the wheel's CMake config (lib/cmake/executorch) says a consumer must compile with.
 DEFINES = ("C10_USING_CUSTOM_GENERATED_MACROS", "ET_EVENT_TRACER_ENABLED", "ET_USE_THREADPOOL")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("SLM_EXPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slm-export")
-    return Path(base) / "native"
+HERE = Path(__file__).parent
 
 
 def _executorch_root() -> Path:
@@ -61,11 +57,10 @@ def _compiler() -> str:
 
 
 def _command(cxx: str, root: Path, out: Path, native_flags: bool) -> list[str]:
-    here = Path(__file__).parent
     inc = root / "include"
     return [cxx, "-O3", *(["-march=native"] if native_flags else []), "-ffast-math", "-std=c++17", "-shared", "-fPIC",
             *(f"-D{d}" for d in DEFINES), f"-I{inc}", f"-I{inc / 'executorch/runtime/core/portable_type/c10'}",
-            *(str(here / s) for s in SOURCES), "-o", str(out), f"-L{root / 'lib'}",
+            *(str(HERE / s) for s in SOURCES), "-o", str(out), f"-L{root / 'lib'}",
             # registration-only libraries (kernels, the delegate) must stay linked though nothing names them
             "-Wl,--no-as-needed", *(f"-l{lib}" for lib in LIBS), "-Wl,--as-needed", f"-Wl,-rpath,{root / 'lib'}"]
 
@@ -79,29 +74,28 @@ def _cpu_flags() -> str:
         return ""
 
 
-@lru_cache(maxsize=1)
-def library_path() -> Path:
-    """The built library, compiling it first if this (sources, executorch, compiler) has none yet."""
-    from importlib import metadata
-
-    root = _executorch_root()
-    cxx = _compiler()
-    here = Path(__file__).parent
+def source_key(*parts: str) -> str:
+    """A cache key over the C++ sources and `parts` (what else the build depends on)."""
     key = hashlib.sha256()
     for s in SOURCES + HEADERS:
-        key.update((here / s).read_bytes())
-    key.update(f"{metadata.version('executorch')}|{root}|{cxx}|{platform.machine()}|{_cpu_flags()}".encode())
-    target = cache_dir() / key.hexdigest()[:16] / "libslm_et.so"
+        key.update((HERE / s).read_bytes())
+    key.update("|".join(parts).encode())
+    return key.hexdigest()[:16]
+
+
+def build(root: Path, cxx: str, target: Path, native_flags: bool) -> Path:
+    """Compile the runner against the executorch package at `root` into `target`, unless it is there.
+
+    Built in a temp file and renamed into place, so two processes building at once both succeed."""
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Built in a temp file and renamed into place: two processes building at once both succeed.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         # -march=native makes the attention loops use this CPU's widest vectors; an old or odd
         # compiler that rejects it gets a portable build instead.
-        for native_flags in (True, False):
-            proc = subprocess.run(_command(cxx, root, out, native_flags), capture_output=True, text=True)
+        for flags in ((True, False) if native_flags else (False,)):
+            proc = subprocess.run(_command(cxx, root, out, flags), capture_output=True, text=True)
             if proc.returncode == 0:
                 break
         else:
@@ -109,6 +103,24 @@ def library_path() -> Path:
             raise SlmExportError(f"building the ExecuTorch runner with {cxx} failed:\n{tail}")
         os.replace(out, target)
     return target
+
+
+@lru_cache(maxsize=1)
+def library_path() -> Path:
+    """The runner library for this machine, built first if this (sources, executorch, compiler) has none.
+
+    $SLM_EXPORT_NATIVE_LIB names a library built elsewhere (the ARM emulation builds one for aarch64)."""
+    from importlib import metadata
+
+    prebuilt = os.environ.get("SLM_EXPORT_NATIVE_LIB")
+    if prebuilt:
+        if not Path(prebuilt).is_file():
+            raise SlmExportError(f"SLM_EXPORT_NATIVE_LIB={prebuilt} does not exist; unset it to build the runner here")
+        return Path(prebuilt)
+    root = _executorch_root()
+    cxx = _compiler()
+    key = source_key(metadata.version("executorch"), str(root), cxx, platform.machine(), _cpu_flags())
+    return build(root, cxx, user_cache_dir() / "native" / key / "libslm_et.so", native_flags=True)
 
 
 # ExecuTorch's own builds of kernels this library registers too (loaded by exporting, or by its Python
