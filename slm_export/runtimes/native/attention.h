@@ -67,13 +67,21 @@ void causal_attention_impl(const float* q, const float* k, const float* v, float
   const int64_t row_blocks = (S + kRowBlock - 1) / kRowBlock;
   const int64_t chunks = (keys + kKeyChunk - 1) / kKeyChunk;
   const int64_t items = Hkv * row_blocks * chunks;
-  std::vector<Partial> partial(static_cast<size_t>(chunks * S * H));
-  std::vector<float> acc(static_cast<size_t>(chunks * S * H * D));
+  // Scratch reused across calls (this runs once per layer per decoded token): grown, never shrunk.
+  // The calling thread's buffers are shared with the workers through pointers (a thread_local named
+  // inside the lambda would be each worker's own); the workers' own scratch is theirs.
+  thread_local std::vector<Partial> partial_buf;
+  thread_local std::vector<float> acc_buf;
+  if (partial_buf.size() < static_cast<size_t>(chunks * S * H)) partial_buf.resize(chunks * S * H);
+  if (acc_buf.size() < static_cast<size_t>(chunks * S * H * D)) acc_buf.resize(chunks * S * H * D);
+  Partial* const partial = partial_buf.data();
+  float* const acc = acc_buf.data();
 
   parallel_for(int64_t(0), items, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(static_cast<size_t>(kRowBlock * group * D));
-    std::vector<float> sc(static_cast<size_t>(kRowBlock * group * kKeyChunk));
-    std::vector<float> part(static_cast<size_t>(kRowBlock * group * D));
+    thread_local std::vector<float> qs, sc, part;
+    if (qs.size() < static_cast<size_t>(kRowBlock * group * D)) qs.resize(kRowBlock * group * D);
+    if (sc.size() < static_cast<size_t>(kRowBlock * group * kKeyChunk)) sc.resize(kRowBlock * group * kKeyChunk);
+    if (part.size() < static_cast<size_t>(kRowBlock * group * D)) part.resize(kRowBlock * group * D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = item % chunks, rb = (item / chunks) % row_blocks, hk = item / (chunks * row_blocks);
       const int64_t s0 = rb * kRowBlock, s1 = std::min(S, s0 + kRowBlock);
@@ -101,7 +109,7 @@ void causal_attention_impl(const float* q, const float* k, const float* v, float
       item_values<DIM>(sc.data(), nvec, v + j0 * kv_row + hk * D, kv_row, n, D, part.data());
       for (int64_t i = 0; i < nvec; ++i) {
         const int64_t s = s0 + i / group, h = hk * group + i % group;
-        std::copy(part.data() + i * D, part.data() + (i + 1) * D, acc.data() + ((c * S + s) * H + h) * D);
+        std::copy(part.data() + i * D, part.data() + (i + 1) * D, acc + ((c * S + s) * H + h) * D);
       }
     }
   });
@@ -122,7 +130,7 @@ void causal_attention_impl(const float* q, const float* k, const float* v, float
         if (p.sum <= 0.f) continue;
         const float w = std::exp(p.max - mx);
         total += w * p.sum;
-        const float* a = acc.data() + ((c * S + s) * H + h) * D;
+        const float* a = acc + ((c * S + s) * H + h) * D;
         for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
       }
       const float inv = 1.f / total;
