@@ -29,9 +29,10 @@ print(json.dumps({}))
 """
 
 
-def export(hf_dir: Path, out: Path, target: str, bits: int) -> dict:
+def export(hf_dir: Path, out: Path, target: str, bits: int, kv_bits: int | None = None) -> dict:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, "--out", out, "--force"])
+    kv = ["--kv-bits", kv_bits] if kv_bits else []
+    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, *kv, "--out", out, "--force"])
     from slm_export.artifact import Artifact
 
     art = Artifact.open(out)

@@ -80,24 +80,26 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
         failed.append(BenchResult(system=name, model=model, runtime=family, error=str(e), machine=describe(),
                                   timestamp=now()))
 
-    for target in args.targets:
-        for bits in args.bits:
-            name = f"slm-export {target} {bits}-bit"
-            print(f"  exporting {name}", flush=True)
-            try:
-                info = ours.export(hf, work / f"slm-{target}-{bits}", target, bits)
-            except PeerError as e:
-                fail(name, "slm-export", e)
-                continue
-            name = f"slm-export {target} {info['quant']}"
+    variants = [(target, bits, None) for target in args.targets for bits in args.bits]
+    variants += [("executorch", bits, 16) for bits in args.executorch_kv16 if "executorch" in args.targets]
+    for target, bits, kv_bits in variants:
+        kv = f" kv{kv_bits}" if kv_bits else ""
+        name = f"slm-export {target} {bits}-bit{kv}"
+        print(f"  exporting {name}", flush=True)
+        try:
+            info = ours.export(hf, work / f"slm-{target}-{bits}{kv.strip()}", target, bits, kv_bits)
+        except PeerError as e:
+            fail(name, "slm-export", e)
+            continue
+        name = f"slm-export {target} {info['quant']}{kv}"
 
-            def bench(prompts, a, art=info["artifact"]):
-                rows = ours.bench(art, [len(p) for p in prompts], a.decode_tokens, 8, 3, a.threads)
-                for r in rows:
-                    r.model = model
-                return rows
-            systems.append(System(name, "slm-export", target, info, bench,
-                                  lambda ids, out, t, art=info["artifact"]: ours.logits(art, ids, out, t)))
+        def bench(prompts, a, art=info["artifact"]):
+            rows = ours.bench(art, [len(p) for p in prompts], a.decode_tokens, 8, 3, a.threads)
+            for r in rows:
+                r.model = model
+            return rows
+        systems.append(System(name, "slm-export", target, info, bench,
+                              lambda ids, out, t, art=info["artifact"]: ours.logits(art, ids, out, t)))
     for key in args.peers:
         peer = __import__(PEERS[key])
         try:
@@ -209,6 +211,8 @@ def main() -> int:
                     help=f"comma list from {', '.join(models.MODELS)}, or paths of your own Hugging Face folders")
     ap.add_argument("--targets", type=lambda s: s.split(","), default=["onnx", "executorch"])
     ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[16, 8, 4])
+    ap.add_argument("--executorch-kv16", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
+                    help="bit widths at which ExecuTorch is also exported with --kv-bits 16 (fp16 KV cache); empty for none")
     ap.add_argument("--peers", type=lambda s: s.split(",") if s else [], default=list(PEERS),
                     help=f"comma list from {', '.join(PEERS)}; empty for none")
     ap.add_argument("--threads", type=int, default=2)

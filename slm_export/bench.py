@@ -25,7 +25,8 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
     RUNTIMES.get(m["runtime"]).check_available()  # e.g. Core ML off macOS: one sentence, no empty rows
     dev = open_device(device, **(device_options or {}))
     profile = dev.profile
-    base = dict(system=f"slm-export {m['target']} {m['quant']['label']}",
+    kv_bits = m.get("target_extra", {}).get("kv_bits", 32)
+    base = dict(system=f"slm-export {m['target']} {m['quant']['label']}" + (f" kv{kv_bits}" if kv_bits != 32 else ""),
                 model=mf.source_label(m["source"]),
                 target=m["target"], runtime=m["runtime"], device=dev.name, simulated=dev.simulated,
                 quant=m["quant"]["label"], artifact_mb=round(artifact.size_mb, 2),

@@ -55,8 +55,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-context", type=int, default=None,
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
-    p.add_argument("--kv-bits", type=int, default=None, choices=[32, 8],
-                   help="ExecuTorch: 8 stores the KV cache as int8 rows with scales (a quarter of the memory); "
+    p.add_argument("--kv-bits", type=int, default=None, choices=[32, 16, 8],
+                   help="ExecuTorch: 16 stores the KV cache as fp16 (half the memory, runs in slm-export's runner), "
+                        "8 as int8 rows with scales (a quarter, runs in ExecuTorch's Python bindings); "
                         "default: the target's (32 elsewhere)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 

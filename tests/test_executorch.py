@@ -157,10 +157,11 @@ def test_bench_runs_in_its_own_process_and_records_torch_baseline(llama_int4):
     assert row.versions["executorch"]
 
 
-def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir):
+@pytest.mark.parametrize("kv_bits", ["32", "16"])  # 16: our slm:: ops, so the snippet uses our runner
+def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir, kv_bits):
     out = tmp_path / "pte"
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "--model", str(tiny_dir), "--target", "executorch", "--bits", "4",
-                        "--max-context", "256", "--out", str(out)], capture_output=True, text=True)
+                        "--kv-bits", kv_bits, "--max-context", "256", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "bundle", str(out), "--out", str(tmp_path / "b")],
                        capture_output=True, text=True)
@@ -170,6 +171,7 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir):
     assert "method        forward(tokens, input_pos, logit_rows) -> logits" in r.stdout and "checksums     ok" in r.stdout
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "forward(tokens, input_pos, logit_rows)" in readme and "chunks of at most 128" in readme
+    assert ("compile `llama_ops.cpp`" in readme) == (kv_bits == "16")  # what an app must add to ExecuTorch
     # the app developer's Python snippet runs as written
     import re
 

@@ -90,6 +90,99 @@ def test_int8_kv_cache_is_a_quarter_and_runs_in_the_python_bindings(tmp_path):
     assert fp32.mean_kl < 1e-3 and fp32.greedy_match_tokens >= 20, report.format()
 
 
+@pytest.mark.parametrize("head_dim", [16, 64])  # 16: the fp32-tile loops; 64: the register-widening ones (AVX here)
+def test_fp16_kv_cache_is_half_the_bytes_and_matches_pytorch(head_dim, tmp_path):
+    model = tiny_model("llama", head_dim=head_dim)
+    art = _export(model, tmp_path / "kv16", kv_bits=16)
+    m, cfg = art.manifest, model.config
+    assert m["runtime"] == "executorch" and m["target_extra"]["kv_bits"] == 16
+    assert m["target_extra"]["custom_ops"] == ["slm::sdpa", "slm::update_cache"]  # read off the program
+    kv = m["io"]["kv_layout"]
+    assert kv["dtype"] == "float16"
+    assert kv["bytes"] == 2 * cfg.num_hidden_layers * 256 * cfg.num_key_value_heads * head_dim * 2
+    # 203 prompt tokens: two key chunks merged, row blocks with a remainder, then one-token steps.
+    report = art.verify(reference=model, prompt_tokens=203, decode_steps=40, perplexity=False)
+    fp32 = report.comparisons[0]
+    assert report.executed_by == "executorch"
+    assert fp32.max_abs_logit_diff < 1e-2 and fp32.greedy_match_tokens == 40, report.format()
+
+
+def test_slm_ops_pytorch_definition_matches_executorch_custom_sdpa():
+    # kv_ops.py's eager implementation is the meaning of slm::sdpa; with an fp32 cache it must be
+    # ExecuTorch's llama::custom_sdpa (whose CPU kernel is loaded by the export path).
+    import torch
+
+    from slm_export.exporters.executorch.module import _custom_ops
+
+    _custom_ops()
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(1, 64, 2, 16, generator=gen), torch.randn(1, 64, 2, 16, generator=gen)
+    q = torch.randn(1, 5, 6, 16, generator=gen)
+    ours = torch.ops.slm.sdpa(q, k_cache, v_cache, 20, 0.25)
+    theirs = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, 20, None, 0, True, 0.25)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    half = torch.zeros(1, 64, 2, 16, dtype=torch.float16)
+    torch.ops.slm.update_cache(k_cache[:, :25], half, 0)
+    assert torch.equal(half[:, :25], k_cache[:, :25].half()) and not half[:, 25:].any()
+
+
+def test_runner_drops_its_mapping_of_the_pte_after_each_call(tmp_path):
+    # The embedding is read through the .pte's file mapping; after a call the runner holds none of
+    # those pages (they stay in the page cache). Run in a child: this process has ExecuTorch loaded.
+    import subprocess
+    import sys
+
+    art = _export(tiny_model("llama"), tmp_path / "pte", max_context=128)  # bits 16: fp32 embedding in the file
+    script = f"""
+import os, numpy as np
+from pathlib import Path
+from slm_export.runtimes.native import NativeProgram
+pte = os.path.realpath({str(art.path / 'model.pte')!r})
+def resident_kb():
+    total, ours = 0, False
+    for line in open('/proc/self/smaps'):
+        head = line.split()
+        if '-' in head[0] and ':' not in head[0]:
+            ours = line.rstrip().endswith(pte)
+        elif ours and head[0] == 'Rss:':
+            total += int(head[1])
+    return total
+p = NativeProgram(Path(pte), 'forward', 2, {art.manifest['model']['vocab_size']})
+p.forward(np.arange(0, 500, 7)[None], 0, np.array([0]))
+print(resident_kb())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == 0, r.stdout
+
+
+def test_pte_reaches_the_os_in_small_writes(tmp_path):
+    from slm_export.exporters.executorch.lower import WRITE_PIECE, _SmallWrites, write_pte
+
+    class ShortWritingRaw:  # records what reaches the OS, and takes at most half a piece per call
+        def __init__(self):
+            self.sizes, self.data = [], bytearray()
+
+        def write(self, data):
+            self.sizes.append(len(data))
+            taken = bytes(data[:WRITE_PIECE // 2])
+            self.data += taken
+            return len(taken)
+
+    raw = ShortWritingRaw()
+    payload = b"a" * (3 * WRITE_PIECE + 5)
+    _SmallWrites(raw).write(payload)
+    _SmallWrites(raw).write(bytearray(b"bc"))
+    assert max(raw.sizes) <= WRITE_PIECE and bytes(raw.data) == payload + b"bc"
+
+    class Program:
+        def write_to_file(self, f):
+            f.write(payload)
+
+    write_pte(Program(), tmp_path / "m.pte")
+    assert (tmp_path / "m.pte").read_bytes() == payload
+
+
 def test_kv_bits_8_is_refused_where_the_target_has_no_int8_cache(tmp_path):
     with pytest.raises(SlmExportError, match="--kv-bits 8 is not available for the onnx target; use 32"):
         slm_export.export("not/loaded", target="onnx", kv_bits=8, out=tmp_path / "o", log=lambda *a: None)

@@ -46,7 +46,7 @@ class ExecuTorchExporter(ExporterBase):
     name = "executorch"
     runtime = "executorch"
     packages = ("executorch", "torchao")
-    kv_cache_bits = (32, 8)
+    kv_cache_bits = (32, 16, 8)
     # The C++ runtime with XNNPACK (our runner measures ~15 MB of libraries; an app's own code aside).
     runtime_overhead_mb = 30.0
 
@@ -101,14 +101,16 @@ class ExecuTorchExporter(ExporterBase):
                           "note": "mutable buffers inside the program, sized for max_context; "
                                   "a new conversation just starts again at input_pos 0"},
         }
-        sdpa = "llama::custom_quantized_sdpa" if int8_kv else "llama::custom_sdpa"
-        extra = {"delegate": "XnnpackBackend", "custom_ops": ["llama::update_cache", sdpa],
+        # Read off the program: what an app's runtime must register beyond ExecuTorch's core kernels.
+        operators = {op.name for plan in program.executorch_program.execution_plan for op in plan.operators}
+        custom_ops = sorted(name for name in operators if name.startswith(("llama::", "slm::")))
+        extra = {"delegate": "XnnpackBackend", "custom_ops": custom_ops,
                  "quantized_ops": (["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []) +
                                   (["quantized_decomposed::choose_qparams_per_token_asymmetric / quantize_per_token"]
                                    if int8_kv else []),
                  "kv_bits": options.kv_bits}
-        # The torch-free C++ runner implements custom_sdpa, not ExecuTorch's int8-cache attention,
-        # whose kernel ships only linked to libtorch: those files run in the Python bindings.
+        # The torch-free C++ runner implements custom_sdpa and our slm:: ops, not ExecuTorch's int8-cache
+        # attention, whose kernel ships only linked to libtorch: those files run in the Python bindings.
         return TargetOutput(MODEL_FILE, io, report, extra, runtime="executorch-pybind" if int8_kv else None)
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:

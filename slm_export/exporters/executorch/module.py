@@ -4,7 +4,8 @@ Built for export, not for training: the KV cache lives inside the program as mut
 written in place by ExecuTorch's `llama::update_cache` op, and attention is its `llama::custom_sdpa`
 (causal, grouped-query, reads only the filled part of the cache). That is what ExecuTorch's own LLM
 path does: it keeps the exported graph small (no attention graph to trace and partition) and the
-decode step fast. Layers that need what custom_sdpa cannot do (Gemma-2's logit softcap and
+decode step fast. An fp16 cache uses our `slm::update_cache` / `slm::sdpa` instead (kv_ops.py),
+which take fp32 activations and convert inside the kernel. Layers that need what custom_sdpa cannot do (Gemma-2's logit softcap and
 sliding window) use an explicit attention over the cache instead.
 
 Method `forward(tokens [1, S] int64, input_pos [1] int64, logit_rows [K] int64) -> [K, vocab]`:
@@ -25,6 +26,10 @@ def _custom_ops() -> None:
     # variants of the quantized_decomposed ops that the int8 KV cache leaves outside the delegate.
     import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+    from .kv_ops import register
+
+    register()
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +79,8 @@ class Attention(nn.Module):
         # int8 cache: each cached row (one token, one head) is int8 with its own fp32 scale and
         # int8 zero point, read by custom_quantized_sdpa; a quarter of the fp32 cache's memory.
         self.kv_int8 = kv_bits == 8 and not self.explicit
-        dtype = torch.int8 if self.kv_int8 else torch.float32
+        self.kv_fp16 = kv_bits == 16 and not self.explicit
+        dtype = torch.int8 if self.kv_int8 else torch.float16 if self.kv_fp16 else torch.float32
         # persistent=False: the cache is state, not weights; ExecuTorch plans it as a mutable buffer.
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
@@ -97,6 +103,11 @@ class Attention(nn.Module):
         v = self.v(x).view(1, -1, self.kv_heads, self.head_dim)
         if self.kv_int8:
             y = self._int8_cache_attention(q, k, v, start)
+            return self.o(y.reshape(1, -1, q_size))
+        if self.kv_fp16:
+            torch.ops.slm.update_cache(k, self.k_cache, start)
+            torch.ops.slm.update_cache(v, self.v_cache, start)
+            y = torch.ops.slm.sdpa(q, self.k_cache, self.v_cache, start, self.scale)
             return self.o(y.reshape(1, -1, q_size))
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)

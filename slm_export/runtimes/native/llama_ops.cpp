@@ -11,6 +11,12 @@
 //     q [1, S, H, D] attends causally to cache rows 0..start_pos+s of k, v [1, T, Hkv, D]
 //     (grouped-query: query head h reads kv head h / (H / Hkv)); out [1, S, H, D].
 //     The attention itself is attention.h, spread over ExecuTorch's thread pool.
+//
+// And our own two for an fp16 cache (exporters/executorch/kv_ops.py defines them for export):
+//   slm::update_cache.out(Tensor value, Tensor(a!) cache, SymInt start_pos, *, Tensor(b!) out)
+//     as llama::update_cache, converting fp32 rows to the cache's dtype (fp16 or fp32);
+//   slm::sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale, *, Tensor(a!) out)
+//     as llama::custom_sdpa (causal, no mask) with an fp16 or fp32 cache and fp32 q and out.
 #include "attention.h"
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
@@ -57,15 +63,32 @@ Tensor& update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor&
   return out;
 }
 
-Tensor& custom_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                        const int64_t start_pos, const optional<Tensor>& attn_mask, const double dropout_p,
-                        const bool is_causal, const optional<double> scale, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, !attn_mask.has_value() && is_causal && dropout_p == 0.0, InvalidArgument, out,
-                      "custom_sdpa: only causal attention without a mask or dropout is implemented here");
-  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
-                               v.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "custom_sdpa: float32 q, k, v only (an int8 KV cache needs "
-                                            "ExecuTorch's custom_quantized_sdpa)");
+Tensor& slm_update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor& cache, const int64_t start_pos,
+                             Tensor& out) {
+  if (cache.scalar_type() != ScalarType::Half) return update_cache_out(ctx, value, cache, start_pos, out);
+  ET_KERNEL_CHECK_MSG(ctx, value.scalar_type() == ScalarType::Float, InvalidArgument, out,
+                      "slm::update_cache: an fp16 cache takes float32 rows");
+  ET_KERNEL_CHECK_MSG(ctx, value.dim() == 4 && cache.dim() == 4 && value.size(0) == 1 && cache.size(0) == 1 &&
+                               value.size(2) == cache.size(2) && value.size(3) == cache.size(3),
+                      InvalidArgument, out, "slm::update_cache: value and cache must be [1, seq, heads, dim] alike");
+  ET_KERNEL_CHECK_MSG(ctx, start_pos >= 0 && start_pos + value.size(1) <= cache.size(1), InvalidArgument, out,
+                      "slm::update_cache: start_pos + seq exceeds the cache length");
+  ET_KERNEL_CHECK_MSG(ctx, is_contiguous_4d(value) && is_contiguous_4d(cache), InvalidArgument, out,
+                      "slm::update_cache: value and cache must be contiguous");
+  const int64_t row = value.size(2) * value.size(3), n = value.size(1) * row;
+  const float* src = value.const_data_ptr<float>();
+  fp16* dst = reinterpret_cast<fp16*>(cache.mutable_data_ptr()) + start_pos * row;
+  narrow(src, dst, n);
+  return out;
+}
+
+Tensor& sdpa(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t start_pos,
+             const optional<double> scale, Tensor& out) {
+  const ScalarType kv = k.scalar_type();
+  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && (kv == ScalarType::Float || kv == ScalarType::Half) &&
+                               v.scalar_type() == kv,
+                      InvalidArgument, out, "sdpa: float32 q with a float32 or float16 k, v cache only (an int8 KV "
+                                            "cache needs ExecuTorch's custom_quantized_sdpa)");
   ET_KERNEL_CHECK_MSG(ctx, is_contiguous_4d(q) && is_contiguous_4d(k) && is_contiguous_4d(v) && q.size(0) == 1 &&
                                k.size(0) == 1 && k.size(3) == q.size(3) && v.size(3) == q.size(3) &&
                                q.size(2) % k.size(2) == 0,
@@ -79,12 +102,29 @@ Tensor& custom_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor
                       "custom_sdpa: start_pos + seq exceeds the cache length");
   const float sm_scale = scale.has_value() ? static_cast<float>(scale.value()) : 1.0f / std::sqrt(float(D));
 
-  causal_attention(q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
-                   out.mutable_data_ptr<float>(), S, H, Hkv, D, start_pos, sm_scale,
-                   [](int64_t begin, int64_t end, auto&& fn) {
-                     executorch::extension::parallel_for(begin, end, 1, fn);
-                   });
+  auto parallel = [](int64_t begin, int64_t end, auto&& fn) { executorch::extension::parallel_for(begin, end, 1, fn); };
+  if (kv == ScalarType::Half) {
+    causal_attention(q.const_data_ptr<float>(), reinterpret_cast<const fp16*>(k.const_data_ptr()),
+                     reinterpret_cast<const fp16*>(v.const_data_ptr()), out.mutable_data_ptr<float>(), S, H, Hkv, D,
+                     start_pos, sm_scale, parallel);
+  } else {
+    causal_attention(q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                     out.mutable_data_ptr<float>(), S, H, Hkv, D, start_pos, sm_scale, parallel);
+  }
   return out;
+}
+
+Tensor& custom_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const int64_t start_pos, const optional<Tensor>& attn_mask, const double dropout_p,
+                        const bool is_causal, const optional<double> scale, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, !attn_mask.has_value() && is_causal && dropout_p == 0.0, InvalidArgument, out,
+                      "custom_sdpa: only causal attention without a mask or dropout is implemented here");
+  return sdpa(ctx, q, k, v, start_pos, scale, out);
+}
+
+Tensor& slm_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                     const int64_t start_pos, const double scale, Tensor& out) {
+  return sdpa(ctx, q, k, v, start_pos, optional<double>(scale), out);
 }
 
 }  // namespace
@@ -92,3 +132,5 @@ Tensor& custom_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor
 
 EXECUTORCH_LIBRARY(llama, "update_cache.out", slm_export::update_cache_out);
 EXECUTORCH_LIBRARY(llama, "custom_sdpa.out", slm_export::custom_sdpa_out);
+EXECUTORCH_LIBRARY(slm, "update_cache.out", slm_export::slm_update_cache_out);
+EXECUTORCH_LIBRARY(slm, "sdpa.out", slm_export::slm_sdpa_out);
