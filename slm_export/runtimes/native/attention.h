@@ -23,7 +23,7 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
