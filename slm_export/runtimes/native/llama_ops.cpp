@@ -46,39 +46,29 @@ bool is_contiguous_4d(const Tensor& t) {
   return true;
 }
 
+// llama::update_cache (rows copied as they are) and slm::update_cache (fp32 rows into an fp16
+// cache, narrowed on the way) in one kernel: the checks are the same, only the copy differs.
 Tensor& update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor& cache,
                          const int64_t start_pos, Tensor& out) {
+  const bool narrowing = cache.scalar_type() == ScalarType::Half && value.scalar_type() == ScalarType::Float;
   ET_KERNEL_CHECK_MSG(ctx, value.dim() == 4 && cache.dim() == 4 && value.size(0) == 1 && cache.size(0) == 1,
                       InvalidArgument, out, "update_cache: value and cache must be [1, seq, heads, dim]");
   ET_KERNEL_CHECK_MSG(ctx, value.size(2) == cache.size(2) && value.size(3) == cache.size(3) &&
-                               value.element_size() == cache.element_size(),
+                               (narrowing || value.element_size() == cache.element_size()),
                       InvalidArgument, out, "update_cache: value and cache rows differ in shape or dtype");
   ET_KERNEL_CHECK_MSG(ctx, start_pos >= 0 && start_pos + value.size(1) <= cache.size(1), InvalidArgument, out,
                       "update_cache: start_pos + seq exceeds the cache length");
   ET_KERNEL_CHECK_MSG(ctx, is_contiguous_4d(value) && is_contiguous_4d(cache), InvalidArgument, out,
                       "update_cache: value and cache must be contiguous");
-  const size_t row_bytes = static_cast<size_t>(value.size(2) * value.size(3)) * value.element_size();
+  const int64_t row = value.size(2) * value.size(3);
+  if (narrowing) {
+    narrow(value.const_data_ptr<float>(), reinterpret_cast<fp16*>(cache.mutable_data_ptr()) + start_pos * row,
+           value.size(1) * row);
+    return out;
+  }
+  const size_t row_bytes = static_cast<size_t>(row) * value.element_size();
   auto* dst = static_cast<uint8_t*>(cache.mutable_data_ptr()) + start_pos * row_bytes;
   std::memcpy(dst, value.const_data_ptr(), row_bytes * value.size(1));
-  return out;
-}
-
-Tensor& slm_update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor& cache, const int64_t start_pos,
-                             Tensor& out) {
-  if (cache.scalar_type() != ScalarType::Half) return update_cache_out(ctx, value, cache, start_pos, out);
-  ET_KERNEL_CHECK_MSG(ctx, value.scalar_type() == ScalarType::Float, InvalidArgument, out,
-                      "slm::update_cache: an fp16 cache takes float32 rows");
-  ET_KERNEL_CHECK_MSG(ctx, value.dim() == 4 && cache.dim() == 4 && value.size(0) == 1 && cache.size(0) == 1 &&
-                               value.size(2) == cache.size(2) && value.size(3) == cache.size(3),
-                      InvalidArgument, out, "slm::update_cache: value and cache must be [1, seq, heads, dim] alike");
-  ET_KERNEL_CHECK_MSG(ctx, start_pos >= 0 && start_pos + value.size(1) <= cache.size(1), InvalidArgument, out,
-                      "slm::update_cache: start_pos + seq exceeds the cache length");
-  ET_KERNEL_CHECK_MSG(ctx, is_contiguous_4d(value) && is_contiguous_4d(cache), InvalidArgument, out,
-                      "slm::update_cache: value and cache must be contiguous");
-  const int64_t row = value.size(2) * value.size(3), n = value.size(1) * row;
-  const float* src = value.const_data_ptr<float>();
-  fp16* dst = reinterpret_cast<fp16*>(cache.mutable_data_ptr()) + start_pos * row;
-  narrow(src, dst, n);
   return out;
 }
 
@@ -132,5 +122,5 @@ Tensor& slm_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k
 
 EXECUTORCH_LIBRARY(llama, "update_cache.out", slm_export::update_cache_out);
 EXECUTORCH_LIBRARY(llama, "custom_sdpa.out", slm_export::custom_sdpa_out);
-EXECUTORCH_LIBRARY(slm, "update_cache.out", slm_export::slm_update_cache_out);
+EXECUTORCH_LIBRARY(slm, "update_cache.out", slm_export::update_cache_out);
 EXECUTORCH_LIBRARY(slm, "sdpa.out", slm_export::slm_sdpa_out);
