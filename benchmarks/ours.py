@@ -29,10 +29,13 @@ print(json.dumps({}))
 """
 
 
-def export(hf_dir: Path, out: Path, target: str, bits: int, kv_bits: int | None = None) -> dict:
+def export(hf_dir: Path, out: Path, target: str, bits: int, kv_bits: int | None = None,
+           compute_precision: str | None = None) -> dict:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     kv = ["--kv-bits", kv_bits] if kv_bits else []
-    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, *kv, "--out", out, "--force"])
+    precision = ["--compute-precision", compute_precision] if compute_precision else []
+    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, *kv, *precision,
+                        "--out", out, "--force"])
     from slm_export.artifact import Artifact
 
     art = Artifact.open(out)

@@ -80,14 +80,18 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
         failed.append(BenchResult(system=name, model=model, runtime=family, error=str(e), machine=describe(),
                                   timestamp=now()))
 
-    variants = [(target, bits, None) for target in args.targets for bits in args.bits]
-    variants += [("executorch", bits, 16) for bits in args.executorch_kv16 if "executorch" in args.targets]
-    for target, bits, kv_bits in variants:
+    # (target, bits, kv_bits, compute precision); None = the target's default
+    variants = [(target, bits, None, None) for target in args.targets for bits in args.bits]
+    if "executorch" in args.targets:
+        variants += [("executorch", bits, 16, None) for bits in args.executorch_kv16]
+        variants += [("executorch", 16, None, "float16")] if args.executorch_fp16 else []
+    for target, bits, kv_bits, precision in variants:
         kv = f" kv{kv_bits}" if kv_bits else ""
-        name = f"slm-export {target} {bits}-bit{kv}"
+        name = f"slm-export {target} {'fp16 program' if precision else f'{bits}-bit'}{kv}"
         print(f"  exporting {name}", flush=True)
         try:
-            info = ours.export(hf, work / f"slm-{target}-{bits}{kv.strip()}", target, bits, kv_bits)
+            folder = f"slm-{target}-{bits}{kv.strip()}{'-' + precision if precision else ''}"
+            info = ours.export(hf, work / folder, target, bits, kv_bits, precision)
         except PeerError as e:
             fail(name, "slm-export", e)
             continue
@@ -213,6 +217,8 @@ def main() -> int:
     ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[16, 8, 4])
     ap.add_argument("--executorch-kv16", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
                     help="bit widths at which ExecuTorch is also exported with --kv-bits 16 (fp16 KV cache); empty for none")
+    ap.add_argument("--executorch-fp16", action=argparse.BooleanOptionalAction, default=True,
+                    help="also export ExecuTorch as an fp16 program (--bits 16 --compute-precision float16)")
     ap.add_argument("--peers", type=lambda s: s.split(",") if s else [], default=list(PEERS),
                     help=f"comma list from {', '.join(PEERS)}; empty for none")
     ap.add_argument("--threads", type=int, default=2)

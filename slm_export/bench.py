@@ -25,8 +25,10 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
     RUNTIMES.get(m["runtime"]).check_available()  # e.g. Core ML off macOS: one sentence, no empty rows
     dev = open_device(device, **(device_options or {}))
     profile = dev.profile
-    kv_bits = m.get("target_extra", {}).get("kv_bits", 32)
-    base = dict(system=f"slm-export {m['target']} {m['quant']['label']}" + (f" kv{kv_bits}" if kv_bits != 32 else ""),
+    extra = m.get("target_extra", {})
+    kv_bits = extra.get("kv_bits", 32)
+    fp16 = extra.get("compute_precision") == "float16"  # its KV cache is fp16 too: no kv suffix
+    base = dict(system=f"slm-export {m['target']} {m['quant']['label']}" + (f" kv{kv_bits}" if kv_bits != 32 and not fp16 else ""),
                 model=mf.source_label(m["source"]),
                 target=m["target"], runtime=m["runtime"], device=dev.name, simulated=dev.simulated,
                 quant=m["quant"]["label"], artifact_mb=round(artifact.size_mb, 2),

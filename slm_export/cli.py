@@ -49,7 +49,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--palettize", action="store_true",
                    help="Core ML: k-means palettes of 2**bits entries per 16 output channels instead of int scales")
     p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
-                   help="Core ML: float16 (default) or float32; other targets compute in float32")
+                   help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "
+                        "(an fp16 program, with --bits 16); ONNX: float32")
     p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

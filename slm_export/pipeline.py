@@ -44,19 +44,25 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     if compute_precision is not None and compute_precision not in exporter.compute_precisions:
         raise SlmExportError(f"--compute-precision {compute_precision} is not available for the {target} target; "
                              f"use {' or '.join(exporter.compute_precisions)}")
+    precision = compute_precision or exporter.compute_precisions[0]
+    kv_choices = exporter.kv_bits_for(precision)
     if kv_bits is None:
-        kv_bits = exporter.kv_cache_bits[0]
-    elif kv_bits not in exporter.kv_cache_bits:
-        raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {target} target; "
-                             f"use {' or '.join(map(str, exporter.kv_cache_bits))}")
+        kv_bits = kv_choices[0]
+    elif kv_bits not in kv_choices:
+        at = f" at --compute-precision {precision}" if kv_choices != exporter.kv_cache_bits else ""
+        raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {target} target{at}; "
+                             f"use {' or '.join(map(str, kv_choices))}")
     if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
         # int8 activations are "where the target can": this one cannot, so the label says weight-only
         log(f"note: the {target} target quantizes weights only; activations stay "
             f"{compute_precision or exporter.compute_precisions[0]}")
         spec = dataclasses.replace(spec, activations="float")
-    out = Path(out or f"{target}-{spec.label()}").expanduser().absolute()
+    # "float" names fp32 weights; unquantized weights in an fp16 program are "float16"
+    label = "float16" if not spec.quantized and precision == "float16" else spec.label()
+    suffix = f"-{precision}" if precision != exporter.compute_precisions[0] and spec.quantized else ""
+    out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)
-    exporter.check(spec)  # what this target cannot do is said before the model loads
+    exporter.check(spec, precision)  # what this target cannot do is said before the model loads
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
@@ -74,7 +80,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
 
     with staged_folder(out) as tmp:
         t1 = time.perf_counter()
-        options = ExportOptions(max_context=max_context, compute_precision=compute_precision, kv_bits=kv_bits)
+        options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits)
         result = exporter.write(decoder, spec, tmp, options)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
@@ -93,7 +99,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
                 "parameters": int(sum(e.float_bytes for e in result.report.entries) // 4),
             },
             "max_context": max_context,
-            "quant": {"spec": spec.to_dict(), "label": spec.label(), "report": REPORT_FILE,
+            "quant": {"spec": spec.to_dict(), "label": label, "report": REPORT_FILE,
                       "summary": result.report.summary()},
             "io": result.io,
             "tokenizer": tok_info,

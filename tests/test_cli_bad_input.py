@@ -20,6 +20,11 @@ def _assert_clean_refusal(code, out, err, tmp_path, expect):
     (["--target", "tflite"], "unknown target 'tflite'; choose one of: coreml, executorch, onnx"),
     (["--bits", "four"], "argument --bits: invalid int value"),
     (["--max-context", "4"], "too small"),
+    (["--target", "executorch", "--bits", "4", "--compute-precision", "float16"],
+     "--compute-precision float16 is for --bits 16 on the executorch target"),
+    (["--target", "executorch", "--bits", "16", "--compute-precision", "float16", "--kv-bits", "8"],
+     "--kv-bits 8 is not available for the executorch target at --compute-precision float16; use 16"),
+    (["--target", "onnx", "--compute-precision", "float16"], "--compute-precision float16 is not available for the onnx"),
 ])
 def test_invalid_options(args, expect, tmp_path):
     _assert_clean_refusal(*run_cli(*args, "--out", tmp_path / "o"), tmp_path, expect)

@@ -42,6 +42,59 @@ def test_pte_matches_pytorch(arch, bits, tmp_path):
         assert by_ref["fp32"].mean_kl < tolerances_for("executorch", bits)["fp32"].mean_kl, report.format()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp16_program_matches_pytorch(arch, tmp_path):
+    model = tiny_model(arch)
+    art = _export(model, tmp_path, 16, compute_precision="float16")
+    m = art.manifest
+    assert m["target_extra"]["compute_precision"] == "float16" and m["target_extra"]["kv_bits"] == 16
+    assert m["io"]["kv_layout"]["dtype"] == "float16"
+    assert {e["scheme"] for e in json.loads((art.path / "quant_report.json").read_text())["weights"]} <= \
+        {"float16 Linear", "float16 Embedding"}
+    # 40 prompt + 24 decode steps: past the 24-token sliding windows of phi3 / gemma2
+    report = art.verify(reference=model, prompt_tokens=40, decode_steps=24, perplexity=False)
+    (fp32,) = report.comparisons
+    bound = tolerances_for("executorch", 16, "float16")["fp32"]
+    assert report.passed and fp32.mean_kl < bound.mean_kl and fp32.max_abs_logit_diff < 0.05, report.format()
+
+
+def test_fp16_file_is_half_the_fp32_file(tmp_path):
+    model = tiny_model("tinyllama")  # untied: every weight once
+    fp32 = _export(model, tmp_path, 16, name="fp32")
+    fp16 = _export(model, tmp_path, 16, name="fp16", compute_precision="float16")
+    size = lambda art: (art.path / "model.pte").stat().st_size  # noqa: E731
+    assert 0.45 < size(fp16) / size(fp32) < 0.55, (size(fp16), size(fp32))
+    assert fp16.manifest["target_extra"]["custom_ops"] == ["slm::sdpa", "slm::update_cache"]
+
+
+def test_scaled_norm_survives_activations_that_overflow_fp16_squares():
+    import torch
+
+    from slm_export.exporters.executorch.module import RMSNorm, ScaledRMSNorm
+
+    weight = torch.linspace(0.5, 1.5, 64).numpy()
+    x = torch.randn(1, 3, 64)
+    x[0, 1, 7] = 2.4e4  # a massive activation, as SmolLM2-135M carries from layer 12 on
+    x[0, 2] *= 1e-3  # and a small row
+    ref = RMSNorm(weight, 1e-5)(x)
+    plain, scaled = RMSNorm(weight, 1e-5).half(), ScaledRMSNorm(weight, 1e-5).half()
+    # 2.4e4 ** 2 overflows fp16: the mean of squares is inf and the plain norm zeroes that row
+    assert (plain(x.half()).float()[0, 1] - ref[0, 1]).abs().max() > 1.0
+    got = scaled(x.half()).float()
+    assert torch.allclose(got, ref, rtol=1e-2, atol=1e-2), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(bits=4, compute_precision="float16"), r"--compute-precision float16 is for --bits 16 on the executorch target"),
+    (dict(bits=16, compute_precision="float16", kv_bits=32),
+     r"--kv-bits 32 is not available for the executorch target at --compute-precision float16; use 16"),
+])
+def test_fp16_bad_combinations_are_refused_before_loading(tmp_path, args, message):
+    with pytest.raises(SlmExportError, match=message):
+        slm_export.export("no/such-model-is-loaded", target="executorch", out=tmp_path / "x", log=lambda *a: None, **args)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prompt_longer_than_one_chunk_goes_through_the_cache_in_chunks(tmp_path):
     model = tiny_model("llama")
     art = _export(model, tmp_path, 16, max_context=256)

@@ -40,3 +40,21 @@ def test_pte_parity_within_tolerance(pte_dir, tmp_path):
     assert report["passed"]
     ppl = report["perplexity"]
     assert ppl["tokens"] == 2048 and ppl["pytorch_fp32"] < ppl["artifact"] < 1.5 * ppl["pytorch_fp32"]
+
+
+def test_fp16_pte_answers_paris_and_keeps_fp32_quality(tmp_path):
+    # SmolLM2-135M's residual stream reaches 2.4e4 from layer 12 on: squared, that overflows fp16,
+    # so this fails without the rescaled norm (tiny random models never get there).
+    out = tmp_path / "smol-pte-fp16"
+    code, _, err = run_cli("--target", "executorch", "--bits", "16", "--compute-precision", "float16", "--out", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target_extra"]["compute_precision"] == "float16"
+    assert manifest["files"]["model.pte"]["bytes"] < 0.55 * 4 * manifest["model"]["parameters"]  # fp16, not fp32
+    code, stdout, err = run_cli("generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    assert code == 0 and "Paris" in stdout, stdout + err
+    code, stdout, err = run_cli("verify", out, "--json", tmp_path / "v.json")
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0 and report["passed"], stdout + err
+    ppl = report["perplexity"]
+    assert abs(ppl["artifact"] - ppl["pytorch_fp32"]) < 0.01 * ppl["pytorch_fp32"]

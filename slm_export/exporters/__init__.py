@@ -39,7 +39,10 @@ class Exporter(Protocol):
     compute_precisions: tuple[str, ...]  # what --compute-precision may be here; the first is the default
     quantizes_activations: bool  # False: the spec's int8 activations become float (said at export)
 
-    def check(self, spec) -> None:
+    def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
+        """What --kv-bits may be at this compute precision; the first is the default."""
+
+    def check(self, spec, compute_precision: str) -> None:
         """Raise SlmExportError for what this target cannot do, before the model loads."""
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput: ...
@@ -73,6 +76,9 @@ class ExporterBase:
     kv_bytes = 4  # bytes per KV-cache element
     int8_in_groups = False  # int8 linear weights scaled per group (True) or per output channel (False)
     runtime_overhead_mb = 50.0  # the runtime and its arenas in an app, beyond weights, KV cache and activations
+
+    def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
+        return self.kv_cache_bits
 
     def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
         return []  # the runtime executes the files; verify's parity metrics are the check

@@ -1,23 +1,11 @@
 """Plain-PyTorch building blocks shared by the exporters that trace a module of their own
-(ExecuTorch, Core ML): undoing the Decoder's q|k|v and gate|up fusion, nn.Linear from a Decoder
-Linear, the lm_head, the weight -> PyTorch-name table, and rope as tables plus a rotate-half matrix.
+(ExecuTorch, Core ML): nn.Linear from a Decoder Linear, the lm_head, the weight -> PyTorch-name
+table, and rope as tables plus a rotate-half matrix.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def split_fused(fused):
-    """Undo the Decoder's q|k|v (gate|up) fusion into one Linear per source (a split of a dynamic-length
-    output would cut an XNNPACK delegate, and per-source linears keep quant rules per PyTorch name)."""
-    from ..architectures import Linear
-
-    bounds = torch.tensor(fused.split).cumsum(0).tolist()[:-1]
-    ws = torch.tensor_split(torch.from_numpy(fused.weight), bounds)
-    bs = torch.tensor_split(torch.from_numpy(fused.bias), bounds) if fused.bias is not None else [None] * len(ws)
-    return [Linear(w.numpy(), None if b is None else b.numpy(), [src]) for w, b, src in
-            zip(ws, bs, fused.sources if len(fused.sources) == len(ws) else [fused.sources[0]] * len(ws))]
 
 
 def linear_module(lin) -> nn.Linear:

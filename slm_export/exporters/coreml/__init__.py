@@ -73,7 +73,7 @@ class CoreMLExporter(ExporterBase):
     quantizes_activations = False  # Core ML quantizes weights; activations stay float
     float_weight_bytes = scale_bytes = kv_bytes = 2  # float16 weights, scales and state
 
-    def check(self, spec) -> None:
+    def check(self, spec, compute_precision: str) -> None:
         require_sdk()
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...errors import SlmExportError
-from ..torch_parts import linear_module, lm_head_module, rope_tables, rotate_half_matrix, split_fused, weight_sources
+from ..torch_parts import linear_module, lm_head_module, rope_tables, rotate_half_matrix, weight_sources
 
 CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
 
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self.scale = float(dec.attn_scale)
         self.softcap = float(dec.attn_softcap)
         self.window = layer.sliding_window if layer.sliding_window and layer.sliding_window < max_context else None
-        q, k, v = split_fused(layer.qkv)
+        q, k, v = layer.qkv.parts()
         self.q, self.k, self.v = linear_module(q), linear_module(k), linear_module(v)
         self.o = linear_module(layer.o)
 
@@ -90,7 +90,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(layer.attn_norm, eps)
         self.attn = Attention(dec, layer, index, max_context)
         self.ffn_norm = RMSNorm(layer.ffn_norm, eps)
-        gate, up = split_fused(layer.gate_up)
+        gate, up = layer.gate_up.parts()
         self.gate, self.up = linear_module(gate), linear_module(up)
         self.down = linear_module(layer.down)
         self.post_attn_norm = RMSNorm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None

@@ -28,7 +28,7 @@ def require_sdk() -> None:
             "pip install executorch==1.5.1 torchao==0.18.0 (with torch==2.13.0 installed first)") from None
 
 
-def build_module(decoder, spec, max_context: int, kv_bits: int = 32):
+def build_module(decoder, spec, max_context: int, kv_bits: int = 32, float16: bool = False):
     """The quantized PyTorch program that is exported: (module, QuantReport)."""
     import torch
 
@@ -36,7 +36,7 @@ def build_module(decoder, spec, max_context: int, kv_bits: int = 32):
     from .quant import quantize_module
 
     with torch.no_grad():
-        module = ExportableDecoder(decoder, max_context, kv_bits).eval()
+        module = ExportableDecoder(decoder, max_context, kv_bits, float16).eval()
         report = quantize_module(module, spec)
     return module, report
 
@@ -47,14 +47,24 @@ class ExecuTorchExporter(ExporterBase):
     runtime = "executorch"
     packages = ("executorch", "torchao")
     kv_cache_bits = (32, 16, 8)
+    # float16: the whole program in fp16 (weights, activations, KV cache), for --bits 16 only. Half
+    # the file and memory of fp32; fast where the CPU computes in fp16 (ARMv8.2+ phones, the Pi 5).
+    compute_precisions = ("float32", "float16")
     # The C++ runtime with XNNPACK (our runner measures ~15 MB of libraries; an app's own code aside).
     runtime_overhead_mb = 30.0
 
-    def check(self, spec) -> None:
+    def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
+        return (16,) if compute_precision == "float16" else self.kv_cache_bits
+
+    def check(self, spec, compute_precision: str) -> None:
         from ...errors import SlmExportError
 
         if spec.palettize:
             raise SlmExportError("--palettize is a Core ML option (--target coreml); ExecuTorch stores int4/int8 with scales")
+        if compute_precision == "float16" and spec.quantized:
+            raise SlmExportError(
+                f"--compute-precision float16 is for --bits 16 on the executorch target (fp16 weights); --bits {spec.bits} "
+                "runs int8 dynamic activations with fp32 in between: drop --compute-precision, or use --bits 16")
         if spec.quantized and spec.activations != "int8":
             # Measured: executorch 1.5.1 lowers torchao's weight-only linears here into a program
             # whose logits are wrong (parity KL > 70 on tiny models), so it is refused, not shipped.
@@ -72,7 +82,8 @@ class ExecuTorchExporter(ExporterBase):
         require_sdk()
         from .lower import PREFILL_CHUNK, export_program, write_pte
 
-        module, report = build_module(decoder, spec, options.max_context, options.kv_bits)
+        float16 = options.compute_precision == "float16"
+        module, report = build_module(decoder, spec, options.max_context, options.kv_bits, float16)
         program = export_program(module, options.max_context)
         write_pte(program, Path(out_dir) / MODEL_FILE)
         chunk = min(PREFILL_CHUNK, options.max_context)
@@ -108,7 +119,7 @@ class ExecuTorchExporter(ExporterBase):
                  "quantized_ops": (["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []) +
                                   (["quantized_decomposed::choose_qparams_per_token_asymmetric / quantize_per_token"]
                                    if int8_kv else []),
-                 "kv_bits": options.kv_bits}
+                 "kv_bits": options.kv_bits, "compute_precision": "float16" if float16 else "float32"}
         # The torch-free C++ runner implements custom_sdpa and our slm:: ops, not ExecuTorch's int8-cache
         # attention, whose kernel ships only linked to libtorch: those files run in the Python bindings.
         return TargetOutput(MODEL_FILE, io, report, extra, runtime="executorch-pybind" if int8_kv else None)

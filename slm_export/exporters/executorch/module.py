@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..torch_parts import (linear_module as _linear, lm_head_module, rope_tables, rotate_half_matrix,
-                           split_fused as _split, weight_sources)
+                           weight_sources)
 
 
 def _custom_ops() -> None:
@@ -44,6 +44,26 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return x * torch.rsqrt(nn.functional.linear(x * x, self.mean_w) + self.eps) * self.weight
+
+
+class ScaledRMSNorm(RMSNorm):
+    """RMSNorm for an fp16 program: x / rms(x) computed on x' = x / s with s = max|x| per row.
+
+    Small LMs carry huge activations in a few channels (SmolLM2-135M's residual stream reaches
+    2.4e4 from layer 12 on), whose squares overflow fp16 (max 65504). With x' in [-1, 1], mean(x'^2)
+    lies in [1/hidden, 1] and rms(x) = s * sqrt(mean(x'^2) + eps / s^2). The max runs in XNNPACK
+    (max.dim over a 4-D view), so the delegate stays whole; Core ML's fp16 norm does the same.
+    """
+
+    def forward(self, x):
+        hidden = x.shape[-1]
+        s = torch.amax(x.abs().view(1, -1, 1, hidden), dim=-1, keepdim=True).view(x.shape[:-1] + (1,))
+        s = torch.clamp(s, min=1e-4)  # an all-zero row stays zero rather than 0/0
+        xs = x / s
+        # eps / s^2 as (sqrt(eps) / s)^2: a scalar over a tensor is its reciprocal times the scalar,
+        # and 1 / s^2 overflows fp16 for s < 4e-3 (1 / s stays finite down to the clamp).
+        e = (self.eps ** 0.5) / s
+        return xs * torch.rsqrt(nn.functional.linear(xs * xs, self.mean_w) + e * e) * self.weight
 
 
 def _silu(x):
@@ -72,7 +92,7 @@ class Attention(nn.Module):
         self.scale = float(dec.attn_scale)
         self.softcap = float(dec.attn_softcap)
         self.window = layer.sliding_window if layer.sliding_window and layer.sliding_window < max_context else None
-        q, k, v = _split(layer.qkv)
+        q, k, v = layer.qkv.parts()
         self.q, self.k, self.v = _linear(q), _linear(k), _linear(v)
         self.o = _linear(layer.o)
         shape = (1, max_context, self.kv_heads, self.head_dim)
@@ -148,17 +168,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dec, layer, max_context: int, kv_bits: int):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int, norm=RMSNorm):
         super().__init__()
         eps = dec.rms_eps
-        self.attn_norm = RMSNorm(layer.attn_norm, eps)
+        self.attn_norm = norm(layer.attn_norm, eps)
         self.attn = Attention(dec, layer, max_context, kv_bits)
-        self.ffn_norm = RMSNorm(layer.ffn_norm, eps)
-        gate, up = _split(layer.gate_up)
+        self.ffn_norm = norm(layer.ffn_norm, eps)
+        gate, up = layer.gate_up.parts()
         self.gate, self.up = _linear(gate), _linear(up)
         self.down = _linear(layer.down)
-        self.post_attn_norm = RMSNorm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
-        self.post_ffn_norm = RMSNorm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
+        self.post_attn_norm = norm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
+        self.post_ffn_norm = norm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
         self.act = _silu if dec.activation == "silu" else nn.GELU(approximate="tanh")
 
     def forward(self, x, cos, sin, rot_t, start: int, seq: int):
@@ -174,15 +194,26 @@ class Block(nn.Module):
 
 
 class ExportableDecoder(nn.Module):
-    def __init__(self, dec, max_context: int, kv_bits: int = 32):
+    """The program: embedding, layers, norm, lm_head, KV caches as buffers.
+
+    float16=True makes the whole program fp16 (weights, activations, cache; logits returned as
+    fp32): XNNPACK takes no dtype conversion inside a delegate, so a mixed program would split it
+    at every cast. Its norms rescale (ScaledRMSNorm) and its attention is slm::sdpa over an fp16
+    cache, which widens q and computes in fp32.
+    """
+
+    def __init__(self, dec, max_context: int, kv_bits: int = 32, float16: bool = False):
         super().__init__()
         _custom_ops()
+        if float16 and kv_bits != 16:
+            raise ValueError("an fp16 program keeps an fp16 KV cache (kv_bits=16)")
+        norm = ScaledRMSNorm if float16 else RMSNorm
         self.max_context = max_context
         self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
         self.embed_scale = float(dec.embed_scale)
-        self.layers = nn.ModuleList(Block(dec, layer, max_context, kv_bits) for layer in dec.layers)
+        self.layers = nn.ModuleList(Block(dec, layer, max_context, kv_bits, norm) for layer in dec.layers)
         self.sources = weight_sources(self.layers)
-        self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
+        self.norm = norm(dec.final_norm, dec.rms_eps)
         self.lm_head = lm_head_module(dec)
         self.final_softcap = float(dec.final_softcap)
         cos, sin = rope_tables(dec, max_context)
@@ -190,6 +221,8 @@ class ExportableDecoder(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rot_t", rotate_half_matrix(dec.head_dim).t().contiguous(), persistent=False)
         self.head_dim = dec.head_dim
+        if float16:
+            self.half()
 
     def forward(self, tokens, input_pos, logit_rows):
         seq = tokens.shape[1]
@@ -208,4 +241,4 @@ class ExportableDecoder(nn.Module):
         logits = self.lm_head(x)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
+        return logits.float()  # a no-op in an fp32 program; fp16 programs return fp32 logits too

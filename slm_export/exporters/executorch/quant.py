@@ -53,8 +53,9 @@ def _plan(module, spec: QuantSpec):
         float_bytes = w.numel() * 4
         if plan.bits is None:
             kind = "Embedding" if embedding else "Linear"
-            report.add(WeightEntry(fqn, [source], [out_f, in_f], f"float32 {kind}", None, None,
-                                   float_bytes, float_bytes, plan.reason))
+            dtype = str(w.dtype).removeprefix("torch.")  # float16 in an fp16 program
+            report.add(WeightEntry(fqn, [source], [out_f, in_f], f"{dtype} {kind}", None, None,
+                                   float_bytes, w.numel() * w.element_size(), plan.reason))
             continue
         reason, bits = plan.reason, plan.bits
         group = None

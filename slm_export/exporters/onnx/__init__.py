@@ -17,7 +17,7 @@ class OnnxExporter(ExporterBase):
     int8_in_groups = True  # MatMulNBits with bits=8 keeps one scale per block
     runtime_overhead_mb = 52.0  # measured here: the runner process with onnxruntime loaded, before the model
 
-    def check(self, spec) -> None:
+    def check(self, spec, compute_precision: str) -> None:
         from ...errors import SlmExportError
 
         if spec.palettize:
@@ -66,7 +66,7 @@ def read_weights(folder: Path, manifest: dict) -> dict:
     """The float weights the artifact really computes with, by PyTorch parameter name.
 
     Used by `verify` to build the same-quant PyTorch reference: quantized entries are read back
-    out of the .onnx file and dequantized with numpy (fused q|k|v and gate|up split again).
+    out of the .onnx file and dequantized with numpy (fused q|k|v split again, Phi-3's gate|up joined).
     """
     import json
 
@@ -81,7 +81,7 @@ def read_weights(folder: Path, manifest: dict) -> dict:
     nodes = {n.name: n for n in model.graph.node}
     arr = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
     report = json.loads((Path(folder) / manifest["quant"]["report"]).read_text())["weights"]
-    out = {}
+    out, parts = {}, {}
     for e in report:
         if e["bits"] is None:
             continue
@@ -97,7 +97,10 @@ def read_weights(folder: Path, manifest: dict) -> dict:
         # Phi-3 ships q|k|v fused already: one source, nothing to split.
         splits = e["split"] if len(e["sources"]) > 1 else [w.shape[0]]
         for src, part in zip(e["sources"], np.split(w, np.cumsum(splits)[:-1])):
-            out[src] = part
+            parts.setdefault(src, []).append(part)
+    # Several entries of one source are parts of one fused PyTorch parameter (Phi-3's gate_up_proj
+    # stored as gate and up), in order.
+    out = {src: ps[0] if len(ps) == 1 else np.concatenate(ps) for src, ps in parts.items()} | out
     if "shares lm_head" in next((e["scheme"] for e in report if e["name"] == "embed_tokens"), ""):
         out["model.embed_tokens.weight"] = out["lm_head.weight"]
     return out

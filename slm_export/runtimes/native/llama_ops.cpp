@@ -16,7 +16,8 @@
 //   slm::update_cache.out(Tensor value, Tensor(a!) cache, SymInt start_pos, *, Tensor(b!) out)
 //     as llama::update_cache, converting fp32 rows to the cache's dtype (fp16 or fp32);
 //   slm::sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale, *, Tensor(a!) out)
-//     as llama::custom_sdpa (causal, no mask) with an fp16 or fp32 cache and fp32 q and out.
+//     as llama::custom_sdpa (causal, no mask) with an fp16 or fp32 cache and fp32 q and out, or (an
+//     fp16 program) fp16 q and out over an fp16 cache.
 #include "attention.h"
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
@@ -46,8 +47,8 @@ bool is_contiguous_4d(const Tensor& t) {
   return true;
 }
 
-// llama::update_cache (rows copied as they are) and slm::update_cache (fp32 rows into an fp16
-// cache, narrowed on the way) in one kernel: the checks are the same, only the copy differs.
+// llama::update_cache (rows copied as they are, fp16 rows of an fp16 program too) and
+// slm::update_cache (fp32 rows into an fp16 cache, narrowed on the way) in one kernel: the checks are the same, only the copy differs.
 Tensor& update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor& cache,
                          const int64_t start_pos, Tensor& out) {
   const bool narrowing = cache.scalar_type() == ScalarType::Half && value.scalar_type() == ScalarType::Float;
@@ -75,10 +76,13 @@ Tensor& update_cache_out(KernelRuntimeContext& ctx, const Tensor& value, Tensor&
 Tensor& sdpa(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const int64_t start_pos,
              const optional<double> scale, Tensor& out) {
   const ScalarType kv = k.scalar_type();
-  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && (kv == ScalarType::Float || kv == ScalarType::Half) &&
-                               v.scalar_type() == kv,
-                      InvalidArgument, out, "sdpa: float32 q with a float32 or float16 k, v cache only (an int8 KV "
-                                            "cache needs ExecuTorch's custom_quantized_sdpa)");
+  const bool half_q = q.scalar_type() == ScalarType::Half;
+  ET_KERNEL_CHECK_MSG(ctx, (q.scalar_type() == ScalarType::Float || (half_q && kv == ScalarType::Half)) &&
+                               (kv == ScalarType::Float || kv == ScalarType::Half) && v.scalar_type() == kv &&
+                               out.scalar_type() == q.scalar_type(),
+                      InvalidArgument, out, "sdpa: float32 q with a float32 or float16 k, v cache, or float16 q with a "
+                                            "float16 cache, only (an int8 KV cache needs ExecuTorch's "
+                                            "custom_quantized_sdpa)");
   ET_KERNEL_CHECK_MSG(ctx, is_contiguous_4d(q) && is_contiguous_4d(k) && is_contiguous_4d(v) && q.size(0) == 1 &&
                                k.size(0) == 1 && k.size(3) == q.size(3) && v.size(3) == q.size(3) &&
                                q.size(2) % k.size(2) == 0,
@@ -93,7 +97,17 @@ Tensor& sdpa(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const 
   const float sm_scale = scale.has_value() ? static_cast<float>(scale.value()) : 1.0f / std::sqrt(float(D));
 
   auto parallel = [](int64_t begin, int64_t end, auto&& fn) { executorch::extension::parallel_for(begin, end, 1, fn); };
-  if (kv == ScalarType::Half) {
+  if (half_q) {
+    // An fp16 program (--compute-precision float16): the rows in and out are few (S x H x D), so
+    // they are widened and narrowed here and the attention itself runs in fp32 over the fp16 cache.
+    const int64_t n = S * H * D;
+    std::vector<float> q32(n), out32(n);
+    widen(reinterpret_cast<const fp16*>(q.const_data_ptr()), q32.data(), n);
+    causal_attention(q32.data(), reinterpret_cast<const fp16*>(k.const_data_ptr()),
+                     reinterpret_cast<const fp16*>(v.const_data_ptr()), out32.data(), S, H, Hkv, D, start_pos,
+                     sm_scale, parallel);
+    narrow(out32.data(), reinterpret_cast<fp16*>(out.mutable_data_ptr()), n);
+  } else if (kv == ScalarType::Half) {
     causal_attention(q.const_data_ptr<float>(), reinterpret_cast<const fp16*>(k.const_data_ptr()),
                      reinterpret_cast<const fp16*>(v.const_data_ptr()), out.mutable_data_ptr<float>(), S, H, Hkv, D,
                      start_pos, sm_scale, parallel);
