@@ -85,6 +85,8 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
     if "executorch" in args.targets:
         variants += [("executorch", bits, 16, None) for bits in args.executorch_kv16]
         variants += [("executorch", 16, None, "float16")] if args.executorch_fp16 else []
+    if "onnx" in args.targets:
+        variants += [("onnx", bits, 8, None) for bits in args.onnx_kv8]
     for target, bits, kv_bits, precision in variants:
         kv = f" kv{kv_bits}" if kv_bits else ""
         name = f"slm-export {target} {'fp16 program' if precision else f'{bits}-bit'}{kv}"
@@ -217,6 +219,8 @@ def main() -> int:
     ap.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], default=[16, 8, 4])
     ap.add_argument("--executorch-kv16", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
                     help="bit widths at which ExecuTorch is also exported with --kv-bits 16 (fp16 KV cache); empty for none")
+    ap.add_argument("--onnx-kv8", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
+                    help="bit widths at which ONNX is also exported with --kv-bits 8 (int8 KV cache); empty for none")
     ap.add_argument("--executorch-fp16", action=argparse.BooleanOptionalAction, default=True,
                     help="also export ExecuTorch as an fp16 program (--bits 16 --compute-precision float16)")
     ap.add_argument("--peers", type=lambda s: s.split(",") if s else [], default=list(PEERS),

@@ -31,8 +31,9 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     palettize: Core ML only, k-means palettes of 2**bits entries instead of linear quantization.
     compute_precision: "float16" (Core ML's default) or "float32"; ExecuTorch: "float32" (default) or
     "float16" (an fp16 program: fp16 weights, activations and KV cache; with bits=16); ONNX: float32.
-    kv_bits: KV-cache element bits, 32 or (ExecuTorch) 16 or 8; default: the target's first choice
-    (16 for an fp16 ExecuTorch program, which keeps an fp16 cache).
+    kv_bits: KV-cache element bits, 32, (ExecuTorch) 16, or (ExecuTorch, ONNX) 8; default: the target's
+    first choice (16 for an fp16 ExecuTorch program, which keeps an fp16 cache). ONNX's int8 cache has
+    static per-channel scales calibrated at export on the end of the shipped passage.
     model: None (bundled SmolLM2-135M-Instruct), a hub id, a local folder, a .gguf file, or a
     transformers causal LM object of a supported architecture (pass its `tokenizer` to use
     generate/bench on real text).

@@ -80,7 +80,8 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
 
     with staged_folder(out) as tmp:
         t1 = time.perf_counter()
-        options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits)
+        options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits,
+                                text_ids=_passage_ids(loaded.tokenizer))
         result = exporter.write(decoder, spec, tmp, options)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
@@ -111,6 +112,15 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     log(result.report.format_summary())
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return Artifact.open(out)
+
+
+def _passage_ids(tokenizer) -> list[int] | None:
+    """The shipped passage through a Hugging Face tokenizer (for calibration), or None without one."""
+    from .text import passage_text
+
+    if tokenizer is None:
+        return None
+    return list(tokenizer(passage_text(), add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:

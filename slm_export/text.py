@@ -6,11 +6,16 @@ from pathlib import Path
 from .errors import SlmExportError
 
 
-def passage_ids(codec) -> list[int]:
-    """Token ids of the English passage shipped for parity, perplexity and benchmark prompts."""
+def passage_text() -> str:
+    """The English passage shipped for parity, perplexity, benchmark prompts and calibration."""
     from importlib import resources
 
-    return codec.encode(resources.files("slm_export").joinpath("data/passage.txt").read_text())
+    return resources.files("slm_export").joinpath("data/passage.txt").read_text()
+
+
+def passage_ids(codec) -> list[int]:
+    """Token ids of the shipped passage."""
+    return codec.encode(passage_text())
 
 
 class TextCodec:

@@ -74,7 +74,8 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
     rows = {(r["system"], r["prompt_tokens"]): r for r in data["results"]}
-    assert {s for s, _ in rows} == {"slm-export onnx float", "slm-export onnx int4-g32-sym-a8", "PyTorch eager fp32"}
+    assert {s for s, _ in rows} == {"slm-export onnx float", "slm-export onnx int4-g32-sym-a8", "PyTorch eager fp32",
+                                    "slm-export onnx int4-g32-sym-a8 kv8"}  # --onnx-kv8 4 by default
     for (system, prompt), r in rows.items():
         assert r["error"] is None and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0 and r["model"] == "tiny-llama"
         assert len(r["samples"]["rounds_decode_tok_s"]) == 2  # both rounds kept beside the median

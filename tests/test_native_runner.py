@@ -183,12 +183,6 @@ def test_pte_reaches_the_os_in_small_writes(tmp_path):
     assert (tmp_path / "m.pte").read_bytes() == payload
 
 
-def test_kv_bits_8_is_refused_where_the_target_has_no_int8_cache(tmp_path):
-    with pytest.raises(SlmExportError, match="--kv-bits 8 is not available for the onnx target; use 32"):
-        slm_export.export("not/loaded", target="onnx", kv_bits=8, out=tmp_path / "o", log=lambda *a: None)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_cli_kv_bits_reaches_the_manifest(tmp_path, tiny_dir):
     import subprocess
     import sys

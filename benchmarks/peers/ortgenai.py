@@ -31,8 +31,9 @@ except ImportError:
 PeerError = common.PeerError
 
 NAME = "onnxruntime-genai"
-VARIANTS = ["int4"]
+VARIANTS = ["int4", "int4-kv8"]  # kv8: the builder's int8 KV cache, scales calibrated as slm-export's --kv-bits 8
 CHILD = common.HERE / "ortgenai_child.py"
+CALIBRATE = common.HERE / "ortgenai_calibrate.py"
 ACCURACY_LEVEL = 4  # int8 activations: the faster of the levels measured here (4 vs 1)
 BLOCK_SIZE = 32  # the builder's default
 PRUNE_LM_HEAD = True  # LM head on the last position only (see above)
@@ -52,8 +53,9 @@ def ensure_venv() -> Path:
     return common.ensure_venv("ortgenai", INSTALLS, check="import onnxruntime_genai, onnxruntime_genai.models.builder")
 
 
-def _quant_label(accuracy_level: int) -> str:
-    return f"int4 (RTN block {BLOCK_SIZE}, accuracy_level {accuracy_level})"
+def _quant_label(accuracy_level: int, variant: str = "int4") -> str:
+    label = f"int4 (RTN block {BLOCK_SIZE}, accuracy_level {accuracy_level})"
+    return label + (" + int8 KV cache (per channel, calibrated)" if variant.endswith("-kv8") else "")
 
 
 def _complete(folder: Path) -> bool:
@@ -62,11 +64,12 @@ def _complete(folder: Path) -> bool:
 
 def export(py: Path, hf_dir: Path, out: Path, variant: str, accuracy_level: int = ACCURACY_LEVEL,
            prune_lm_head: bool = PRUNE_LM_HEAD) -> dict:
-    """out = the builder's int4 CPU model of hf_dir; reused when a finished export is already there."""
+    """out = the builder's int4 CPU model of hf_dir (variant int4-kv8: with its int8 KV cache); reused when a
+    finished export is already there."""
     if variant not in VARIANTS:
         raise PeerError(f"{NAME}: unknown variant {variant!r} (have {', '.join(VARIANTS)})")
     hf_dir, out = Path(hf_dir).resolve(), Path(out).resolve()
-    quant = _quant_label(accuracy_level)
+    quant = _quant_label(accuracy_level, variant)
     if out.exists():
         if not _complete(out):
             raise PeerError(f"{NAME}: {out} exists but is not a finished export (no {MARKER}); remove it")
@@ -81,10 +84,13 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str, accuracy_level: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         built = tmp / "model"
+        options = [f"accuracy_level={accuracy_level}", f"block_size={BLOCK_SIZE}", f"prune_lm_head={str(prune_lm_head).lower()}"]
+        before_s = 0.0  # the fp32-cache export and calibration a kv8 build needs first
+        if variant.endswith("-kv8"):
+            kv8, before_s = _kv8_options(py, hf_dir, out, tmp, accuracy_level, prune_lm_head)
+            options += kv8
         cmd = [str(py), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(built),
-               "-p", "int4", "-e", "cpu", "-c", str(tmp / "cache"),
-               "--extra_options", f"accuracy_level={accuracy_level}", f"block_size={BLOCK_SIZE}",
-               f"prune_lm_head={str(prune_lm_head).lower()}"]
+               "-p", "int4", "-e", "cpu", "-c", str(tmp / "cache"), "--extra_options", *options]
         env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
         try:
             m = common.run_measured(cmd, env=env, cwd=tmp)
@@ -93,7 +99,7 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str, accuracy_level: int 
         missing = [f for f in ("genai_config.json", "model.onnx") if not (built / f).is_file()]
         if missing:
             raise PeerError(f"{NAME} model builder on {hf_dir.name} exited 0 but wrote no {', '.join(missing)}")
-        info = {"artifact": str(out), "quant": quant, "export_s": round(m["wall_s"], 2),
+        info = {"artifact": str(out), "quant": quant, "export_s": round(before_s + m["wall_s"], 2),
                 "export_peak_rss_mb": round(m["peak_rss_mb"], 1), "artifact_mb": common.dir_mb(built),
                 "source": str(hf_dir), "accuracy_level": accuracy_level, "block_size": BLOCK_SIZE,
                 "prune_lm_head": prune_lm_head, "made": common.now()}
@@ -105,6 +111,29 @@ def export(py: Path, hf_dir: Path, out: Path, variant: str, accuracy_level: int 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _result(out, info)
+
+
+def _kv8_options(py: Path, hf_dir: Path, out: Path, tmp: Path, accuracy_level: int,
+                 prune_lm_head: bool) -> tuple[list[str], float]:
+    """The builder options for its int8 KV cache, and the seconds spent making its scale file.
+
+    The builder needs calibrated scales and does not make them: ortgenai_calibrate.py runs the
+    fp32-cache int4 export (the sibling `int4` folder, made here if missing) on the same text with
+    the same margin as slm-export's --kv-bits 8.
+    """
+    import time
+    from importlib import resources
+
+    from slm_export.exporters.onnx.kv_cache import CALIBRATION_TOKENS, MARGIN
+
+    base = export(py, hf_dir, out.with_name(out.name.removesuffix("-kv8")), "int4", accuracy_level, prune_lm_head)
+    scales = tmp / "kv_scales.json"
+    cfg = {"artifact": base["artifact"], "passage": str(resources.files("slm_export").joinpath("data/passage.txt")),
+           "tokens": CALIBRATION_TOKENS, "margin": MARGIN, "out_json": str(scales)}
+    t0 = time.perf_counter()
+    common.run_child(py, CALIBRATE, cfg, f"{NAME} KV-cache calibration of {hf_dir.name}")
+    spent = base["export_s"] + time.perf_counter() - t0
+    return ["kv_cache_quant_scheme=int8_per_channel", f"kv_cache_scale_file={scales}"], spent
 
 
 def _result(out: Path, info: dict) -> dict:

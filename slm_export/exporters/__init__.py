@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from ..registry import Registry
 
 TARGETS: Registry = Registry("target")
@@ -20,6 +22,18 @@ class ExportOptions:
     max_context: int = 2048
     compute_precision: str | None = None  # None: the target's default (its compute_precisions[0])
     kv_bits: int = 32  # bits per KV-cache element (one of the target's kv_cache_bits)
+    text_ids: list[int] | None = None  # the shipped passage through the model's tokenizer, if it has one
+
+    def calibration(self, n: int, vocab_size: int) -> tuple[list[int], str]:
+        """(ids, what they are) for calibrating static scales: the passage's last n tokens.
+
+        The last, because `verify` reads the passage from its start (parity on the first 512 tokens,
+        perplexity on the first 2048), so scales are not fitted to the text they are judged on.
+        """
+        if self.text_ids and len(self.text_ids) >= n:
+            return self.text_ids[-n:], "the shipped passage (its end; verify reads its start)"
+        ids = np.random.default_rng(0).integers(0, vocab_size, n).tolist()
+        return ids, "random token ids (the model has no tokenizer: real text calibrates better)"
 
 
 @dataclass

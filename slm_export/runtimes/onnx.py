@@ -28,10 +28,21 @@ class OnnxRunner(Runner):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.folder / manifest["model_file"]), opts,
-                                            providers=["CPUExecutionProvider"])
         kv = manifest["io"]["kv_layout"]
+        try:
+            self.session = ort.InferenceSession(str(self.folder / manifest["model_file"]), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own Fail/InvalidGraph types)
+            if kv.get("dtype") != "int8":
+                raise
+            from ..errors import SlmExportError
+
+            made = manifest.get("versions", {}).get("onnxruntime")
+            raise SlmExportError(f"onnxruntime {ort.__version__} cannot load {self.folder}'s int8 KV cache "
+                                 f"(GroupQueryAttention with k_scale/v_scale on CPU; exported with onnxruntime {made}): "
+                                 f"upgrade onnxruntime, or re-export with --kv-bits 32 ({str(e).splitlines()[0][:200]})") from None
         self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
+        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))  # int8: --kv-bits 8 (scales live in the graph)
         self.capacity = 0
         self.cache: list[np.ndarray] = []
         self.binding = None
@@ -49,7 +60,7 @@ class OnnxRunner(Runner):
     def reset(self, capacity: int) -> None:
         capacity = min(max(capacity, 1), self.max_context)
         shape = (1, self.kv_heads, capacity, self.head_dim)
-        self.cache = [np.zeros(shape, np.float32) for _ in range(2 * self.layers)]
+        self.cache = [np.zeros(shape, self.kv_dtype) for _ in range(2 * self.layers)]
         self.capacity, self.position = capacity, 0
         self._bind_cache()
 
@@ -66,7 +77,7 @@ class OnnxRunner(Runner):
         capacity = min(max(needed, 2 * self.capacity), self.max_context)
         grown = []
         for buf in self.cache:
-            new = np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32)
+            new = np.zeros((1, self.kv_heads, capacity, self.head_dim), self.kv_dtype)
             new[:, :, : self.position] = buf[:, :, : self.position]
             grown.append(new)
         self.cache, self.capacity = grown, capacity

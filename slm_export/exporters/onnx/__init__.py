@@ -15,6 +15,8 @@ class OnnxExporter(ExporterBase):
     runtime = "onnxruntime"
     packages = ("onnx", "onnxruntime")  # versions recorded in the manifest
     int8_in_groups = True  # MatMulNBits with bits=8 keeps one scale per block
+    # 8: GroupQueryAttention's int8 cache with calibrated per-channel scales (kv_cache.py)
+    kv_cache_bits = (32, 8)
     runtime_overhead_mb = 52.0  # measured here: the runner process with onnxruntime loaded, before the model
 
     def check(self, spec, compute_precision: str) -> None:
@@ -32,26 +34,41 @@ class OnnxExporter(ExporterBase):
         path = Path(out_dir) / MODEL_FILE
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
-        onnx.checker.check_model(str(path))  # path form: checks the external data too
         kv = [decoder.num_kv_heads, decoder.head_dim]
+        kv_dtype, extra = "float32", {"data_file": DATA_FILE, "opset": 23, "kv_bits": options.kv_bits}
+        if options.kv_bits == 8:
+            # The scales come from the saved fp32-cache graph running the calibration text; then the
+            # graph is rewritten with an int8 cache. `model` now refers to its weights in DATA_FILE
+            # (save_model moved them there), so only model.onnx, with the small scales, is written again.
+            from .kv_cache import CALIBRATION_TOKENS, MARGIN, calibration_scales, use_int8_cache
+
+            ids, text = options.calibration(min(CALIBRATION_TOKENS, options.max_context), decoder.vocab_size)
+            use_int8_cache(model, calibration_scales(path, ids, decoder.num_layers, *kv))
+            onnx.save_model(model, str(path))
+            kv_dtype = "int8"
+            extra["kv_cache"] = {"scheme": "int8 symmetric, static scale per (layer, kv head, channel)",
+                                 "calibration": f"{len(ids)} tokens of {text}", "margin": MARGIN}
+        onnx.checker.check_model(str(path))  # path form: checks the external data too
         io = {
             "inputs": {
                 "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
                 "attention_mask": {"dtype": "int64", "shape": ["batch", "past + sequence"],
                                    "note": "ones for every token in the cache and this step"},
-                "past_key_values.{i}.key|value": {"dtype": "float32", "shape": ["batch", *kv[:1], "past", kv[1]]},
+                "past_key_values.{i}.key|value": {"dtype": kv_dtype, "shape": ["batch", *kv[:1], "past", kv[1]]},
                 "logits_to_keep": {"dtype": "int64", "shape": [1],
                                    "note": "0 = logits for every position, 1 = last position only (generation)"},
             },
             "outputs": {
                 "logits": {"dtype": "float32", "shape": ["batch", "kept", decoder.vocab_size]},
-                "present.{i}.key|value": {"dtype": "float32", "shape": ["batch", kv[0], "past + sequence", kv[1]],
+                "present.{i}.key|value": {"dtype": kv_dtype, "shape": ["batch", kv[0], "past + sequence", kv[1]],
                                           "note": "may be bound to the same buffer as past (GroupQueryAttention shares it)"},
             },
-            "kv_layout": {"layers": decoder.num_layers, "kv_heads": kv[0], "head_dim": kv[1], "dtype": "float32",
+            "kv_layout": {"layers": decoder.num_layers, "kv_heads": kv[0], "head_dim": kv[1], "dtype": kv_dtype,
                           "order": "batch, kv_heads, sequence, head_dim", "buffer_sharing": True},
         }
-        return TargetOutput(MODEL_FILE, io, report, {"data_file": DATA_FILE, "opset": 23})
+        if options.kv_bits == 8:
+            io["kv_layout"]["scales"] = "in the graph: layers.{i}.attn.k_scale / v_scale, float32 [1, kv_heads, 1, head_dim]"
+        return TargetOutput(MODEL_FILE, io, report, extra)
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         return read_weights(folder, manifest)  # the weights as stored, dequantized: `model` is not needed

@@ -7,6 +7,16 @@ def app_readme(manifest: dict) -> str:
     tok = manifest.get("tokenizer", {})
     template = tok.get("chat_template") or "(none: feed the raw prompt)"
     eos = tok.get("eos_token_ids", [])
+    ort_version = manifest["versions"].get("onnxruntime")
+    int8_kv = kv.get("dtype") == "int8"  # --kv-bits 8: GroupQueryAttention's int8 cache, scales in the graph
+    runtime = (f"ONNX Runtime with GroupQueryAttention's int8 KV cache on CPU (made and checked with {ort_version})"
+               if int8_kv else "ONNX Runtime >= 1.22")
+    np_kv, kv_type = ("np.int8", "int8") if int8_kv else ("np.float32", "float32")
+    kt_kv = ("ByteBuffer.allocateDirect(0), longArrayOf(1, {h}, 0, {d}), OnnxJavaType.INT8" if int8_kv
+             else "FloatBuffer.allocate(0), longArrayOf(1, {h}, 0, {d})").format(h=kv["kv_heads"], d=kv["head_dim"])
+    kv_note = ("\n  The cache is int8: the kernel quantizes new rows with the per-channel scales stored in the graph "
+               "(`layers.{i}.attn.k_scale` / `v_scale`), so start from zeros of dtype int8 and never rescale it yourself."
+               if int8_kv else "")
     return f"""# {manifest['source'].get('name') or manifest['architecture']} for ONNX Runtime ({manifest['quant']['label']})
 
 Made by slm-export {manifest['versions'].get('slm-export')} with onnxruntime {manifest['versions'].get('onnxruntime')}.
@@ -15,7 +25,7 @@ Every file's sha256 is in `manifest.json`; `slm-export inspect .` checks them.
 | | |
 |---|---|
 | model | `model.onnx` + `model.onnx.data` (keep them side by side) |
-| runtime | ONNX Runtime >= 1.22, CPU execution provider (uses com.microsoft MatMulNBits, GroupQueryAttention) |
+| runtime | {runtime}, CPU execution provider (uses com.microsoft MatMulNBits, GroupQueryAttention) |
 | tokenizer | `tokenizer.json` (Hugging Face tokenizers format) |
 | max context | {manifest['max_context']} tokens |
 | stop tokens | {eos} |
@@ -27,10 +37,10 @@ Every file's sha256 is in `manifest.json`; `slm-export inspect .` checks them.
 - `input_ids` int64 `[1, n]`: the new tokens (the whole prompt first, then one token per step)
 - `attention_mask` int64 `[1, past + n]`: all ones
 - `logits_to_keep` int64 `[1]`: `1` = logits of the last position only (use this to generate)
-- `past_key_values.{{i}}.key` / `.value` float32 `[1, {kv['kv_heads']}, past, {kv['head_dim']}]`, i = 0..{kv['layers'] - 1}: start with `past = 0`
+- `past_key_values.{{i}}.key` / `.value` {kv_type} `[1, {kv['kv_heads']}, past, {kv['head_dim']}]`, i = 0..{kv['layers'] - 1}: start with `past = 0`
 - outputs: `logits` float32 `[1, kept, {m['vocab_size']}]`, `present.{{i}}.key` / `.value`: feed them back as the next step's past.
   To avoid a copy per token, bind one buffer `[1, {kv['kv_heads']}, capacity, {kv['head_dim']}]` per tensor as both past and
-  present with IO binding; GroupQueryAttention writes the new rows in place.
+  present with IO binding; GroupQueryAttention writes the new rows in place.{kv_note}
 
 ## Prompt format
 
@@ -49,7 +59,7 @@ from tokenizers import Tokenizer
 tok = Tokenizer.from_file("tokenizer.json")
 sess = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 ids = tok.encode("<your prompt, formatted with the chat template>", add_special_tokens=False).ids
-past = {{f"past_key_values.{{i}}.{{k}}": np.zeros((1, {kv['kv_heads']}, 0, {kv['head_dim']}), np.float32)
+past = {{f"past_key_values.{{i}}.{{k}}": np.zeros((1, {kv['kv_heads']}, 0, {kv['head_dim']}), {np_kv})
         for i in range({kv['layers']}) for k in ("key", "value")}}
 out, new = [], ids
 for _ in range(64):
@@ -71,7 +81,7 @@ print(tok.decode(out))
 val env = OrtEnvironment.getEnvironment()
 val session = env.createSession(File(dir, "model.onnx").absolutePath, OrtSession.SessionOptions())
 var past: Map<String, OnnxTensor> = (0 until {kv['layers']}).flatMap {{ i -> listOf("key", "value").map {{ k ->
-    "past_key_values.$i.$k" to OnnxTensor.createTensor(env, FloatBuffer.allocate(0), longArrayOf(1, {kv['kv_heads']}, 0, {kv['head_dim']})) }} }}.toMap()
+    "past_key_values.$i.$k" to OnnxTensor.createTensor(env, {kt_kv}) }} }}.toMap()
 var newIds: LongArray = promptIds          // from your tokenizer (tokenizer.json)
 var total = newIds.size
 var previous: OrtSession.Result? = null    // holds the present tensors we feed back as past
