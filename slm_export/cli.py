@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    """The target and the quantization spec: shared by export and fit."""
+    """The target, the quantization spec, compute precision and KV-cache bits: shared by export and fit."""
     p.add_argument("--target", default="onnx", help="export target (see `slm-export targets`); default onnx")
     p.add_argument("--bits", type=int, default=4, help="weight bits: 4, 8 or 16 (= no quantization); default 4")
     p.add_argument("--group-size", type=int, default=32, help="quantization group (block) size, a power of two; default 32")
@@ -42,25 +42,25 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-bits", type=int, default=8,
                    help="8 (default) or 4; with 4 and tied embeddings the table is shared with the int4 lm_head")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
+    p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
+                   help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "
+                        "(an fp16 program, with --bits 16); ONNX: float32")
+    p.add_argument("--kv-bits", type=int, default=None, choices=[32, 16, 8],
+                   help="ExecuTorch: 16 stores the KV cache as fp16 (half the memory, runs in slm-export's runner), "
+                        "8 as int8 rows with scales (a quarter, runs in ExecuTorch's Python bindings); "
+                        "ONNX: 8 stores it as int8 with per-channel scales calibrated at export (a quarter; "
+                        "faster decode after long prompts, slower prefill); default: 32")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     _add_quant_args(p)
     p.add_argument("--palettize", action="store_true",
                    help="Core ML: k-means palettes of 2**bits entries per 16 output channels instead of int scales")
-    p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
-                   help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "
-                        "(an fp16 program, with --bits 16); ONNX: float32")
     p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-context", type=int, default=None,
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
-    p.add_argument("--kv-bits", type=int, default=None, choices=[32, 16, 8],
-                   help="ExecuTorch: 16 stores the KV cache as fp16 (half the memory, runs in slm-export's runner), "
-                        "8 as int8 rows with scales (a quarter, runs in ExecuTorch's Python bindings); "
-                        "ONNX: 8 stores it as int8 with per-channel scales calibrated at export (a quarter; "
-                        "faster decode after long prompts, slower prefill); default: 32")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
@@ -274,7 +274,8 @@ def cmd_fit(a):
 
     spec = QuantSpec(**_quant_kwargs(a), embeddings=not a.no_quantize_embeddings, lm_head=not a.no_quantize_lm_head)
     report = fit(load_profile(a.device.removeprefix("sim:").removeprefix("limits:")), target=a.target, spec=spec, context=a.context,
-                 prompt_tokens=a.prompt_tokens, model=a.model, artifact=a.artifact, trust_remote_code=a.trust_remote_code)
+                 prompt_tokens=a.prompt_tokens, model=a.model, artifact=a.artifact, compute_precision=a.compute_precision,
+                 kv_bits=a.kv_bits, trust_remote_code=a.trust_remote_code)
     print(json.dumps(report.to_dict(), indent=1) if a.json else report.format())
     return 0 if report.fits else 1
 

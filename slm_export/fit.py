@@ -87,7 +87,7 @@ def load_config(source, trust_remote_code: bool = False):
                              "check the path or id (the hub needs internet)") from None
 
 
-def estimate_weight_bytes(shape: Shape, spec, exporter) -> list[dict]:
+def estimate_weight_bytes(shape: Shape, spec, exporter, compute_precision: str | None = None) -> list[dict]:
     """Stored bytes of each weight as `exporter` would store it under `spec` (before exporting)."""
     from .quantize.spec import block_size_for
 
@@ -97,7 +97,7 @@ def estimate_weight_bytes(shape: Shape, spec, exporter) -> list[dict]:
             continue  # Core ML keeps one table for a tied embedding and lm_head
         plan = spec.plan_for(name)
         if plan.bits is None:
-            stored = rows * cols * exporter.float_weight_bytes
+            stored = rows * cols * exporter.float_bytes(compute_precision or exporter.compute_precisions[0])
         else:
             in_groups = plan.bits == 4 or (exporter.int8_in_groups and "embed_tokens" not in name)
             group = block_size_for(cols, plan.group_size)[0] if in_groups else cols
@@ -126,6 +126,7 @@ class FitReport:
     weights_source: str
     weights_mb: float
     kv_cache_mb: float
+    kv_bits: int  # bits per cached key/value element (--kv-bits)
     activations_mb: float
     prompt_tokens: int
     runtime_overhead_mb: float
@@ -149,7 +150,7 @@ class FitReport:
         lines = [f"{self.target} {self.quant} on {self.device}, context {self.context}: {verdict} "
                  f"({self.total_mb:.0f} MB of a {self.app_budget_mb:.0f} MB app budget)",
                  f"  weights      {self.weights_mb:8.1f} MB  ({self.weights_source})",
-                 f"  KV cache     {self.kv_cache_mb:8.1f} MB",
+                 f"  KV cache     {self.kv_cache_mb:8.1f} MB  ({self.kv_bits}-bit)",
                  f"  activations  {self.activations_mb:8.1f} MB  (a {self.prompt_tokens}-token prompt in one pass)",
                  f"  runtime      {self.runtime_overhead_mb:8.1f} MB",
                  f"  decode: ~{self.expected_decode_tok_s:.0f} tok/s expected at a short context, "
@@ -160,7 +161,7 @@ class FitReport:
         return "\n".join(lines)
 
 
-def kv_bytes_per_token(shape: Shape, kv_bytes: int) -> int:
+def kv_bytes_per_token(shape: Shape, kv_bytes: float) -> float:
     return shape.layers * 2 * shape.kv_heads * shape.head_dim * kv_bytes
 
 
@@ -193,8 +194,10 @@ def decode_roofline(profile, weight_bytes_per_token: float, kv_bytes_so_far: flo
 
 
 def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt_tokens: int = PREFILL_CHUNK,
-        model=None, artifact=None, trust_remote_code: bool = False) -> FitReport:
+        model=None, artifact=None, compute_precision: str | None = None, kv_bits: int | None = None,
+        trust_remote_code: bool = False) -> FitReport:
     from .exporters import TARGETS
+    from .pipeline import quant_label, resolve_precision
     from .quantize import QuantSpec
 
     for flag, value in (("--context", context), ("--prompt-tokens", prompt_tokens)):
@@ -211,13 +214,21 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         shape = shape_from_manifest(m, weights)
         if context > m["max_context"]:
             notes.append(f"the artifact's KV cache holds {m['max_context']} tokens; re-export with --max-context {context}")
+        if compute_precision is not None or kv_bits is not None:
+            raise SlmExportError("--compute-precision and --kv-bits describe an export to plan; with --artifact, "
+                                 "fit uses what the artifact was exported with (drop them)")
+        extra = m.get("target_extra", {})
+        compute_precision, kv_bits = extra.get("compute_precision"), extra.get("kv_bits")
     exporter = TARGETS.get(target)()
+    precision, kv_bits = resolve_precision(exporter, compute_precision, kv_bits)
     if artifact is None:
         spec = spec or QuantSpec()
+        exporter.check(spec, precision)  # what the export would refuse, refused here too
         config = load_config(model, trust_remote_code)
         shape = shape_of(config)
-        weights, source = estimate_weight_bytes(shape, spec, exporter), "estimated from the model's shapes and the spec"
-        quant = spec.label()
+        weights = estimate_weight_bytes(shape, spec, exporter, precision)
+        source = "estimated from the model's shapes and the spec"
+        quant = quant_label(spec, precision)
         limit = getattr(config, "max_position_embeddings", None)
         if limit and context > limit:
             notes.append(f"the model was trained for {limit} tokens of context, fewer than {context}")
@@ -225,7 +236,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         notes.append(f"{target} does not run on {profile.name} (it runs {', '.join(profile.formats)})")
     weights_total = sum(w["stored_bytes"] for w in weights)
     per_token_weights, ops = bytes_read_per_token(weights), ops_per_token(weights)
-    kv_per_token = kv_bytes_per_token(shape, exporter.kv_bytes)
+    kv_per_token = kv_bytes_per_token(shape, exporter.kv_element_bytes(kv_bits, shape.head_dim))
     chunk = min(prompt_tokens, context)  # the runners prefill a prompt in one pass
     act = 4 * chunk * (4 * shape.hidden + 3 * shape.intermediate + shape.vocab) + 4 * shape.heads * chunk * context
     int8 = spec.quantized and spec.activations == "int8" and exporter.quantizes_activations
@@ -235,7 +246,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     total = weights_total + kv_per_token * context + act + exporter.runtime_overhead_mb * mb
     return FitReport(
         device=profile.name, target=target, quant=quant, context=context, weights_source=source,
-        weights_mb=round(weights_total / mb, 1), kv_cache_mb=round(kv_per_token * context / mb, 1),
+        weights_mb=round(weights_total / mb, 1), kv_cache_mb=round(kv_per_token * context / mb, 1), kv_bits=kv_bits,
         activations_mb=round(act / mb, 1), prompt_tokens=chunk, runtime_overhead_mb=exporter.runtime_overhead_mb,
         total_mb=round(total / mb, 1), app_budget_mb=round(profile.app_budget_mb, 1),
         fits=total <= profile.app_budget_mb * mb, decode_bytes_per_token_mb=round((per_token_weights + kv_per_token * 64) / mb, 1),

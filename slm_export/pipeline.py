@@ -33,14 +33,9 @@ def library_versions(*names: str) -> dict:
     return out
 
 
-def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
-               force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
-               kv_bits: int | None = None, tokenizer=None, trust_remote_code: bool = False, log=print):
-    """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
-    from .artifact import Artifact
-
-    exporter = TARGETS.get(target)()
-    spec = spec or QuantSpec()
+def resolve_precision(exporter, compute_precision: str | None, kv_bits: int | None) -> tuple[str, int]:
+    """(compute precision, KV-cache bits) for this target: the defaults, or the asked ones if it has them."""
+    target = exporter.name
     if compute_precision is not None and compute_precision not in exporter.compute_precisions:
         raise SlmExportError(f"--compute-precision {compute_precision} is not available for the {target} target; "
                              f"use {' or '.join(exporter.compute_precisions)}")
@@ -52,13 +47,29 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
         at = f" at --compute-precision {precision}" if kv_choices != exporter.kv_cache_bits else ""
         raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {target} target{at}; "
                              f"use {' or '.join(map(str, kv_choices))}")
+    return precision, kv_bits
+
+
+def quant_label(spec: QuantSpec, precision: str) -> str:
+    # "float" names fp32 weights; unquantized weights in an fp16 program are "float16"
+    return "float16" if not spec.quantized and precision == "float16" else spec.label()
+
+
+def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
+               force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
+               kv_bits: int | None = None, tokenizer=None, trust_remote_code: bool = False, log=print):
+    """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
+    from .artifact import Artifact
+
+    exporter = TARGETS.get(target)()
+    spec = spec or QuantSpec()
+    precision, kv_bits = resolve_precision(exporter, compute_precision, kv_bits)
     if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
         # int8 activations are "where the target can": this one cannot, so the label says weight-only
         log(f"note: the {target} target quantizes weights only; activations stay "
             f"{compute_precision or exporter.compute_precisions[0]}")
         spec = dataclasses.replace(spec, activations="float")
-    # "float" names fp32 weights; unquantized weights in an fp16 program are "float16"
-    label = "float16" if not spec.quantized and precision == "float16" else spec.label()
+    label = quant_label(spec, precision)
     suffix = f"-{precision}" if precision != exporter.compute_precisions[0] and spec.quantized else ""
     out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)

@@ -96,6 +96,56 @@ def test_fit_weight_estimate_matches_the_exported_report(tmp_path, target, bits)
     assert abs(estimated - real) / real < 0.03, (estimated, real)
 
 
+def test_fit_estimate_of_an_fp16_executorch_program_matches_its_report(tmp_path):
+    model = tiny_model("tinyllama")
+    art = slm_export.export(model, target="executorch", bits=16, compute_precision="float16", out=tmp_path / "a",
+                            max_context=64, log=lambda *a: None)
+    from slm_export.exporters import TARGETS
+
+    spec = QuantSpec.from_dict(art.manifest["quant"]["spec"])
+    estimated = sum(w["stored_bytes"] for w in estimate_weight_bytes(shape_of(model.config), spec,
+                                                                     TARGETS.get("executorch")(), "float16"))
+    real = sum(w["stored_bytes"] for w in report_weight_bytes(art.path))
+    assert abs(estimated - real) / real < 0.03, (estimated, real)
+    # and `fit` of that artifact takes its KV cache as the fp16 one it holds
+    report = fit(load_profile("raspberry-pi-5-8gb"), artifact=art.path, context=64)
+    assert report.kv_bits == 16 and report.quant == "float16"
+
+
+@pytest.mark.parametrize("target,precision,kv_bits,kv_ratio", [
+    ("onnx", None, 8, 1 / 4),
+    ("executorch", None, 16, 1 / 2),
+    ("executorch", None, 8, (1 + 5 / 16) / 4),  # int8 rows + an fp32 scale and int8 zero point per row of 16
+    ("executorch", "float16", None, 1 / 2),  # an fp16 program keeps an fp16 cache
+])
+def test_fit_kv_cache_follows_kv_bits_and_precision(target, precision, kv_bits, kv_ratio, tiny_dir):
+    pi = load_profile("raspberry-pi-5-8gb")
+    spec = QuantSpec(bits=16 if precision else 4)
+    base = fit(pi, target=target, spec=spec, model=tiny_dir, context=1024)
+    got = fit(pi, target=target, spec=spec, model=tiny_dir, context=1024, compute_precision=precision, kv_bits=kv_bits)
+    assert base.kv_bits == 32 and got.kv_bits == (kv_bits or 16)
+    assert got.kv_cache_mb == pytest.approx(base.kv_cache_mb * kv_ratio, abs=0.05)
+    assert f"({got.kv_bits}-bit)" in got.format()
+    if precision:  # fp16 float weights: half the bytes (the int8 embedding's stay)
+        float_mb = lambda r: sum(w["mb"] for w in r.weights if w["bits"] is None)  # noqa: E731
+        assert float_mb(base) > 0 and float_mb(got) == pytest.approx(float_mb(base) / 2, abs=0.005)
+        assert got.quant == "float16" and got.weights_mb < base.weights_mb
+
+
+def test_fit_refuses_what_export_would_refuse(tiny_dir, tiny_onnx):
+    pi = load_profile("raspberry-pi-5-8gb")
+    with pytest.raises(SlmExportError, match="--kv-bits 16 is not available for the onnx target; use 32 or 8"):
+        fit(pi, target="onnx", model=tiny_dir, kv_bits=16)
+    with pytest.raises(SlmExportError, match="at --compute-precision float16; use 16"):
+        fit(pi, target="executorch", spec=QuantSpec(bits=16), model=tiny_dir, compute_precision="float16", kv_bits=8)
+    with pytest.raises(SlmExportError, match="float16"):  # an fp16 program has float weights only
+        fit(pi, target="executorch", spec=QuantSpec(bits=4), model=tiny_dir, compute_precision="float16")
+    with pytest.raises(SlmExportError, match="with --artifact, fit uses what the artifact was exported with"):
+        fit(pi, artifact=tiny_onnx.path, kv_bits=8)
+    code, out, err = run_cli("fit", "--device", "pixel-8", "--model", tiny_dir, "--kv-bits", "16")
+    assert code == 2 and "--kv-bits 16 is not available for the onnx target" in err and "Traceback" not in err
+
+
 def test_roofline_bounds():
     pi = load_profile("raspberry-pi-5-8gb")
     tok_s, bound = decode_roofline(pi, 100e6, 0, 2e8, int8=True)

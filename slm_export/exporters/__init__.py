@@ -94,6 +94,14 @@ class ExporterBase:
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits
 
+    def kv_element_bytes(self, kv_bits: int, head_dim: int) -> float:
+        """Bytes per cached key or value element at --kv-bits (for `fit`)."""
+        return self.kv_bytes if kv_bits == 32 else kv_bits / 8
+
+    def float_bytes(self, compute_precision: str) -> int:
+        """Bytes per weight kept float at this compute precision (for `fit`)."""
+        return self.float_weight_bytes
+
     def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
         return []  # the runtime executes the files; verify's parity metrics are the check
 

@@ -56,6 +56,13 @@ class ExecuTorchExporter(ExporterBase):
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return (16,) if compute_precision == "float16" else self.kv_cache_bits
 
+    def kv_element_bytes(self, kv_bits: int, head_dim: int) -> float:
+        # int8 rows carry an fp32 scale and an int8 zero point each (custom_quantized_sdpa's layout)
+        return 1 + 5 / head_dim if kv_bits == 8 else super().kv_element_bytes(kv_bits, head_dim)
+
+    def float_bytes(self, compute_precision: str) -> int:
+        return 2 if compute_precision == "float16" else self.float_weight_bytes
+
     def check(self, spec, compute_precision: str) -> None:
         from ...errors import SlmExportError
 
