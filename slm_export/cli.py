@@ -61,6 +61,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-context", type=int, default=None,
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="ONNX --kv-bits 8: calibrate the cache's scales on this UTF-8 text (its last 1024 tokens) "
+                        "instead of the shipped English passage")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
@@ -153,7 +156,7 @@ def _quant_kwargs(a) -> dict:
 def _spec_kwargs(a) -> dict:
     return dict(target=a.target, **_quant_kwargs(a), quantize_embeddings=not a.no_quantize_embeddings,
                 quantize_lm_head=not a.no_quantize_lm_head, palettize=a.palettize,
-                compute_precision=a.compute_precision, kv_bits=a.kv_bits, out=a.out, force=a.force, max_context=a.max_context,
+                compute_precision=a.compute_precision, kv_bits=a.kv_bits, calibration_text=a.calibration_text, out=a.out, force=a.force, max_context=a.max_context,
                 trust_remote_code=a.trust_remote_code)
 
 

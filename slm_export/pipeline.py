@@ -57,7 +57,8 @@ def quant_label(spec: QuantSpec, precision: str) -> str:
 
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
                force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
-               kv_bits: int | None = None, tokenizer=None, trust_remote_code: bool = False, log=print):
+               kv_bits: int | None = None, calibration_text: str | Path | None = None, tokenizer=None,
+               trust_remote_code: bool = False, log=print):
     """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
     from .artifact import Artifact
 
@@ -74,6 +75,13 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
+    if calibration_text is not None:
+        calibration_text = Path(calibration_text).expanduser()
+        if not exporter.calibrates(kv_bits):
+            raise SlmExportError(f"--calibration-text is for exports that calibrate static scales (--target onnx "
+                                 f"--kv-bits 8); the {target} target at --kv-bits {kv_bits} calibrates nothing")
+        if not calibration_text.is_file():
+            raise SlmExportError(f"--calibration-text {calibration_text} is not a file; pass a UTF-8 text file")
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
@@ -92,7 +100,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     with staged_folder(out) as tmp:
         t1 = time.perf_counter()
         options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits,
-                                text_ids=_passage_ids(loaded.tokenizer))
+                                **_calibration_ids(loaded.tokenizer, calibration_text))
         result = exporter.write(decoder, spec, tmp, options)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
@@ -125,13 +133,31 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     return Artifact.open(out)
 
 
-def _passage_ids(tokenizer) -> list[int] | None:
-    """The shipped passage through a Hugging Face tokenizer (for calibration), or None without one."""
+MIN_CALIBRATION_TOKENS = 32
+
+
+def _calibration_ids(tokenizer, text_file: Path | None) -> dict:
+    """ExportOptions' text_ids (and text_source): the user's text or the shipped passage, tokenized."""
     from .text import passage_text
 
+    if text_file is None:
+        text = passage_text()
+    elif tokenizer is None:
+        raise SlmExportError("--calibration-text needs the model's tokenizer; this model has none")
+    else:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SlmExportError(f"--calibration-text {text_file} could not be read as UTF-8 text: {e}") from None
     if tokenizer is None:
-        return None
-    return list(tokenizer(passage_text(), add_special_tokens=False, verbose=False)["input_ids"])
+        return {}
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if text_file is None:
+        return {"text_ids": ids}
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise SlmExportError(f"--calibration-text {text_file} is {len(ids)} tokens; calibration needs at least "
+                             f"{MIN_CALIBRATION_TOKENS} (up to 1024 are used)")
+    return {"text_ids": ids, "text_source": f"{text_file.name} (--calibration-text)"}
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:

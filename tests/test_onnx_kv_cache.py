@@ -114,3 +114,34 @@ def test_kv_bits_16_is_refused_on_onnx_before_loading(tmp_path):
     with pytest.raises(SlmExportError, match="--kv-bits 16 is not available for the onnx target; use 32 or 8"):
         slm_export.export("not/loaded", target="onnx", kv_bits=16, out=tmp_path / "o", log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_on_your_own_text(tmp_path, tiny_dir):
+    text = tmp_path / "domain.txt"
+    text.write_text(" ".join(f"w{i % 40 + 3}" for i in range(300)))
+    out = tmp_path / "kv8"
+    code, _, err = run_cli("--model", tiny_dir, "--kv-bits", "8", "--max-context", "96", "--calibration-text", text,
+                           "--out", out)
+    assert code == 0, err
+    manifest = slm_export.open_artifact(out).manifest
+    assert manifest["target_extra"]["kv_cache"]["calibration"] == "96 tokens of domain.txt (--calibration-text)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv-bits", "32"], "--calibration-text is for exports that calibrate static scales"),
+    (["--kv-bits", "8", "--target", "executorch"], "--kv-bits 8 calibrates nothing"),
+    (["--kv-bits", "8", "--calibration-text-missing"], "is not a file; pass a UTF-8 text file"),
+    (["--kv-bits", "8", "--calibration-text-short"], "is 3 tokens; calibration needs at least 32"),
+])
+def test_calibration_text_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path, tiny_dir):
+    text = tmp_path / "t.txt"
+    if "--calibration-text-short" in args:
+        text.write_text("w3 w4 w5")
+    elif "--calibration-text-missing" not in args:
+        text.write_text("w3 " * 100)
+    args = [a for a in args if not a.startswith("--calibration-text-")]
+    out = tmp_path / "out"
+    code, _, err = run_cli("--model", tiny_dir, *args, "--calibration-text", text, "--out", out)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "tiny-llama"] == (["t.txt"] if text.exists() else [])

@@ -22,16 +22,17 @@ class ExportOptions:
     max_context: int = 2048
     compute_precision: str | None = None  # None: the target's default (its compute_precisions[0])
     kv_bits: int = 32  # bits per KV-cache element (one of the target's kv_cache_bits)
-    text_ids: list[int] | None = None  # the shipped passage through the model's tokenizer, if it has one
+    text_ids: list[int] | None = None  # calibration text through the model's tokenizer, if it has one
+    text_source: str = "the shipped passage (its end; verify reads its start)"  # what text_ids are
 
     def calibration(self, n: int, vocab_size: int) -> tuple[list[int], str]:
-        """(ids, what they are) for calibrating static scales: the passage's last n tokens.
+        """(ids, what they are) for calibrating static scales: the text's last n tokens (or all, if fewer).
 
-        The last, because `verify` reads the passage from its start (parity on the first 512 tokens,
-        perplexity on the first 2048), so scales are not fitted to the text they are judged on.
+        The last, because `verify` reads the shipped passage from its start (parity on the first 512
+        tokens, perplexity on the first 2048), so scales are not fitted to the text they are judged on.
         """
-        if self.text_ids and len(self.text_ids) >= n:
-            return self.text_ids[-n:], "the shipped passage (its end; verify reads its start)"
+        if self.text_ids:
+            return self.text_ids[-n:], self.text_source
         ids = np.random.default_rng(0).integers(0, vocab_size, n).tolist()
         return ids, "random token ids (the model has no tokenizer: real text calibrates better)"
 
@@ -93,6 +94,10 @@ class ExporterBase:
 
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits
+
+    def calibrates(self, kv_bits: int) -> bool:
+        """Whether the export runs calibration text through the model (for static KV-cache scales)."""
+        return False
 
     def kv_element_bytes(self, kv_bits: int, head_dim: int) -> float:
         """Bytes per cached key or value element at --kv-bits (for `fit`)."""
