@@ -75,13 +75,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
-    if calibration_text is not None:
-        calibration_text = Path(calibration_text).expanduser()
-        if not exporter.calibrates(kv_bits):
-            raise SlmExportError(f"--calibration-text is for exports that calibrate static scales (--target onnx "
-                                 f"--kv-bits 8); the {target} target at --kv-bits {kv_bits} calibrates nothing")
-        if not calibration_text.is_file():
-            raise SlmExportError(f"--calibration-text {calibration_text} is not a file; pass a UTF-8 text file")
+    user_text = _read_calibration_text(calibration_text, exporter, target, kv_bits)  # before the model loads
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
@@ -96,11 +90,12 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
         limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
         max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
+    # only an export that calibrates static scales reads text (tokenizing is wasted work elsewhere)
+    text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if exporter.calibrates(kv_bits) else {}
 
     with staged_folder(out) as tmp:
         t1 = time.perf_counter()
-        options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits,
-                                **_calibration_ids(loaded.tokenizer, calibration_text))
+        options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
         result = exporter.write(decoder, spec, tmp, options)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
@@ -136,28 +131,42 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
 MIN_CALIBRATION_TOKENS = 32
 
 
-def _calibration_ids(tokenizer, text_file: Path | None) -> dict:
+def _read_calibration_text(path, exporter, target: str, kv_bits: int) -> str | None:
+    """The --calibration-text file's text, refused before anything loads if it cannot be used."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if not exporter.calibrates(kv_bits):
+        raise SlmExportError(f"--calibration-text is for exports that calibrate static scales (--target onnx "
+                             f"--kv-bits 8); the {target} target at --kv-bits {kv_bits} calibrates nothing")
+    if not path.is_file():
+        raise SlmExportError(f"--calibration-text {path} is not a file; pass a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SlmExportError(f"--calibration-text {path} could not be read as UTF-8 text: {e}") from None
+    if not text.strip():
+        raise SlmExportError(f"--calibration-text {path} is empty; pass at least {MIN_CALIBRATION_TOKENS} tokens "
+                             "of text like your users' (up to 1024 are used)")
+    return text
+
+
+def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
     """ExportOptions' text_ids (and text_source): the user's text or the shipped passage, tokenized."""
     from .text import passage_text
 
-    if text_file is None:
-        text = passage_text()
-    elif tokenizer is None:
+    if user_text is not None and tokenizer is None:
         raise SlmExportError("--calibration-text needs the model's tokenizer; this model has none")
-    else:
-        try:
-            text = text_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SlmExportError(f"--calibration-text {text_file} could not be read as UTF-8 text: {e}") from None
     if tokenizer is None:
-        return {}
+        return {}  # the exporter calibrates on random ids and says so in the manifest
+    text = passage_text() if user_text is None else user_text
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    if text_file is None:
+    if user_text is None:
         return {"text_ids": ids}
     if len(ids) < MIN_CALIBRATION_TOKENS:
-        raise SlmExportError(f"--calibration-text {text_file} is {len(ids)} tokens; calibration needs at least "
+        raise SlmExportError(f"--calibration-text {path} is {len(ids)} tokens; calibration needs at least "
                              f"{MIN_CALIBRATION_TOKENS} (up to 1024 are used)")
-    return {"text_ids": ids, "text_source": f"{text_file.name} (--calibration-text)"}
+    return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)"}
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:

@@ -42,11 +42,17 @@ class TextCodec:
         """The prompt as the model was trained to see it (its chat template), or the raw text."""
         if not self.chat_template:
             return self.encode(user_message)
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        text = format_chat(self.chat_template, user_message, self.bos_token, self.eos_token)
         # Like transformers' apply_chat_template: the template already holds the special tokens.
         return self.encode(text, add_special_tokens=False)
+
+
+def format_chat(chat_template: str, user_message: str, bos_token: str | None = None,
+                eos_token: str | None = None) -> str:
+    """One user message rendered with the model's chat template, ready for the assistant's answer."""
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(chat_template).render(messages=[{"role": "user", "content": user_message}],
+                                                 add_generation_prompt=True, bos_token=bos_token or "",
+                                                 eos_token=eos_token or "")

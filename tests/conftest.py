@@ -140,3 +140,40 @@ def require_extra(module: str, extra: str) -> None:
         if os.environ.get("SLM_EXPORT_REQUIRE_SDKS"):
             pytest.fail(f"SLM_EXPORT_REQUIRE_SDKS is set but {why}", pytrace=False)
         pytest.skip(why, allow_module_level=True)
+
+
+def run_cpp_example(folder: Path, prompt: str | None = None) -> str:
+    """Run the "## C++" block of an ExecuTorch bundle's README as written (with `prompt` in place of its
+    sample prompt) and check what it generated against our runner; returns what it printed."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import slm_export
+    from slm_export.runtimes.base import generate
+
+    if not shutil.which("g++"):
+        pytest.skip("no g++ here to build the C++ example")
+    readme = (folder / "README.md").read_text()
+    script = re.search(r"## C\+\+[^\n]*\n.*?```sh\n(.*?)```", readme, re.S).group(1)
+    if prompt is not None:
+        script = re.sub(r"^prompt = .*$", lambda m: f"prompt = {prompt!r}", script, count=1, flags=re.M)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # `python` is this venv's
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    art = slm_export.open_artifact(folder)
+    codec = art.codec()
+    ids = [int(t) for t in (folder / "prompt_ids.txt").read_text().split()]
+    assert ids == (codec.encode(prompt, add_special_tokens=False) if prompt is not None
+                   else codec.encode_chat("What is the capital of France?"))
+    got = [int(t) for t in (folder / "answer_ids.txt").read_text().split()]
+    # built with our runner's flags, it generates exactly what our runner does (other flags may break
+    # near-ties the other way: 8da4w's dynamic activation quantization amplifies float noise)
+    assert got == generate(art.runner(), ids, 32, eos_ids=codec.eos_ids) and got, p.stderr
+    from tokenizers import Tokenizer
+
+    assert p.stdout.strip() == Tokenizer.from_file(str(folder / "tokenizer.json")).decode(got).strip()
+    return p.stdout

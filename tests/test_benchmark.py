@@ -103,3 +103,28 @@ def test_a_peer_that_cannot_export_is_a_row_with_its_reason(tiny_dir, tmp_path):
     (row,) = json.loads((out / "results.json").read_text())["results"]
     assert row["system"] == "slm-export nosuch 4-bit" and "nosuch" in row["error"]
     assert "FAILED" in (out / "RESULTS.md").read_text()
+
+
+def test_app_memory_builds_the_exports_cpp_example_and_measures_it(tmp_path):
+    import slm_export
+    from conftest import tiny_model, tiny_tokenizer
+
+    pytest.importorskip("executorch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import app_memory
+
+    src, folder = tmp_path / "tiny", tmp_path / "pte"
+    tiny_model("llama", max_position_embeddings=1024).save_pretrained(src)  # room for 512 + 128 tokens
+    tiny_tokenizer().save_pretrained(src)
+    slm_export.export(src, target="executorch", max_context=1024, out=folder, log=lambda *a: None)
+    # a passage of 512 tokens exists in the tiny word-level vocabulary only as <unk>s: fine for memory
+    result = app_memory.main([str(folder), "--runs", "1", "--out", str(tmp_path / "out")])
+    rows = result["rows"]
+    assert [(r["program"].split()[0], r["prompt_tokens"], r["new_tokens"]) for r in rows] == [
+        (p, n, k) for p in ("cpp/generate.cpp", "Module") for n, k in app_memory.CASES]
+    assert all(r["error"] is None and r["peak_rss_mb"] > 5 for r in rows), rows  # the runtime's libraries alone
+    assert all(r["ratio_to_pte"] == round(r["samples_peak_rss_bytes"][0] / r["pte_bytes"], 3) for r in rows)
+    assert json.loads((tmp_path / "out" / "app_memory.json").read_text())["rows"] == rows
+    assert "| 512 + 128 |" in (tmp_path / "out" / "APP_MEMORY.md").read_text()
+    with pytest.raises(RuntimeError, match="update module_defaults"):
+        app_memory.module_defaults("int main() {}")

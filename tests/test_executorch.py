@@ -10,7 +10,7 @@ import slm_export
 from slm_export import SlmExportError
 from slm_export.verify import tolerances_for
 
-from conftest import ARCHS, require_extra, tiny_model
+from conftest import ARCHS, require_extra, run_cpp_example, tiny_model
 
 require_extra("executorch", "executorch")
 
@@ -224,7 +224,9 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir, kv_bits):
     assert "method        forward(tokens, input_pos, logit_rows) -> logits" in r.stdout and "checksums     ok" in r.stdout
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "forward(tokens, input_pos, logit_rows)" in readme and "chunks of at most 128" in readme
-    assert ("compile `llama_ops.cpp`" in readme) == (kv_bits == "16")  # what an app must add to ExecuTorch
+    assert ("compile `cpp/llama_ops.cpp`" in readme) == (kv_bits == "16")  # what an app must add to ExecuTorch
+    assert {"cpp/generate.cpp", "cpp/llama_ops.cpp", "cpp/attention.h", "cpp/app_memory.h"} <= set(json.loads(
+        (tmp_path / "b" / "manifest.json").read_text())["files"])
     # the app developer's Python snippet runs as written
     import re
 
@@ -232,6 +234,8 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir, kv_bits):
     code = code.replace("<your prompt, formatted with the chat template>", " ".join(f"w{i}" for i in range(140)))  # 2 chunks
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "b", capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
+    if kv_bits == "16":  # the C++ example builds and runs as written (2 prefill chunks), as our runner would
+        run_cpp_example(tmp_path / "b", prompt=" ".join(f"w{i % 50 + 3}" for i in range(140)))
 
 
 def test_missing_executorch_is_one_clear_sentence(monkeypatch):

@@ -132,11 +132,17 @@ def test_calibration_on_your_own_text(tmp_path, tiny_dir):
     (["--kv-bits", "8", "--target", "executorch"], "--kv-bits 8 calibrates nothing"),
     (["--kv-bits", "8", "--calibration-text-missing"], "is not a file; pass a UTF-8 text file"),
     (["--kv-bits", "8", "--calibration-text-short"], "is 3 tokens; calibration needs at least 32"),
+    (["--kv-bits", "8", "--calibration-text-empty"], "is empty; pass at least 32 tokens"),
+    (["--kv-bits", "8", "--calibration-text-latin1"], "could not be read as UTF-8 text"),
 ])
 def test_calibration_text_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path, tiny_dir):
     text = tmp_path / "t.txt"
     if "--calibration-text-short" in args:
         text.write_text("w3 w4 w5")
+    elif "--calibration-text-empty" in args:
+        text.write_text(" \n")
+    elif "--calibration-text-latin1" in args:
+        text.write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
     elif "--calibration-text-missing" not in args:
         text.write_text("w3 " * 100)
     args = [a for a in args if not a.startswith("--calibration-text-")]
@@ -145,3 +151,24 @@ def test_calibration_text_bad_input_is_one_line_and_writes_nothing(args, message
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "tiny-llama"] == (["t.txt"] if text.exists() else [])
+
+
+def test_file_level_refusals_come_before_the_model_loads(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("")
+    with pytest.raises(SlmExportError, match="is empty"):
+        slm_export.export("not/loaded", kv_bits=8, calibration_text=text, out=tmp_path / "o", log=lambda *a: None)
+
+
+def test_exports_that_calibrate_nothing_do_not_tokenize_text(tmp_path, tiny_dir, monkeypatch):
+    from slm_export import pipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenized calibration text for an export that calibrates nothing")
+    monkeypatch.setattr(pipeline, "_calibration_ids", refuse)
+    art = slm_export.export(tiny_dir, target="onnx", kv_bits=32, max_context=64, out=tmp_path / "kv32",
+                            log=lambda *a: None)
+    assert "kv_cache" not in art.manifest["target_extra"]
+    with pytest.raises(AssertionError, match="tokenized calibration text"):
+        slm_export.export(tiny_dir, target="onnx", kv_bits=8, max_context=64, out=tmp_path / "kv8",
+                          log=lambda *a: None)

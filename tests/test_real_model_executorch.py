@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import require_extra, run_cli
+from conftest import require_extra, run_cli, run_cpp_example
 
 pytestmark = pytest.mark.slow
 require_extra("executorch", "executorch")
@@ -31,6 +31,13 @@ def test_pte_answers_paris(pte_dir):
                                 "--max-new-tokens", "24")
     assert code == 0, err
     assert "Paris" in stdout
+
+
+def test_bundled_cpp_example_answers_paris(pte_dir, tmp_path):
+    # The app developer's C++ (ExecuTorch's Module API with our kernels), built and run as its README says.
+    code, _, err = run_cli("bundle", pte_dir, "--out", tmp_path / "b")
+    assert code == 0, err
+    assert "Paris" in run_cpp_example(tmp_path / "b")
 
 
 def test_pte_parity_within_tolerance(pte_dir, tmp_path):

@@ -1,6 +1,6 @@
 """Plain-PyTorch building blocks shared by the exporters that trace a module of their own
 (ExecuTorch, Core ML): nn.Linear from a Decoder Linear, the lm_head, the weight -> PyTorch-name
-table, and rope as tables plus a rotate-half matrix.
+table, rope as tables plus a rotate-half matrix, and an RMSNorm that float16 cannot overflow.
 """
 from __future__ import annotations
 
@@ -54,3 +54,20 @@ def rope_tables(dec, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos = torch.from_numpy(dec.rope_cos[:max_context])
     sin = torch.from_numpy(dec.rope_sin[:max_context])
     return torch.cat([cos, cos], -1).contiguous(), torch.cat([sin, sin], -1).contiguous()
+
+
+def scaled_rms_norm(x, weight, eps: float, row_max, mean_of_squares):
+    """x / rms(x) * weight, computed on x' = x / s with s = max|x| per row, for float16 programs.
+
+    Small LMs carry huge activations in a few channels (SmolLM2-135M's residual stream reaches 2.4e4
+    from layer 12 on), whose squares overflow float16 (max 65504). With x' in [-1, 1], mean(x'^2)
+    lies in [1/hidden, 1] and rms(x) = s * sqrt(mean(x'^2) + eps / s^2): exact algebra, and no
+    intermediate leaves float16's range. `row_max(|x|)` and `mean_of_squares(x'^2)` reduce over the
+    last dimension in whatever form the target's compiler keeps whole (both keep the last dim as 1).
+    """
+    s = torch.clamp(row_max(x.abs()), min=1e-4)  # an all-zero row stays zero rather than 0/0
+    xs = x / s
+    # eps / s^2 as (sqrt(eps) / s)^2: a scalar over a tensor is its reciprocal times the scalar, and
+    # 1 / s^2 overflows float16 for s < 4e-3 (1 / s stays finite down to the clamp).
+    e = (eps ** 0.5) / s
+    return xs * torch.rsqrt(mean_of_squares(xs * xs) + e * e) * weight

@@ -24,17 +24,15 @@ import torch
 from torch import nn
 
 from ...errors import SlmExportError
-from ..torch_parts import linear_module, lm_head_module, rope_tables, rotate_half_matrix, weight_sources
+from ..torch_parts import (linear_module, lm_head_module, rope_tables, rotate_half_matrix, scaled_rms_norm,
+                           weight_sources)
 
 CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, computed as s * x' / rms(s * x') with x' = x / s and s = max|x|.
-
-    rms(x) = s * sqrt(mean(x'^2) + eps / s^2), so the result equals x' * rsqrt(mean(x'^2) + eps/s^2) * w:
-    mean(x'^2) lies in [1/hidden, 1] and nothing overflows float16 whatever the scale of x.
-    """
+    """x / rms(x) * w, rescaled by each row's largest magnitude so that float16 cannot overflow
+    (torch_parts.scaled_rms_norm); in float32 the same algebra gives the same norm."""
 
     def __init__(self, weight, eps: float):
         super().__init__()
@@ -42,9 +40,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-4)
-        xs = x / s
-        return xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps / (s * s)) * self.weight
+        return scaled_rms_norm(x, self.weight, self.eps, lambda a: a.amax(-1, keepdim=True),
+                               lambda sq: sq.mean(-1, keepdim=True))
 
 
 class Attention(nn.Module):

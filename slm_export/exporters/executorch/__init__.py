@@ -87,6 +87,7 @@ class ExecuTorchExporter(ExporterBase):
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
         quiet_third_party()
         require_sdk()
+        from .handoff import CPP_EXAMPLE, write_cpp_example
         from .lower import PREFILL_CHUNK, export_program, write_pte
 
         float16 = options.compute_precision == "float16"
@@ -94,6 +95,7 @@ class ExecuTorchExporter(ExporterBase):
         program = export_program(module, options.max_context)
         write_pte(program, Path(out_dir) / MODEL_FILE)
         chunk = min(PREFILL_CHUNK, options.max_context)
+        write_cpp_example(Path(out_dir), chunk, options.max_context)
         int8_kv = options.kv_bits == 8
         # Read off the module: layers with explicit attention (Gemma-2) keep an fp32 cache whatever --kv-bits says.
         kv_buffers = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in KV_BUFFERS]
@@ -126,7 +128,8 @@ class ExecuTorchExporter(ExporterBase):
                  "quantized_ops": (["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []) +
                                   (["quantized_decomposed::choose_qparams_per_token_asymmetric / quantize_per_token"]
                                    if int8_kv else []),
-                 "kv_bits": options.kv_bits, "compute_precision": "float16" if float16 else "float32"}
+                 "kv_bits": options.kv_bits, "compute_precision": "float16" if float16 else "float32",
+                 "cpp_example": CPP_EXAMPLE}
         # The torch-free C++ runner implements custom_sdpa and our slm:: ops, not ExecuTorch's int8-cache
         # attention, whose kernel ships only linked to libtorch: those files run in the Python bindings.
         return TargetOutput(MODEL_FILE, io, report, extra, runtime="executorch-pybind" if int8_kv else None)

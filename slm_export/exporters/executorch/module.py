@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..torch_parts import (linear_module as _linear, lm_head_module, rope_tables, rotate_half_matrix,
-                           weight_sources)
+                           scaled_rms_norm, weight_sources)
 
 
 def _custom_ops() -> None:
@@ -47,23 +47,19 @@ class RMSNorm(nn.Module):
 
 
 class ScaledRMSNorm(RMSNorm):
-    """RMSNorm for an fp16 program: x / rms(x) computed on x' = x / s with s = max|x| per row.
+    """RMSNorm for an fp16 program, rescaled so that no square overflows (torch_parts.scaled_rms_norm).
 
-    Small LMs carry huge activations in a few channels (SmolLM2-135M's residual stream reaches
-    2.4e4 from layer 12 on), whose squares overflow fp16 (max 65504). With x' in [-1, 1], mean(x'^2)
-    lies in [1/hidden, 1] and rms(x) = s * sqrt(mean(x'^2) + eps / s^2). The max runs in XNNPACK
-    (max.dim over a 4-D view), so the delegate stays whole; Core ML's fp16 norm does the same.
+    The row max runs in XNNPACK as max.dim over a 4-D view and the mean as the [hidden -> 1] matmul,
+    so the delegate stays whole.
     """
 
     def forward(self, x):
         hidden = x.shape[-1]
-        s = torch.amax(x.abs().view(1, -1, 1, hidden), dim=-1, keepdim=True).view(x.shape[:-1] + (1,))
-        s = torch.clamp(s, min=1e-4)  # an all-zero row stays zero rather than 0/0
-        xs = x / s
-        # eps / s^2 as (sqrt(eps) / s)^2: a scalar over a tensor is its reciprocal times the scalar,
-        # and 1 / s^2 overflows fp16 for s < 4e-3 (1 / s stays finite down to the clamp).
-        e = (self.eps ** 0.5) / s
-        return xs * torch.rsqrt(nn.functional.linear(xs * xs, self.mean_w) + e * e) * self.weight
+
+        def row_max(a):
+            return torch.amax(a.view(1, -1, 1, hidden), dim=-1, keepdim=True).view(x.shape[:-1] + (1,))
+        return scaled_rms_norm(x, self.weight, self.eps, row_max,
+                               lambda sq: nn.functional.linear(sq, self.mean_w))
 
 
 def _silu(x):

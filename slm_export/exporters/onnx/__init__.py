@@ -17,10 +17,10 @@ class OnnxExporter(ExporterBase):
     int8_in_groups = True  # MatMulNBits with bits=8 keeps one scale per block
     # 8: GroupQueryAttention's int8 cache with calibrated per-channel scales (kv_cache.py)
     kv_cache_bits = (32, 8)
+    runtime_overhead_mb = 52.0  # measured here: the runner process with onnxruntime loaded, before the model
 
     def calibrates(self, kv_bits: int) -> bool:
         return kv_bits == 8
-    runtime_overhead_mb = 52.0  # measured here: the runner process with onnxruntime loaded, before the model
 
     def check(self, spec, compute_precision: str) -> None:
         from ...errors import SlmExportError

@@ -25,7 +25,7 @@ from ...errors import SlmExportError
 from ...staging import user_cache_dir
 
 SOURCES = ("runner.cpp", "llama_ops.cpp")
-HEADERS = ("attention.h",)
+HEADERS = ("attention.h", "app_memory.h")
 LIBS = ("executorch", "executorch_kernels_optimized", "executorch_kernels_quantized", "executorch_backend_xnnpack",
         "executorch_threadpool")
 # The definitions the wheel's CMake config (lib/cmake/executorch) says a consumer must compile with.

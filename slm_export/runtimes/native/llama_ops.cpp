@@ -100,8 +100,12 @@ Tensor& sdpa(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const 
   if (half_q) {
     // An fp16 program (--compute-precision float16): the rows in and out are few (S x H x D), so
     // they are widened and narrowed here and the attention itself runs in fp32 over the fp16 cache.
+    // The two buffers live as long as the calling thread: one decode step calls this once per layer,
+    // and a prompt grows them once.
     const int64_t n = S * H * D;
-    std::vector<float> q32(n), out32(n);
+    thread_local std::vector<float> q32, out32;
+    q32.resize(n);
+    out32.resize(n);
     widen(reinterpret_cast<const fp16*>(q.const_data_ptr()), q32.data(), n);
     causal_attention(q32.data(), reinterpret_cast<const fp16*>(k.const_data_ptr()),
                      reinterpret_cast<const fp16*>(v.const_data_ptr()), out32.data(), S, H, Hkv, D, start_pos,
