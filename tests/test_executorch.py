@@ -246,11 +246,39 @@ def test_missing_executorch_is_one_clear_sentence(monkeypatch):
         require_sdk()
 
 
-def test_weight_only_is_refused_before_loading(tmp_path):
-    with pytest.raises(SlmExportError, match="--weight-only is not supported by the executorch target"):
-        slm_export.export("no/such-model-is-loaded", target="executorch", bits=4, activations="float",
-                          out=tmp_path / "wo", log=lambda *a: None)
+@pytest.mark.parametrize("kw, message", [
+    (dict(bits=4), "--weight-only with --bits 4 is not supported by the executorch target"),
+    (dict(bits=8, symmetric=False), "--weight-only --asymmetric is not supported by the executorch target"),
+])
+def test_weight_only_int4_and_asymmetric_are_refused_before_loading(tmp_path, kw, message):
+    with pytest.raises(SlmExportError, match=message):
+        slm_export.export("no/such-model-is-loaded", target="executorch", activations="float",
+                          out=tmp_path / "wo", log=lambda *a: None, **kw)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_weight_only_matches_pytorch(arch, tmp_path):
+    model = tiny_model(arch)
+    art = _export(model, tmp_path, 8, activations="float")
+    schemes = {e["scheme"] for e in json.loads((art.path / "quant_report.json").read_text())["weights"]}
+    assert "int8 per-channel weight-only" in schemes and not any("8da" in s for s in schemes), schemes
+    report = art.verify(reference=model, prompt_tokens=40, decode_steps=24, perplexity=False)
+    by_ref = {c.reference: c for c in report.comparisons}
+    # fp32 activations and the same int8 weights: the delegate computes what PyTorch does, up to float
+    # rounding (8da8w differs by its activation rounding; see test_pte_matches_pytorch)
+    assert by_ref["same-quant"].max_abs_logit_diff < 1e-3, report.format()
+    assert by_ref["fp32"].mean_kl < tolerances_for("executorch", 8)["fp32"].mean_kl, report.format()
+
+
+def test_int8_weight_only_file_holds_int8_weights(tmp_path):
+    model = tiny_model("tinyllama")  # untied: every weight once
+    fp32 = _export(model, tmp_path, 16, name="fp32")
+    wo = _export(model, tmp_path, 8, name="wo", activations="float")
+    dyn = _export(model, tmp_path, 8, name="8da8w")
+    size = lambda art: (art.path / "model.pte").stat().st_size  # noqa: E731
+    # int8 weights plus one fp32 scale per row: about a quarter of fp32, as 8da8w's
+    assert size(wo) < 0.32 * size(fp32) and abs(size(wo) - size(dyn)) < 0.05 * size(dyn), (size(wo), size(fp32), size(dyn))
 
 
 def test_limits_device_runs_a_pte_under_the_profiles_limits(llama_int4):

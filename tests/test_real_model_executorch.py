@@ -65,3 +65,19 @@ def test_fp16_pte_answers_paris_and_keeps_fp32_quality(tmp_path):
     assert code == 0 and report["passed"], stdout + err
     ppl = report["perplexity"]
     assert abs(ppl["artifact"] - ppl["pytorch_fp32"]) < 0.01 * ppl["pytorch_fp32"]
+
+
+def test_int8_weight_only_pte_answers_paris_and_computes_its_pytorch_program(tmp_path):
+    # fp32 activations x int8 per-channel weights inside XNNPACK (exporters/executorch/weight_only.py)
+    out = tmp_path / "smol-pte-int8-wo"
+    code, _, err = run_cli("--target", "executorch", "--bits", "8", "--weight-only", "--out", out)
+    assert code == 0, err
+    code, stdout, err = run_cli("generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    assert code == 0 and "Paris" in stdout, stdout + err
+    code, stdout, err = run_cli("verify", out, "--json", tmp_path / "v.json")
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert code == 0 and report["passed"], stdout + err
+    same_quant = next(c for c in report["comparisons"] if c["reference"] == "same-quant")
+    assert same_quant["max_abs_logit_diff"] < 0.01 and same_quant["greedy_match_tokens"] == same_quant["decode_steps"]
+    ppl = report["perplexity"]
+    assert ppl["pytorch_fp32"] < ppl["artifact"] < 1.02 * ppl["pytorch_fp32"]  # 28.35 against 28.09 here

@@ -18,6 +18,21 @@ def linear_module(lin) -> nn.Linear:
     return m
 
 
+class BiasApartLinear(nn.Linear):
+    """x W^T, then + b as an op of its own: XNNPACK's int8 weight-only linear takes no bias
+    (executorch 1.5.1's serializer wants a quantized input for one)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight) + self.bias
+
+
+def split_biases(module: nn.Module) -> None:
+    """Every nn.Linear with a bias in `module` computes its bias apart (same names, same weights)."""
+    for mod in module.modules():
+        if type(mod) is nn.Linear and mod.bias is not None:
+            mod.__class__ = BiasApartLinear  # a subclass with no state of its own: only forward changes
+
+
 def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     """R with x @ R == cat(-x2, x1): Hugging Face's rotate-half as a matmul.
 

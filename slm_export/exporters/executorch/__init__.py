@@ -32,11 +32,14 @@ def build_module(decoder, spec, max_context: int, kv_bits: int = 32, float16: bo
     """The quantized PyTorch program that is exported: (module, QuantReport)."""
     import torch
 
+    from ..torch_parts import split_biases
     from .module import ExportableDecoder
     from .quant import quantize_module
 
     with torch.no_grad():
         module = ExportableDecoder(decoder, max_context, kv_bits, float16).eval()
+        if spec.quantized and spec.activations == "float":
+            split_biases(module)  # XNNPACK's weight-only linear takes no bias (weight_only.py)
         report = quantize_module(module, spec)
     return module, report
 
@@ -73,12 +76,16 @@ class ExecuTorchExporter(ExporterBase):
                 f"--compute-precision float16 is for --bits 16 on the executorch target (fp16 weights); --bits {spec.bits} "
                 "runs int8 dynamic activations with fp32 in between: drop --compute-precision, or use --bits 16")
         if spec.quantized and spec.activations != "int8":
-            # Measured: executorch 1.5.1 lowers torchao's weight-only linears here into a program
-            # whose logits are wrong (parity KL > 70 on tiny models), so it is refused, not shipped.
-            raise SlmExportError(
-                "--weight-only is not supported by the executorch target (its weight-only lowering gave wrong "
-                "logits in executorch 1.5.1); drop --weight-only for int8 dynamic activations (8da4w / 8da8w), "
-                "XNNPACK's fast path")
+            # XNNPACK's fp32-activation linear takes int8 per-channel weights only, symmetric (weight_only.py).
+            if spec.bits != 8:
+                raise SlmExportError(
+                    f"--weight-only with --bits {spec.bits} is not supported by the executorch target: XNNPACK's "
+                    "fp32-activation kernels take int8 per-channel weights, not int4 groups; use --bits 8 --weight-only, "
+                    "or drop --weight-only for int4 weights with int8 dynamic activations (8da4w)")
+            if not spec.symmetric:
+                raise SlmExportError(
+                    "--weight-only --asymmetric is not supported by the executorch target: its int8 weight-only "
+                    "linear carries no zero points; drop --asymmetric")
         if spec.bits == 4 and spec.group_size < 32:
             raise SlmExportError(f"--group-size {spec.group_size} is too small for the executorch target: XNNPACK's "
                                  "int4 kernels take groups that are multiples of 32 (use 32, 64, 128, ...)")

@@ -24,17 +24,24 @@ PREFILL_CHUNK = 128
 
 
 def _partitioner():
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir.backend.compile_spec_schema import CompileSpec
     from executorch.exir.backend.partitioner import DelegationSpec
     from executorch.exir.delegate import executorch_call_delegate
 
+    from .weight_only import weight_only_linear_config
+
+    stock, weight_only = weight_only_linear_config()
+    configs = [weight_only if c is stock else c for c in ALL_PARTITIONER_CONFIGS]
+
     class LinearGraphXnnpackPartitioner(XnnpackPartitioner):
-        """XNNPACK partitioner whose delegates skip the vision-graph passes at preprocess time, and
-        that lets `to_edge_transform_and_lower` decompose the graph once instead of three times."""
+        """XNNPACK partitioner whose delegates skip the vision-graph passes at preprocess time, that
+        lets `to_edge_transform_and_lower` decompose the graph once instead of three times, and that
+        takes int8 weight-only linears."""
 
         def __init__(self):
-            super().__init__()
+            super().__init__(configs=configs)  # int8 weight-only linears too (weight_only.py)
             self.delegation_spec = DelegationSpec("XnnpackBackend", [CompileSpec("dqlinear_partitioner", b"")])
 
         def ops_to_not_decompose(self, ep):

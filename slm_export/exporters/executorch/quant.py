@@ -1,7 +1,8 @@
 """The quant spec mapped to torchao for ExecuTorch: one FqnToConfig, applied once with `quantize_`.
 
 Linear weights: int4 or int8 with int8 dynamic activations (8da4w / 8da8w: XNNPACK's fastest CPU
-kernels), int4 per group of `group_size` and int8 per output channel. Embedding: int8 per row or
+kernels), int4 per group of `group_size` and int8 per output channel; or, with --weight-only, int8
+per output channel with fp32 activations (weight_only.py). Embedding: int8 per row or
 int4 per group (the quantized-embedding op ExecuTorch fuses at `to_executorch`). The lm_head, tied
 or not, is a linear like the others. torchao's own LLM recipes skip a linear whose width does not
 divide by the group size (it silently stays fp32); here the group falls back to the largest power
@@ -69,7 +70,8 @@ def _plan(module, spec: QuantSpec):
                         "stored int8 per-channel instead")
             reason = f"{reason}; {note}" if note else reason
         if bits == 8:
-            scheme = "int8 per-row Embedding" if embedding else "int8 per-channel 8da8w"
+            scheme = ("int8 per-row Embedding" if embedding else "int8 per-channel weight-only"
+                      if spec.activations == "float" else "int8 per-channel 8da8w")
         else:
             scheme = (f"int4 group={group} {'sym HQQ-scale' if plan.symmetric else 'asym'} "
                       f"{'Embedding' if embedding else '8da4w'}")
