@@ -258,10 +258,10 @@ def cpp_example(chunk: int, max_context: int) -> str:
 
 def cpp_build_command() -> str:
     """The g++ line that builds cpp/generate.cpp against the executorch pip wheel's C++ runtime."""
-    from ...runtimes.native import DEFINES, LIBS
+    from ...runtimes.native import CXXFLAGS, DEFINES, LIBS
 
     return ("ET=$(python -c \"import importlib.util as u; print(u.find_spec('executorch').submodule_search_locations[0])\")\n"
-            f"g++ -O3 -march=native -ffast-math -std=c++17 -Wno-deprecated-declarations {' '.join(f'-D{d}' for d in DEFINES)} -I$ET/include "
+            f"g++ {' '.join(CXXFLAGS)} -Wno-deprecated-declarations {' '.join(f'-D{d}' for d in DEFINES)} -I$ET/include "
             "-I$ET/include/executorch/runtime/core/portable_type/c10 \\\n"
             f"    {CPP_EXAMPLE} {CPP_DIR}/llama_ops.cpp -o generate -L$ET/lib \\\n"
             f"    -Wl,--no-as-needed {' '.join(f'-l{lib}' for lib in LIBS)} -Wl,--as-needed -Wl,-rpath,$ET/lib")

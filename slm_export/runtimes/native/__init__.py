@@ -31,6 +31,9 @@ LIBS = ("executorch", "executorch_kernels_optimized", "executorch_kernels_quanti
 # The definitions the wheel's CMake config (lib/cmake/executorch) says a consumer must compile with.
 DEFINES = ("C10_USING_CUSTOM_GENERATED_MACROS", "ET_EVENT_TRACER_ENABLED", "ET_USE_THREADPOOL")
 HERE = Path(__file__).parent
+# How the runner is compiled; the C++ example an export carries is built the same way, so that it
+# generates what `bench` and `verify` measured (`-march=native` is dropped where it cannot build).
+CXXFLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17")
 
 
 def _executorch_root() -> Path:
@@ -58,7 +61,7 @@ def _compiler() -> str:
 
 def _command(cxx: str, root: Path, out: Path, native_flags: bool) -> list[str]:
     inc = root / "include"
-    return [cxx, "-O3", *(["-march=native"] if native_flags else []), "-ffast-math", "-std=c++17", "-shared", "-fPIC",
+    return [cxx, *(f for f in CXXFLAGS if native_flags or f != "-march=native"), "-shared", "-fPIC",
             *(f"-D{d}" for d in DEFINES), f"-I{inc}", f"-I{inc / 'executorch/runtime/core/portable_type/c10'}",
             *(str(HERE / s) for s in SOURCES), "-o", str(out), f"-L{root / 'lib'}",
             # registration-only libraries (kernels, the delegate) must stay linked though nothing names them
