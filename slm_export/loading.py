@@ -5,6 +5,8 @@ Every failure a user can fix becomes one `SlmExportError` line naming the input 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -110,18 +112,56 @@ def _load_gguf(path: Path, trust_remote_code: bool) -> LoadedModel:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise SlmExportError(f"{path} is not a GGUF file (bad magic bytes); check the file or re-download it")
-    # transformers' GGUF reader draws a per-tensor progress bar; tqdm honours TQDM_DISABLE.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
+    with _gguf_parsed_once(), _no_gguf_progress_bar():
         loaded = _from_pretrained(str(path.parent), trust_remote_code, f"GGUF file {path}", gguf_file=path.name)
-    finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
     loaded.source = {"kind": "gguf", "path": str(path.resolve())}
     return loaded
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within this block, `gguf.GGUFReader` parses each file once and the GGUF tensor-name map is
+    built once per (architecture, layers).
+
+    Why: transformers parses the whole file (every vocabulary string as a numpy slice) for the config,
+    again for the weights, and sometimes for the tokenizer, and rebuilds the name map for every
+    submodule (397 times for SmolLM2). That was 26 of the 40 s it took to load SmolLM2-135M here.
+    transformers imports both names from `gguf` inside its functions, so it picks these up; a
+    transformers that stops using them is simply not sped up.
+    """
+    import gguf
+
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def reader_once(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if mode != "r":  # a writable map is not shared
+            return original_reader(path, mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader_once, functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers draws a per-tensor progress bar while it dequantizes a GGUF file, with a tqdm that
+    neither its disable_progress_bar() nor TQDM_DISABLE (read by tqdm at import) turns off. We print
+    one summary line instead."""
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    original = hf_gguf.tqdm
+    hf_gguf.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        hf_gguf.tqdm = original
 
 
 def _load_dir(path: Path, trust_remote_code: bool) -> LoadedModel:

@@ -127,6 +127,35 @@ def test_lowering_decomposes_the_graph_once(tmp_path, monkeypatch):
     assert same.mean_kl < tolerances_for("executorch", 4)["same-quant"].mean_kl, report.format()
 
 
+@pytest.mark.parametrize("arch, bits, kw", [  # ~40 s each: the graphs that differ most
+    ("gemma2", 4, {}),  # 8da4w; soft-capping, four norms per layer, explicit attention
+    ("qwen2", 8, {"weight_only": True}),  # split biases, the weight-only linear
+    ("llama", 8, {"kv_bits": 8}),  # int8 cache ops
+    ("phi3", 16, {"kv_bits": 16, "compute_precision": "float16"}),  # fp16 program, casts at its edges
+])
+def test_fused_edge_passes_build_the_same_program(arch, bits, kw):
+    # edge_passes.py runs ExecuTorch's op-rewriting Edge passes in one graph walk instead of one each:
+    # the serialized program must be byte for byte the one the stock passes build.
+    from slm_export.architectures import to_decoder
+    from slm_export.exporters.executorch import build_module
+    from slm_export.exporters.executorch.lower import export_program
+    from slm_export.quantize import QuantSpec
+
+    spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8")
+    decoder = to_decoder(tiny_model(arch), 64)
+    module, _ = build_module(decoder, spec, 64, kw.get("kv_bits", 32), kw.get("compute_precision") == "float16")
+    fused, stock = (export_program(module, 64, fused_passes=f).buffer for f in (True, False))
+    assert fused == stock
+
+
+def test_edge_pass_fusion_is_on_with_the_pinned_executorch():
+    # With another ExecuTorch pass list the fusion turns itself off (correct, but slower): say so here.
+    from slm_export.exporters.executorch.edge_passes import fused_edge_passes
+
+    with fused_edge_passes() as on:
+        assert on, "ExecuTorch's ATen->Edge pass list is not the one edge_passes.py fuses"
+
+
 @pytest.fixture(scope="module")
 def llama_int4(tmp_path_factory):
     """One tiny Llama int4 .pte shared by the tests that only read it (each export costs ~15 s)."""

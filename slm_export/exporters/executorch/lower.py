@@ -1,7 +1,7 @@
 """torch.export -> Edge -> XNNPACK delegate -> .pte, tuned for lowering time on small CPUs.
 
 Where the time goes (SmolLM2-135M, 2 cores): every Edge and XNNPACK pass re-traces every node with
-fake tensors, so lowering time is roughly passes x nodes. Three choices keep it down:
+fake tensors, so lowering time is roughly passes x nodes. Four choices keep it down:
   - the graph is decomposed once, not three times (the partitioner's `ops_to_not_decompose` below,
     and a module with nothing left for the decomposition table): ~11 s saved per pass;
   - the module is written so XNNPACK takes each layer's dense part whole (norms and rope as small
@@ -9,7 +9,8 @@ fake tensors, so lowering time is roughly passes x nodes. Three choices keep it 
   - XNNPACK's preprocess runs only the linear-conversion pass (its `dqlinear_partitioner` mode),
     not its 17-pass pipeline meant for vision graphs (batch norm, conv, upsampling, layouts), none
     of which occur in this module.
-What remains is mostly ExecuTorch's seven Edge passes (~3.7 s each here), which are not patched.
+  - ExecuTorch's Edge passes that rewrite single ops walk the graph together (edge_passes.py): 2 walks
+    instead of 6, ~9 s each for SmolLM2-135M on an AVX2 EPYC.
 """
 from __future__ import annotations
 
@@ -64,22 +65,29 @@ def _partitioner():
     return LinearGraphXnnpackPartitioner()
 
 
-def export_program(module, max_context: int):
-    """The ExecuTorch program (in memory) for `module`'s forward with dynamic chunk length."""
+def export_program(module, max_context: int, fused_passes: bool = True):
+    """The ExecuTorch program (in memory) for `module`'s forward with dynamic chunk length.
+
+    fused_passes=False runs ExecuTorch's Edge passes one by one, as shipped (tests compare the two)."""
+    import contextlib
+
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.quant_fusion_pass import QuantFusionPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torch.export import Dim, export
 
+    from .edge_passes import fused_edge_passes
+
     chunk = min(PREFILL_CHUNK, max_context)
     seq, rows = Dim("seq", min=1, max=chunk), Dim("rows", min=1, max=chunk)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]), torch.tensor([0, 1]))
     with torch.no_grad():
         ep = export(module, example, dynamic_shapes=({1: seq}, None, {0: rows}), strict=False)
-    edge = to_edge_transform_and_lower(
-        ep, partitioner=[_partitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    with fused_edge_passes() if fused_passes else contextlib.nullcontext():
+        edge = to_edge_transform_and_lower(
+            ep, partitioner=[_partitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     return edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
         passes=[QuantFusionPass()],  # quantized embedding -> quantized_decomposed::embedding_{byte,4bit}
