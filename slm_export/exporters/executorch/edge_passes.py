@@ -33,14 +33,14 @@ def _fused(*passes):
 def fused_edge_passes():
     """Within this block, `to_edge_transform_and_lower` walks the graph 2 times instead of 6 for
     these passes (ExecuTorch 1.5.1's list in executorch/exir/passes/__init__.py)."""
+    from executorch.exir import EdgeCompileConfig
     from executorch.exir.passes import FoldRedundantDequantizeQuantizePass, ScalarToTensorPass, SymToTensorPass
-    from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators
     from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
     from executorch.exir.passes.prune_empty_tensors_pass import PruneEmptyTensorsPass
+    from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators
     from executorch.exir.passes.remove_noop_pass import RemoveNoopPass, RemoveToCopyPass
     from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import ReplaceBrokenOpsWithFunctionalOpsPass
     from executorch.exir.passes.replace_sym_size_op_pass import ReplaceSymSizeOpPass
-    from executorch.exir import EdgeCompileConfig
     from executorch.exir.program import _program
 
     stock_passes, stock_op_replace = _program._get_aten_to_edge_passes, _program.OpReplacePass
@@ -48,8 +48,9 @@ def fused_edge_passes():
     expected = [ReplaceSymSizeOpPass, NormalizeTransposePass, ReplaceBrokenOpsWithFunctionalOpsPass,
                 ScalarToTensorPass, SymToTensorPass, RemoveNoopPass, PruneEmptyTensorsPass, RemoveToCopyPass,
                 FoldRedundantDequantizeQuantizePass, RemoveMixedTypeOperators]
-    # the list holds its graph-level passes wrapped in functions (pass_result_wrapper)
-    if [type(getattr(p, "__wrapped__", p)) for p in stock_pre] != expected:  # another ExecuTorch: run its own list, unfused
+    # The list holds its graph-level passes wrapped in functions (pass_result_wrapper). With another
+    # ExecuTorch's list, run that list as it is.
+    if [type(getattr(p, "__wrapped__", p)) for p in stock_pre] != expected:
         yield False
         return
     first = _fused(NormalizeTransposePass, ReplaceBrokenOpsWithFunctionalOpsPass, ScalarToTensorPass, SymToTensorPass)
