@@ -6,7 +6,7 @@ from slm_export.loading import load
 
 def test_gguf_is_parsed_once_quietly_and_the_model_still_answers(monkeypatch, capfd):
     # transformers parses the file for the config, the weights and maybe the tokenizer; loading.py
-    # hands all of them one parse (26 of 40 s on this machine before). Count real parses.
+    # hands all of them one parse (load 25 s -> 13 s on this machine). Count real parses.
     parses = []
     original = gguf.GGUFReader
 

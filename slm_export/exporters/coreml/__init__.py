@@ -9,7 +9,6 @@ quantization, and the converted PyTorch program against the original model.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
@@ -27,32 +26,10 @@ def require_sdk() -> None:
         raise SlmExportError("the coreml target needs coremltools: pip install coremltools==9.0") from None
 
 
-@contextmanager
-def no_progress_bars():
-    """coremltools draws a tqdm bar per conversion stage and pass; our log says what happens instead.
-
-    Its modules call `tqdm(...)` by name, so those names are swapped for a disabled tqdm meanwhile
-    (tqdm reads TQDM_DISABLE only at import, too early for us to set it).
-    """
-    import importlib
-    from functools import partial
-
-    from tqdm import tqdm
-
-    names = [("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
-             ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
-             ("coremltools.optimize.coreml._quantization_passes", "tqdm")]
-    saved = []
-    for module_name, attr in names:
-        module = importlib.import_module(module_name)
-        if hasattr(module, attr):
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, partial(tqdm, disable=True))
-    try:
-        yield
-    finally:
-        for module, attr, original in saved:
-            setattr(module, attr, original)
+# coremltools draws a tqdm bar per conversion stage and pass; our log says what happens instead.
+COREMLTOOLS_BARS = [("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
+                    ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+                    ("coremltools.optimize.coreml._quantization_passes", "tqdm")]
 
 
 def build_module(decoder, max_context: int):
@@ -77,7 +54,7 @@ class CoreMLExporter(ExporterBase):
         require_sdk()
 
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
-        from ...quiet import quiet_third_party
+        from ...quiet import no_progress_bars, quiet_third_party
         from . import convert, quant
         from .handoff import swift_example
 
@@ -88,7 +65,7 @@ class CoreMLExporter(ExporterBase):
         tied = decoder.tied_embeddings
         plans, report = quant.plan(module, spec, fp16, tied)
         program = convert.export_program(module, options.max_context)
-        with no_progress_bars():  # coremltools draws one per pass; our log says what happens
+        with no_progress_bars(COREMLTOOLS_BARS):
             mlmodel = convert.convert(program, fp16, keep_tied_table_shared=tied)
             mlmodel = quant.apply(mlmodel, plans)
         io = describe_io(decoder, options.max_context, fp16)
