@@ -33,7 +33,7 @@ from slm_export.exporters.executorch.handoff import CPP_DIR, CPP_EXAMPLE, cpp_bu
 from slm_export.text import TextCodec, passage_ids  # noqa: E402
 
 CASES = ((32, 1), (512, 1), (512, 128))  # (prompt tokens, generated tokens)
-DEFAULT_EXPORTS = (("int4", ["--bits", "4"]), ("int4 --embedding-bits 4", ["--bits", "4", "--embedding-bits", "4"]))
+DEFAULT_EXPORTS = (("int4", ["--bits", "4"]), ("int4 --embedding-bits 8", ["--bits", "4", "--embedding-bits", "8"]))
 
 
 def module_defaults(source: str) -> str:

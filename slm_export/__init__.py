@@ -21,7 +21,7 @@ from .quantize import QuantSpec
 
 
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
-           activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int = 8,
+           activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int | None = None,
            quantize_lm_head: bool = True, palettize: bool = False, compute_precision: str | None = None,
            kv_bits: int | None = None, calibration_text=None, out=None, force: bool = False,
            max_context: int | None = None, tokenizer=None,
@@ -29,6 +29,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     """Export `model` to `target` and return an `Artifact`.
 
     max_context: KV-cache length; default min(2048, the model's max_position_embeddings).
+    embedding_bits: 8 (int8 rows) or 4 (int4 groups); default: the target's (ExecuTorch: 4 at bits=4, else 8).
     palettize: Core ML only, k-means palettes of 2**bits entries instead of linear quantization.
     compute_precision: "float16" (Core ML's default) or "float32"; ExecuTorch: "float32" (default) or
     "float16" (an fp16 program: fp16 weights, activations and KV cache; with bits=16); ONNX: float32.

@@ -39,8 +39,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
     p.add_argument("--weight-only", action="store_true", help="keep activations float (default: int8 activations where the target can)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token embedding float")
-    p.add_argument("--embedding-bits", type=int, default=8,
-                   help="8 (default) or 4; with 4 and tied embeddings the table is shared with the int4 lm_head")
+    p.add_argument("--embedding-bits", type=int, default=None,
+                   help="8 or 4; default: 4 for ExecuTorch at --bits 4, else 8. ONNX: with 4 and tied embeddings "
+                        "the table is shared with the int4 lm_head")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
     p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
                    help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "

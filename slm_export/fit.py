@@ -197,7 +197,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         model=None, artifact=None, compute_precision: str | None = None, kv_bits: int | None = None,
         trust_remote_code: bool = False) -> FitReport:
     from .exporters import TARGETS
-    from .pipeline import quant_label, resolve_precision
+    from .pipeline import quant_label, resolve_precision, resolve_spec
     from .quantize import QuantSpec
 
     for flag, value in (("--context", context), ("--prompt-tokens", prompt_tokens)):
@@ -222,7 +222,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     exporter = TARGETS.get(target)()
     precision, kv_bits = resolve_precision(exporter, compute_precision, kv_bits)
     if artifact is None:
-        spec = spec or QuantSpec()
+        spec = resolve_spec(exporter, spec)
         exporter.check(spec, precision)  # what the export would refuse, refused here too
         config = load_config(model, trust_remote_code)
         shape = shape_of(config)

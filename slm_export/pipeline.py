@@ -50,6 +50,14 @@ def resolve_precision(exporter, compute_precision: str | None, kv_bits: int | No
     return precision, kv_bits
 
 
+def resolve_spec(exporter, spec: QuantSpec | None) -> QuantSpec:
+    """`spec` (default: QuantSpec()) with this target's default for what it leaves unset (embedding bits)."""
+    spec = spec or QuantSpec()
+    if spec.embedding_bits is None:
+        spec = dataclasses.replace(spec, embedding_bits=exporter.embedding_bits_for(spec.bits))
+    return spec
+
+
 def quant_label(spec: QuantSpec, precision: str) -> str:
     # "float" names fp32 weights; unquantized weights in an fp16 program are "float16"
     return "float16" if not spec.quantized and precision == "float16" else spec.label()
@@ -63,7 +71,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     from .artifact import Artifact
 
     exporter = TARGETS.get(target)()
-    spec = spec or QuantSpec()
+    spec = resolve_spec(exporter, spec)
     precision, kv_bits = resolve_precision(exporter, compute_precision, kv_bits)
     if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
         # int8 activations are "where the target can": this one cannot, so the label says weight-only

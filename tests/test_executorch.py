@@ -133,19 +133,20 @@ def test_lowering_decomposes_the_graph_once(tmp_path, monkeypatch):
     ("llama", 8, {"kv_bits": 8}),  # int8 cache ops
     ("phi3", 16, {"kv_bits": 16, "compute_precision": "float16"}),  # fp16 program, casts at its edges
 ])
-def test_fused_edge_passes_build_the_same_program(arch, bits, kw):
-    # edge_passes.py runs ExecuTorch's op-rewriting Edge passes in one graph walk instead of one each:
-    # the serialized program must be byte for byte the one the stock passes build.
+def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
+    # edge_passes.py runs ExecuTorch's op-rewriting Edge passes in one graph walk instead of one each,
+    # and lower.py skips the dim-order legalization: the serialized program must be byte for byte the
+    # one the stock passes build.
     from slm_export.architectures import to_decoder
     from slm_export.exporters.executorch import build_module
     from slm_export.exporters.executorch.lower import export_program
     from slm_export.quantize import QuantSpec
 
-    spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8")
+    spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8", embedding_bits=8)
     decoder = to_decoder(tiny_model(arch), 64)
     module, _ = build_module(decoder, spec, 64, kw.get("kv_bits", 32), kw.get("compute_precision") == "float16")
-    fused, stock = (export_program(module, 64, fused_passes=f).buffer for f in (True, False))
-    assert fused == stock
+    ours, stock = (export_program(module, 64, stock_passes=s).buffer for s in (False, True))
+    assert ours == stock
 
 
 def test_edge_pass_fusion_is_on_with_the_pinned_executorch():
@@ -168,20 +169,22 @@ def test_report_covers_every_weight_and_quantizes_the_tied_lm_head(llama_int4):
     report = json.loads((art.path / "quant_report.json").read_text())
     entries = {e["name"]: e for e in report["weights"]}
     assert entries["lm_head"]["bits"] == 4 and "8da4w" in entries["lm_head"]["scheme"]
-    assert entries["embed_tokens"]["bits"] == 8 and "Embedding" in entries["embed_tokens"]["scheme"]
+    assert entries["embed_tokens"]["bits"] == 4 and "Embedding" in entries["embed_tokens"]["scheme"]  # the int4 default
     assert report["summary"]["kept_float"] == []
     linear = {n for n, p in model.named_parameters() if p.dim() == 2}
     assert linear <= {s for e in report["weights"] for s in e["sources"]}
 
 
-def test_int4_embedding_is_smaller_and_still_matches(llama_int4, tmp_path):
-    model, int8_emb = llama_int4
-    int4_emb = _export(model, tmp_path, 4, name="e4", embedding_bits=4)
-    entry = next(e for e in json.loads((int4_emb.path / "quant_report.json").read_text())["weights"]
-                 if e["name"] == "embed_tokens")
-    assert entry["bits"] == 4
-    assert int4_emb.size_mb < int8_emb.size_mb
-    report = int4_emb.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
+def test_int4_embedding_is_the_int4_default_smaller_and_still_matches(llama_int4, tmp_path):
+    # --bits 4 stores the embedding rows as int4 too on this target; --embedding-bits 8 asks for int8 rows.
+    model, default = llama_int4
+    int8_rows = _export(model, tmp_path, 4, name="e8", embedding_bits=8)
+    for art, bits in ((default, 4), (int8_rows, 8)):
+        entry = next(e for e in json.loads((art.path / "quant_report.json").read_text())["weights"]
+                     if e["name"] == "embed_tokens")
+        assert entry["bits"] == bits and art.manifest["quant"]["spec"]["embedding_bits"] == bits
+    assert default.size_mb < int8_rows.size_mb
+    report = default.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
     same = next(c for c in report.comparisons if c.reference == "same-quant")
     assert same.mean_kl < 1e-3 and same.max_abs_logit_diff < 0.5, report.format()
 

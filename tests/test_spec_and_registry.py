@@ -19,7 +19,7 @@ def test_invalid_group_size_is_a_clear_error(gs):
 
 
 def test_rules_first_match_wins():
-    spec = QuantSpec(bits=4)
+    spec = QuantSpec(bits=4, embedding_bits=8)
     assert spec.plan_for("model.embed_tokens.weight").bits == 8  # embeddings int8
     assert spec.plan_for("lm_head.weight").bits == 4  # lm_head int4
     assert spec.plan_for("model.layers.3.input_layernorm.weight").bits is None
@@ -28,6 +28,24 @@ def test_rules_first_match_wins():
     assert off.plan_for("model.embed_tokens.weight").bits is None
     assert "excluded" in off.plan_for("lm_head.weight").reason
     assert QuantSpec(bits=16).plan_for("model.layers.0.mlp.down_proj.weight").bits is None
+
+
+@pytest.mark.parametrize("target, bits, expected", [
+    ("executorch", 4, 4), ("executorch", 8, 8), ("executorch", 16, 8), ("onnx", 4, 8), ("coreml", 4, 8)])
+def test_embedding_bits_default_is_the_targets(target, bits, expected):
+    from slm_export.pipeline import resolve_spec
+
+    exporter = TARGETS.get(target)()
+    assert resolve_spec(exporter, QuantSpec(bits=bits)).embedding_bits == expected
+    assert resolve_spec(exporter, QuantSpec(bits=bits, embedding_bits=8)).embedding_bits == 8  # asked: kept
+    assert resolve_spec(exporter, None) == resolve_spec(exporter, QuantSpec())
+
+
+def test_an_unresolved_spec_is_not_applied():
+    # The target's default is filled in once by the pipeline; a spec that skipped it must not guess.
+    with pytest.raises(ValueError, match="embedding_bits is unset"):
+        QuantSpec(bits=4).plan_for("model.embed_tokens.weight")
+    assert QuantSpec(bits=4, embeddings=False).plan_for("model.embed_tokens.weight").bits is None
 
 
 def test_block_size_falls_back_never_to_float():

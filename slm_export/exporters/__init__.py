@@ -57,6 +57,9 @@ class Exporter(Protocol):
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         """What --kv-bits may be at this compute precision; the first is the default."""
 
+    def embedding_bits_for(self, bits: int) -> int:
+        """The embedding's bits when --embedding-bits is not given, at weight --bits `bits`."""
+
     def check(self, spec, compute_precision: str) -> None:
         """Raise SlmExportError for what this target cannot do, before the model loads."""
 
@@ -94,6 +97,10 @@ class ExporterBase:
 
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits
+
+    def embedding_bits_for(self, bits: int) -> int:
+        """The embedding's bits when --embedding-bits is not given, at weight --bits `bits`."""
+        return 8
 
     def calibrates(self, kv_bits: int) -> bool:
         """Whether the export runs calibration text through the model (for static KV-cache scales)."""

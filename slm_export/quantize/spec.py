@@ -33,7 +33,8 @@ class QuantSpec:
     # accuracy_level=4, ExecuTorch 8da4w); "float": weight-only quantization.
     activations: str = "int8"
     embeddings: bool = True
-    embedding_bits: int = 8
+    # None: the target's default, filled in by the pipeline (`resolve_spec`) before anything reads it
+    embedding_bits: int | None = None
     lm_head: bool = True
     # Core ML only: a k-means lookup table of 2**bits values per group of output channels instead
     # of linear (scale) quantization.
@@ -45,7 +46,7 @@ class QuantSpec:
                 f"--bits {self.bits} is not supported; use one of {', '.join(map(str, VALID_BITS))} "
                 "(16 = no weight quantization)"
             )
-        if self.embedding_bits not in (8, 4):
+        if self.embedding_bits not in (None, 8, 4):
             raise SlmExportError(f"--embedding-bits {self.embedding_bits} is not supported; use 8 or 4")
         gs = self.group_size
         if not isinstance(gs, int) or gs < 16 or gs > 4096 or gs & (gs - 1):
@@ -75,6 +76,9 @@ class QuantSpec:
         """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
         if not self.quantized:
             return [(r".*", None, "bits=16: no weight is quantized")]
+        if self.embeddings and self.embedding_bits is None:
+            raise ValueError("embedding_bits is unset: the target's default is filled in by "
+                             "pipeline.resolve_spec(exporter, spec) before the spec is applied")
         emb_bits = self.embedding_bits if self.embeddings else None
         return [
             (r"(^|\.)embed_tokens\.weight$", emb_bits,

@@ -59,6 +59,13 @@ class ExecuTorchExporter(ExporterBase):
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return (16,) if compute_precision == "float16" else self.kv_cache_bits
 
+    def embedding_bits_for(self, bits: int) -> int:
+        # A tied table is stored twice here: as rows for the embedding lookup and, packed inside
+        # XNNPACK's opaque blob, as the lm_head. At --bits 4, int4 rows (groups of 32) make the
+        # SmolLM2-135M .pte 94.9 MB instead of 105.7 (perplexity 39.97 instead of 39.67, same speed and
+        # memory), as ExecuTorch's own LLM export recommends for large vocabularies (--embedding-quantize 4,32).
+        return 4 if bits == 4 else 8
+
     def kv_element_bytes(self, kv_bits: int, head_dim: int) -> float:
         # int8 rows carry an fp32 scale and an int8 zero point each (custom_quantized_sdpa's layout)
         return 1 + 5 / head_dim if kv_bits == 8 else super().kv_element_bytes(kv_bits, head_dim)

@@ -10,7 +10,9 @@ fake tensors, so lowering time is roughly passes x nodes. Four choices keep it d
     not its 17-pass pipeline meant for vision graphs (batch norm, conv, upsampling, layouts), none
     of which occur in this module.
   - ExecuTorch's Edge passes that rewrite single ops walk the graph together (edge_passes.py): 2 walks
-    instead of 6, ~9 s each for SmolLM2-135M on an AVX2 EPYC.
+    instead of 6, ~9 s each for SmolLM2-135M on an AVX2 EPYC;
+  - the dim-order legalization walk at `to_executorch` is skipped (~8 s): the graph was made without
+    dim-order ops (`_skip_dim_order`), and only `to_backend`'s fresh config turned the walk back on.
 """
 from __future__ import annotations
 
@@ -65,10 +67,11 @@ def _partitioner():
     return LinearGraphXnnpackPartitioner()
 
 
-def export_program(module, max_context: int, fused_passes: bool = True):
+def export_program(module, max_context: int, stock_passes: bool = False):
     """The ExecuTorch program (in memory) for `module`'s forward with dynamic chunk length.
 
-    fused_passes=False runs ExecuTorch's Edge passes one by one, as shipped (tests compare the two)."""
+    stock_passes=True runs ExecuTorch's passes as shipped: the Edge passes one by one, and the
+    dim-order legalization at `to_executorch` (tests check that both build the same bytes)."""
     import contextlib
 
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -84,10 +87,13 @@ def export_program(module, max_context: int, fused_passes: bool = True):
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]), torch.tensor([0, 1]))
     with torch.no_grad():
         ep = export(module, example, dynamic_shapes=({1: seq}, None, {0: rows}), strict=False)
-    with fused_edge_passes() if fused_passes else contextlib.nullcontext():
-        edge = to_edge_transform_and_lower(
-            ep, partitioner=[_partitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+    with contextlib.nullcontext() if stock_passes else fused_edge_passes():
+        edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=config)
+    if not stock_passes:
+        # to_backend hands on a fresh config, whose _skip_dim_order=False adds LegalizePortableDimOrderPass
+        # to to_executorch: a full re-trace (~8 s here) of a graph that has no dim-order ops to legalize.
+        edge.compile_config = config
     return edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
         passes=[QuantFusionPass()],  # quantized embedding -> quantized_decomposed::embedding_{byte,4bit}
