@@ -134,9 +134,9 @@ def test_lowering_decomposes_the_graph_once(tmp_path, monkeypatch):
     ("phi3", 16, {"kv_bits": 16, "compute_precision": "float16"}),  # fp16 program, casts at its edges
 ])
 def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
-    # edge_passes.py runs ExecuTorch's op-rewriting Edge passes in one graph walk instead of one each,
-    # and lower.py skips the dim-order legalization: the serialized program must be byte for byte the
-    # one the stock passes build.
+    # edge_passes.py's shortcuts (fused Edge passes, skipped idle re-traces, torchao quant ops' shapes
+    # learned once) and lower.py's skipped dim-order legalization: the serialized program must be
+    # byte for byte the one the stock passes build.
     from slm_export.architectures import to_decoder
     from slm_export.exporters.executorch import build_module
     from slm_export.exporters.executorch.lower import export_program
@@ -145,8 +145,16 @@ def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
     spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8", embedding_bits=8)
     decoder = to_decoder(tiny_model(arch), 64)
     module, _ = build_module(decoder, spec, 64, kw.get("kv_bits", 32), kw.get("compute_precision") == "float16")
-    ours, stock = (export_program(module, 64, stock_passes=s).buffer for s in (False, True))
+    shortcuts = {}
+    ours = export_program(module, 64, shortcuts=shortcuts).buffer
+    stock = export_program(module, 64, stock_passes=True).buffer
     assert ours == stock
+    # ...and the shortcuts were taken, not merely switched on (the pinned versions are the ones they know)
+    assert shortcuts["fused_edge_passes"] is True
+    assert shortcuts["idle_linear_conversion_skipped"].count > 0, shortcuts
+    assert shortcuts["delegate_outputs_reused"].count > 0, shortcuts
+    if bits < 16:  # torchao quant ops exist only in quantized graphs
+        assert shortcuts["quant_op_shapes_memoized"].count > 0, shortcuts
 
 
 def test_edge_pass_fusion_is_on_with_the_pinned_executorch():

@@ -1,4 +1,10 @@
-"""ExecuTorch's ATen -> Edge passes, with neighbouring op-rewriting passes run as one graph walk.
+"""Shortcuts through torch's, ExecuTorch's and torchao's export passes: fewer and cheaper graph walks.
+
+Each is a context manager that patches one thing for the duration of an export, checks first that
+the installed versions are the ones it was written against (else it stands aside), and builds the
+same bytes as the stock path (tests/test_executorch.py compares four graphs both ways).
+
+The first: ExecuTorch's ATen -> Edge passes, with neighbouring op-rewriting passes run as one graph walk.
 
 Why: each of these passes is an `ExportPass` that rewrites a few ops but re-traces every node of
 the graph with fake tensors to do it. With the dynamic chunk length every node carries symbolic
@@ -9,7 +15,16 @@ Each of them only overrides `call_operator` and ends in `super().call_operator(.
 that inherits from several runs their rewrites one after the other on each op, in one walk: an op
 that one pass emits (a rewritten op, or a cast it inserts) goes through the passes after it, as it
 does when they run in turn. Only passes that are adjacent in ExecuTorch's order are fused, so the
-order is unchanged. Graph-level passes between them run as before.
+order is unchanged, with one exception: torch's view -> view_copy rewrite (its own walk, ~10 s) joins
+the first fused walk, moving it after ReplaceSymSizeOpPass, a graph-level pass that only renames
+sym_size targets (the two touch disjoint ops, so they commute). Graph-level passes run as before.
+
+XNNPACK's preprocessing has the same kind of walk: its linear conversion (the one pass our
+partitioner asks for) re-traces every delegate's graph after rewriting [add]mm into linear, and our
+graphs have no [add]mm. `idle_linear_conversion_skipped()` skips the re-trace when the rewrite
+changed nothing (~10 s). And `to_executorch`'s spec propagation re-traces the top-level graph,
+running every delegate call on fake tensors, that is every delegated node once more (~9 s), to learn
+output shapes the delegate nodes already carry: `delegate_outputs_reused()` takes those.
 
 The fusion is checked, not assumed: tests lower four tiny models whose graphs differ most (an int4
 Gemma-2, an int8 weight-only Qwen2, an int8-cache Llama, an fp16 Phi-3) with and without it and
@@ -18,6 +33,42 @@ compare the serialized programs byte for byte (tests/test_executorch.py).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+
+
+@dataclass
+class Shortcut:
+    """Whether a shortcut applies to the installed ExecuTorch/torchao (on), and how often it was taken."""
+
+    on: bool
+    count: int = 0
+
+
+def _view_copy_pass():
+    """torch's ReplaceViewOpsWithViewCopyOpsPass (the same two rules) as a `call_operator` rewrite."""
+    import torch
+    from executorch.exir.pass_base import ExportPass
+    from torch._export.passes.replace_view_ops_with_view_copy_ops_pass import (
+        _NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS, get_view_copy_of_view_op)
+
+    class ViewCopyPass(ExportPass):
+        def call_operator(self, op, args, kwargs, meta):
+            if op in _NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS:
+                op = _NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS[op]
+            elif isinstance(op, torch._ops.OpOverload) and (view_copy := get_view_copy_of_view_op(op._schema)):
+                op = view_copy
+            return super().call_operator(op, args, kwargs, meta)
+
+    return ViewCopyPass
+
+
+class _NoPass:
+    """Stands in for a pass whose rewrite runs inside a fused walk."""
+
+    def __call__(self, graph_module):
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        return PassResult(graph_module, False)
 
 
 def _fused(*passes):
@@ -32,8 +83,8 @@ def _fused(*passes):
 
 @contextlib.contextmanager
 def fused_edge_passes():
-    """Within this block, `to_edge_transform_and_lower` walks the graph 2 times instead of 6 for
-    these passes (ExecuTorch 1.5.1's list in executorch/exir/passes/__init__.py)."""
+    """Within this block, `to_edge_transform_and_lower` walks the graph 2 times instead of 7 for
+    these passes (torch's view -> view_copy and ExecuTorch 1.5.1's list in executorch/exir/passes/__init__.py)."""
     from executorch.exir import EdgeCompileConfig
     from executorch.exir.passes import FoldRedundantDequantizeQuantizePass, ScalarToTensorPass, SymToTensorPass
     from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
@@ -43,6 +94,7 @@ def fused_edge_passes():
     from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import ReplaceBrokenOpsWithFunctionalOpsPass
     from executorch.exir.passes.replace_sym_size_op_pass import ReplaceSymSizeOpPass
     from executorch.exir.program import _program
+    from torch._export.passes import ReplaceViewOpsWithViewCopyOpsPass
 
     stock_passes, stock_op_replace = _program._get_aten_to_edge_passes, _program.OpReplacePass
     stock_pre, _ = stock_passes(EdgeCompileConfig())
@@ -51,10 +103,12 @@ def fused_edge_passes():
                 FoldRedundantDequantizeQuantizePass, RemoveMixedTypeOperators]
     # The list holds its graph-level passes wrapped in functions (pass_result_wrapper). With another
     # ExecuTorch's list, run that list as it is.
-    if [type(getattr(p, "__wrapped__", p)) for p in stock_pre] != expected:
+    if ([type(getattr(p, "__wrapped__", p)) for p in stock_pre] != expected
+            or _program.ReplaceViewOpsWithViewCopyOpsPass is not ReplaceViewOpsWithViewCopyOpsPass):
         yield False
         return
-    first = _fused(NormalizeTransposePass, ReplaceBrokenOpsWithFunctionalOpsPass, ScalarToTensorPass, SymToTensorPass)
+    first = _fused(_view_copy_pass(), NormalizeTransposePass, ReplaceBrokenOpsWithFunctionalOpsPass,
+                   ScalarToTensorPass, SymToTensorPass)
     # OpReplacePass is appended by _generate_edge_program right after this list's last pass.
     last = _fused(RemoveMixedTypeOperators, stock_op_replace)
 
@@ -63,7 +117,157 @@ def fused_edge_passes():
         return [stock_pre[0], first(), *stock_pre[5:9]], post  # stock_pre[9] is fused into `last`
 
     _program._get_aten_to_edge_passes, _program.OpReplacePass = fused_passes, last
+    _program.ReplaceViewOpsWithViewCopyOpsPass = _NoPass  # its rewrite runs first in `first`
     try:
         yield True
     finally:
         _program._get_aten_to_edge_passes, _program.OpReplacePass = stock_passes, stock_op_replace
+        _program.ReplaceViewOpsWithViewCopyOpsPass = ReplaceViewOpsWithViewCopyOpsPass
+
+
+def _graph_key(graph) -> list:
+    return [(n.name, n.op, n.target, repr(n.args), repr(n.kwargs)) for n in graph.nodes]
+
+
+@contextlib.contextmanager
+def idle_linear_conversion_skipped():
+    """Within this block, XNNPACK's preprocessing re-traces a delegate's graph after its linear
+    conversion only when the conversion changed that graph. Yields a Shortcut counting the skips."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+    from executorch.backends.transforms.addmm_mm_to_linear import apply_addmm_mm_to_linear_transform
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    class ConvertToLinearWhenNeeded(ConvertToLinearPass):
+        def call(self, graph_module):
+            # The stock pass rewrites each [add]mm/bmm of a linear, then applies this transform, then
+            # re-traces. With none of those ops and nothing changed by the transform, skip the re-trace.
+            if not any(n.target in self.targets for n in graph_module.graph.nodes):
+                before = _graph_key(graph_module.graph)
+                graph_module.graph = apply_addmm_mm_to_linear_transform(graph_module.graph)
+                if _graph_key(graph_module.graph) == before:
+                    taken.count += 1
+                    return PassResult(graph_module, False)
+            return super().call(graph_module)
+
+    if xnnpack_preprocess.ConvertToLinearPass is not ConvertToLinearPass:  # another ExecuTorch: as it is
+        yield Shortcut(on=False)
+        return
+    taken = Shortcut(on=True)
+    xnnpack_preprocess.ConvertToLinearPass = ConvertToLinearWhenNeeded
+    try:
+        yield taken
+    finally:
+        xnnpack_preprocess.ConvertToLinearPass = ConvertToLinearPass
+
+
+@contextlib.contextmanager
+def delegate_outputs_reused():
+    """Within this block, SpecPropPass's re-trace takes a delegate call's output (fake tensors) from
+    the node's metadata, set when `to_backend` made the node, instead of running the delegated graph.
+    Yields a Shortcut counting the delegate calls not re-run."""
+    from executorch.exir.delegate import executorch_call_delegate
+    from executorch.exir.pass_base import ExportPass, ProxyValue
+    from executorch.exir.passes import spec_prop_pass
+    from torch.utils import _pytree as pytree
+
+    class DelegateOutputsReused(ExportPass):
+        def _fx(self, kind, target, args, kwargs, meta):
+            if target is not executorch_call_delegate or "val" not in meta.data:
+                return super()._fx(kind, target, args, kwargs, meta)
+            # ExportPass._fx without the interpreter call (which would run the delegated graph)
+            res_data = meta.data["val"]
+            taken.count += 1
+            args_proxy, kwargs_proxy = pytree.tree_map_only(ProxyValue, lambda x: x.proxy, (args, kwargs))
+            res_proxy = self.tracer.create_proxy(kind, target, args_proxy, kwargs_proxy)
+            res_proxy.node.meta.update(meta.data)
+            self.tracer.set_metadata(res_proxy.node, res_data)
+            return ProxyValue(res_data, res_proxy)
+
+    if spec_prop_pass.ExportPass is not ExportPass or not hasattr(ExportPass, "_fx"):
+        yield Shortcut(on=False)  # another ExecuTorch: as it is
+        return
+    taken = Shortcut(on=True)
+    spec_prop_pass.ExportPass = DelegateOutputsReused
+    try:
+        yield taken
+    finally:
+        spec_prop_pass.ExportPass = ExportPass
+
+
+def _tensor_meta(t) -> tuple:
+    return tuple(str(s) for s in t.shape), tuple(str(s) for s in t.stride()), t.dtype, t.device
+
+
+@dataclass(frozen=True)
+class _EmptyLike:
+    """What a fake output was (shape, strides, dtype, device), to make another like it."""
+
+    shape: tuple
+    stride: tuple
+    dtype: object
+    device: object
+
+    @classmethod
+    def of(cls, t) -> "_EmptyLike":
+        return cls(tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+    def make(self):
+        import torch
+
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+@contextlib.contextmanager
+def quant_op_shapes_memoized():
+    """Within this block, torchao's quantize/dequantize/choose_qparams ops compute their output's shape
+    once per input shape and arguments, not once per node and per graph walk.
+
+    torchao defines them as Python decompositions (CompositeImplicitAutograd). Tracing and every
+    re-tracing pass run that Python on fake tensors (symbolic shapes) to learn what each node
+    outputs: ~20 small ops per node, for ~850 such nodes in SmolLM2-135M 8da4w, every walk. Under
+    the Python dispatcher (which tracing enables) they run our kernel instead: on the first call with
+    given input shapes, strides, dtypes and arguments it runs torchao's own decomposition and records
+    the outputs' shapes, strides and dtypes; later calls with the same inputs (within the same fake
+    mode) make empty tensors of those. Real tensors always run torchao's code. Yields a Shortcut
+    counting the calls answered from what was recorded.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+
+    ops = [torch.ops.torchao.choose_qparams_affine.default, torch.ops.torchao.quantize_affine.default,
+           torch.ops.torchao.dequantize_affine.default]
+    cia = torch._C.DispatchKey.CompositeImplicitAutograd
+    if any(cia in op.py_kernels for op in ops):  # someone else overrides them: leave them alone
+        yield Shortcut(on=False)
+        return
+    taken = Shortcut(on=True)
+
+    def memoized(op):
+        outputs: dict = {}  # input key -> the outputs as _EmptyLike (in torchao's pytree structure)
+
+        def kernel(*args, **kwargs):
+            flat = pytree.tree_leaves((args, kwargs))
+            fakes = [a for a in flat if isinstance(a, FakeTensor)]
+            if not fakes or len(fakes) != sum(isinstance(a, torch.Tensor) for a in flat):
+                return op._op_dk(cia, *args, **kwargs)  # real tensors: torchao's code
+            # the mode itself, not its id: the key keeps it alive, so no later mode can reuse its id
+            key = (fakes[0].fake_mode,) + tuple(_tensor_meta(a) if isinstance(a, torch.Tensor) else repr(a)
+                                                for a in flat)
+            if key not in outputs:
+                out = op._op_dk(cia, *args, **kwargs)
+                outputs[key] = pytree.tree_map_only(torch.Tensor, _EmptyLike.of, out)
+                return out
+            taken.count += 1
+            return pytree.tree_map_only(_EmptyLike, _EmptyLike.make, outputs[key])
+        return kernel
+
+    for op in ops:
+        op.py_impl(cia)(memoized(op))
+    try:
+        yield taken
+    finally:
+        for op in ops:
+            del op.py_kernels[cia]
+            op._dispatch_cache.clear()

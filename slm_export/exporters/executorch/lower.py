@@ -1,7 +1,8 @@
 """torch.export -> Edge -> XNNPACK delegate -> .pte, tuned for lowering time on small CPUs.
 
 Where the time goes (SmolLM2-135M, 2 cores): every Edge and XNNPACK pass re-traces every node with
-fake tensors, so lowering time is roughly passes x nodes. Four choices keep it down:
+fake tensors, so lowering time is roughly passes x nodes x the cost of a node. These choices keep it
+down:
   - the graph is decomposed once, not three times (the partitioner's `ops_to_not_decompose` below,
     and a module with nothing left for the decomposition table): ~11 s saved per pass;
   - the module is written so XNNPACK takes each layer's dense part whole (norms and rope as small
@@ -9,10 +10,15 @@ fake tensors, so lowering time is roughly passes x nodes. Four choices keep it d
   - XNNPACK's preprocess runs only the linear-conversion pass (its `dqlinear_partitioner` mode),
     not its 17-pass pipeline meant for vision graphs (batch norm, conv, upsampling, layouts), none
     of which occur in this module.
-  - ExecuTorch's Edge passes that rewrite single ops walk the graph together (edge_passes.py): 2 walks
-    instead of 6, ~9 s each for SmolLM2-135M on an AVX2 EPYC;
   - the dim-order legalization walk at `to_executorch` is skipped (~8 s): the graph was made without
-    dim-order ops (`_skip_dim_order`), and only `to_backend`'s fresh config turned the walk back on.
+    dim-order ops (`_skip_dim_order`), and only `to_backend`'s fresh config turned the walk back on;
+  - the shortcuts of edge_passes.py (figures for the int4 export on an AVX2 EPYC, 2026-12-05): torch's
+    view -> view_copy rewrite and ExecuTorch's op-rewriting Edge passes walk the graph twice instead
+    of seven times; XNNPACK's linear conversion re-traces only what it changed (nothing here, ~10 s);
+    spec propagation at `to_executorch` reuses the delegates' outputs instead of re-running every
+    delegated node (~8 s); torchao's quant ops learn their output shapes once per input shape instead
+    of running their Python decomposition at every node of every walk (~25 s).
+  All of them build the same bytes as the stock passes (tests/test_executorch.py, four graphs).
 """
 from __future__ import annotations
 
@@ -67,11 +73,12 @@ def _partitioner():
     return LinearGraphXnnpackPartitioner()
 
 
-def export_program(module, max_context: int, stock_passes: bool = False):
+def export_program(module, max_context: int, stock_passes: bool = False, shortcuts: dict | None = None):
     """The ExecuTorch program (in memory) for `module`'s forward with dynamic chunk length.
 
-    stock_passes=True runs ExecuTorch's passes as shipped: the Edge passes one by one, and the
-    dim-order legalization at `to_executorch` (tests check that both build the same bytes)."""
+    stock_passes=True runs torch's and ExecuTorch's passes as shipped, without the shortcuts of
+    edge_passes.py (tests check that both build the same bytes). `shortcuts`, if given, receives
+    each shortcut's Shortcut (applied or not, how often taken)."""
     import contextlib
 
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -80,27 +87,39 @@ def export_program(module, max_context: int, stock_passes: bool = False):
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torch.export import Dim, export
 
-    from .edge_passes import fused_edge_passes
+    from .edge_passes import (delegate_outputs_reused, fused_edge_passes, idle_linear_conversion_skipped,
+                              quant_op_shapes_memoized)
 
     chunk = min(PREFILL_CHUNK, max_context)
     seq, rows = Dim("seq", min=1, max=chunk), Dim("rows", min=1, max=chunk)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]), torch.tensor([0, 1]))
-    with torch.no_grad():
-        ep = export(module, example, dynamic_shapes=({1: seq}, None, {0: rows}), strict=False)
     config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
-    with contextlib.nullcontext() if stock_passes else fused_edge_passes():
+    shortcuts = {} if shortcuts is None else shortcuts
+
+    def use(fast: contextlib.ExitStack, name: str, shortcut) -> None:
+        if not stock_passes:
+            shortcuts[name] = fast.enter_context(shortcut())
+
+    with contextlib.ExitStack() as fast:
+        use(fast, "quant_op_shapes_memoized", quant_op_shapes_memoized)
+        with torch.no_grad():
+            ep = export(module, example, dynamic_shapes=({1: seq}, None, {0: rows}), strict=False)
+        use(fast, "fused_edge_passes", fused_edge_passes)
+        use(fast, "idle_linear_conversion_skipped", idle_linear_conversion_skipped)
         edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=config)
     if not stock_passes:
         # to_backend hands on a fresh config, whose _skip_dim_order=False adds LegalizePortableDimOrderPass
         # to to_executorch: a full re-trace (~8 s here) of a graph that has no dim-order ops to legalize.
         edge.compile_config = config
-    return edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True,
-        passes=[QuantFusionPass()],  # quantized embedding -> quantized_decomposed::embedding_{byte,4bit}
-        do_quant_fusion_and_const_prop=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-    ))
+    with contextlib.ExitStack() as fast:
+        use(fast, "delegate_outputs_reused", delegate_outputs_reused)
+        return edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            passes=[QuantFusionPass()],  # quantized embedding -> quantized_decomposed::embedding_{byte,4bit}
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        ))
 
 
 # The .pte is written in pieces of this size. Linux 6.x page caches keep a file written in large
