@@ -125,6 +125,20 @@ def fused_edge_passes():
         _program.ReplaceViewOpsWithViewCopyOpsPass = ReplaceViewOpsWithViewCopyOpsPass
 
 
+@contextlib.contextmanager
+def _swapped(owner, name: str, stock, replacement, taken: Shortcut):
+    """`owner.<name>` is `replacement` within the block, if it is `stock` (the version the shortcut was
+    written for; otherwise it is left alone and the Shortcut yielded is off)."""
+    if getattr(owner, name) is not stock:
+        yield Shortcut(on=False)
+        return
+    setattr(owner, name, replacement)
+    try:
+        yield taken
+    finally:
+        setattr(owner, name, stock)
+
+
 def _graph_key(graph) -> list:
     return [(n.name, n.op, n.target, repr(n.args), repr(n.kwargs)) for n in graph.nodes]
 
@@ -150,15 +164,10 @@ def idle_linear_conversion_skipped():
                     return PassResult(graph_module, False)
             return super().call(graph_module)
 
-    if xnnpack_preprocess.ConvertToLinearPass is not ConvertToLinearPass:  # another ExecuTorch: as it is
-        yield Shortcut(on=False)
-        return
     taken = Shortcut(on=True)
-    xnnpack_preprocess.ConvertToLinearPass = ConvertToLinearWhenNeeded
-    try:
-        yield taken
-    finally:
-        xnnpack_preprocess.ConvertToLinearPass = ConvertToLinearPass
+    with _swapped(xnnpack_preprocess, "ConvertToLinearPass", ConvertToLinearPass, ConvertToLinearWhenNeeded,
+                  taken) as result:
+        yield result
 
 
 @contextlib.contextmanager
@@ -177,22 +186,16 @@ def delegate_outputs_reused():
                 return super()._fx(kind, target, args, kwargs, meta)
             # ExportPass._fx without the interpreter call (which would run the delegated graph)
             res_data = meta.data["val"]
-            taken.count += 1
+            taken.count += 1  # (the test fails if an ExecuTorch no longer calls _fx here)
             args_proxy, kwargs_proxy = pytree.tree_map_only(ProxyValue, lambda x: x.proxy, (args, kwargs))
             res_proxy = self.tracer.create_proxy(kind, target, args_proxy, kwargs_proxy)
             res_proxy.node.meta.update(meta.data)
             self.tracer.set_metadata(res_proxy.node, res_data)
             return ProxyValue(res_data, res_proxy)
 
-    if spec_prop_pass.ExportPass is not ExportPass or not hasattr(ExportPass, "_fx"):
-        yield Shortcut(on=False)  # another ExecuTorch: as it is
-        return
     taken = Shortcut(on=True)
-    spec_prop_pass.ExportPass = DelegateOutputsReused
-    try:
-        yield taken
-    finally:
-        spec_prop_pass.ExportPass = ExportPass
+    with _swapped(spec_prop_pass, "ExportPass", ExportPass, DelegateOutputsReused, taken) as result:
+        yield result
 
 
 def _tensor_meta(t) -> tuple:
