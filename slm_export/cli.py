@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [x for x in argv if x != "--debug"]
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "export"
     if command == "export" and argv[:1] and not argv[0].startswith("-"):
-        print(f"slm-export: error: unknown command '{argv[0]}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        word = argv[0]
+        # `slm-export [export] ./my-model` is the likeliest slip: the model is an option, not a word.
+        hint = (f"; to export it, pass it as --model: slm-export --model {word} --target onnx"
+                if "/" in word or "." in word or os.path.exists(word) else "")
+        print(f"slm-export: error: unknown command '{word}'; commands: {', '.join(COMMANDS)}{hint}", file=sys.stderr)
         return 2
     try:
         args = build_parser(command).parse_args(argv)
