@@ -78,6 +78,15 @@ def goals(rows: list[BenchResult], prompts: list[int]) -> list[str]:
             for t, peer in (("onnx", "onnxruntime-genai"), ("onnx", "optimum-onnx"), ("executorch", "optimum-executorch")):
                 other = fast(lambda r, peer=peer: r.runtime == peer)
                 out.append(f"  - {t} vs {peer} ({lab(other)}): {ratio(ours[t], other, 1.0)}")
+            # Not one of the goals: the same output-layer precision on both sides. llama.cpp's
+            # Q4_0 and Q8_0 files keep the output tensor at Q8_0 (our plain int4 rows quantize it to int4).
+            head8 = fast(lambda r: r.system.startswith("slm-export") and "-head8" in r.system)
+            q4_0 = fast(lambda r: r.system == "llama.cpp Q4_0")
+            if head8 and q4_0:
+                kl = "" if head8.mean_kl is None or q4_0.mean_kl is None else \
+                    f"; KL vs fp32 {head8.mean_kl:.3f} against {q4_0.mean_kl:.3f}"
+                out.append(f"  - like for like, both output layers int8 ({lab(head8)} vs {lab(q4_0)}): "
+                           f"{head8.decode_tok_s:.1f} / {q4_0.decode_tok_s:.1f} = {head8.decode_tok_s / q4_0.decode_tok_s:.2f}x{kl}")
     return out
 
 

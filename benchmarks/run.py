@@ -80,20 +80,22 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
         failed.append(BenchResult(system=name, model=model, runtime=family, error=str(e), machine=describe(),
                                   timestamp=now()))
 
-    # (target, bits, kv_bits, compute precision); None = the target's default
-    variants = [(target, bits, None, None) for target in args.targets for bits in args.bits]
+    # (target, bits, kv_bits, compute precision, lm_head bits); None = the target's default
+    variants = [(target, bits, None, None, None) for target in args.targets for bits in args.bits]
     if "executorch" in args.targets:
-        variants += [("executorch", bits, 16, None) for bits in args.executorch_kv16]
-        variants += [("executorch", 16, None, "float16")] if args.executorch_fp16 else []
+        variants += [("executorch", bits, 16, None, None) for bits in args.executorch_kv16]
+        variants += [("executorch", 16, None, "float16", None)] if args.executorch_fp16 else []
     if "onnx" in args.targets:
-        variants += [("onnx", bits, 8, None) for bits in args.onnx_kv8]
-    for target, bits, kv_bits, precision in variants:
+        variants += [("onnx", bits, 8, None, None) for bits in args.onnx_kv8]
+        variants += [("onnx", bits, 8, None, 8) for bits in args.onnx_head8]
+    for target, bits, kv_bits, precision, head_bits in variants:
         kv = f" kv{kv_bits}" if kv_bits else ""
-        name = f"slm-export {target} {'fp16 program' if precision else f'{bits}-bit'}{kv}"
+        head = f" head{head_bits}" if head_bits else ""
+        name = f"slm-export {target} {'fp16 program' if precision else f'{bits}-bit'}{head}{kv}"
         print(f"  exporting {name}", flush=True)
         try:
-            folder = f"slm-{target}-{bits}{kv.strip()}{'-' + precision if precision else ''}"
-            info = ours.export(hf, work / folder, target, bits, kv_bits, precision)
+            folder = f"slm-{target}-{bits}{kv.strip()}{'-' + precision if precision else ''}{head.replace(' ', '-')}"
+            info = ours.export(hf, work / folder, target, bits, kv_bits, precision, head_bits)
         except PeerError as e:
             fail(name, "slm-export", e)
             continue
@@ -221,6 +223,9 @@ def main() -> int:
                     help="bit widths at which ExecuTorch is also exported with --kv-bits 16 (fp16 KV cache); empty for none")
     ap.add_argument("--onnx-kv8", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
                     help="bit widths at which ONNX is also exported with --kv-bits 8 (int8 KV cache); empty for none")
+    ap.add_argument("--onnx-head8", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
+                    help="bit widths at which ONNX is also exported with --lm-head-bits 8 --kv-bits 8 (an int8 "
+                         "output layer, like llama.cpp's Q4_0 keeps its output tensor Q8_0); empty for none")
     ap.add_argument("--executorch-fp16", action=argparse.BooleanOptionalAction, default=True,
                     help="also export ExecuTorch as an fp16 program (--bits 16 --compute-precision float16)")
     ap.add_argument("--peers", type=lambda s: s.split(",") if s else [], default=list(PEERS),

@@ -22,7 +22,7 @@ from .quantize import QuantSpec
 
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
            activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int | None = None,
-           quantize_lm_head: bool = True, palettize: bool = False, compute_precision: str | None = None,
+           quantize_lm_head: bool = True, lm_head_bits: int | None = None, palettize: bool = False, compute_precision: str | None = None,
            kv_bits: int | None = None, calibration_text=None, out=None, force: bool = False,
            max_context: int | None = None, tokenizer=None,
            trust_remote_code: bool = False, log=print):
@@ -30,6 +30,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
 
     max_context: KV-cache length; default min(2048, the model's max_position_embeddings).
     embedding_bits: 8 (int8 rows) or 4 (int4 groups); default: the target's (ExecuTorch: 4 at bits=4, else 8).
+    lm_head_bits: 8 or 4; default `bits`. 8 with bits=4 keeps the output layer int8 (better quality).
     palettize: Core ML only, k-means palettes of 2**bits entries instead of linear quantization.
     compute_precision: "float16" (Core ML's default) or "float32"; ExecuTorch: "float32" (default) or
     "float16" (an fp16 program: fp16 weights, activations and KV cache; with bits=16); ONNX: float32.
@@ -44,7 +45,8 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     from .pipeline import run_export
 
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
-                     embeddings=quantize_embeddings, embedding_bits=embedding_bits, lm_head=quantize_lm_head, palettize=palettize)
+                     embeddings=quantize_embeddings, embedding_bits=embedding_bits, lm_head=quantize_lm_head,
+                     lm_head_bits=lm_head_bits, palettize=palettize)
     return run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
                       compute_precision=compute_precision, kv_bits=kv_bits, calibration_text=calibration_text,
                       tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)

@@ -43,6 +43,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="8 or 4; default: 4 for ExecuTorch at --bits 4, else 8. ONNX: with 4 and tied embeddings "
                         "the table is shared with the int4 lm_head")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
+    p.add_argument("--lm-head-bits", type=int, default=None,
+                   help="8 or 4; default: --bits. 8 at --bits 4 keeps the output layer int8 (like llama.cpp's "
+                        "Q4_0, whose output tensor is Q8_0): lower KL, slower decode on large vocabularies")
     p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
                    help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "
                         "(an fp16 program, with --bits 16); ONNX: float32")
@@ -151,7 +154,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def _quant_kwargs(a) -> dict:
     return dict(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
-                activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits)
+                activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits,
+                lm_head_bits=a.lm_head_bits)
 
 
 def _spec_kwargs(a) -> dict:

@@ -17,6 +17,8 @@ def _assert_clean_refusal(code, out, err, tmp_path, expect):
 @pytest.mark.parametrize("args,expect", [
     (["--bits", "3"], "--bits 3 is not supported"),
     (["--group-size", "48"], "--group-size 48 is not valid"),
+    (["--lm-head-bits", "2"], "--lm-head-bits 2 is not supported; use 8 or 4"),
+    (["--no-quantize-lm-head", "--lm-head-bits", "8"], "--lm-head-bits 8 has no effect"),
     (["--target", "tflite"], "unknown target 'tflite'; choose one of: coreml, executorch, onnx"),
     (["--bits", "four"], "argument --bits: invalid int value"),
     (["--max-context", "4"], "too small"),

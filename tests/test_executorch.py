@@ -197,6 +197,18 @@ def test_int4_embedding_is_the_int4_default_smaller_and_still_matches(llama_int4
     assert same.mean_kl < 1e-3 and same.max_abs_logit_diff < 0.5, report.format()
 
 
+def test_lm_head_bits_8_is_an_int8_linear_in_the_program():
+    # --lm-head-bits reaches torchao through the spec's rules like every other choice (no export: the plan)
+    from slm_export.architectures import to_decoder
+    from slm_export.exporters.executorch import build_module
+    from slm_export.quantize import QuantSpec
+
+    _, report = build_module(to_decoder(tiny_model("llama"), 64), QuantSpec(bits=4, embedding_bits=4, lm_head_bits=8), 64)
+    entries = {e.name: e for e in report.entries}
+    assert entries["lm_head"].bits == 8 and entries["lm_head"].scheme == "int8 per-channel 8da8w"
+    assert entries["embed_tokens"].bits == 4 and {e.bits for n, e in entries.items() if n.startswith("layers")} == {4}
+
+
 def test_width_not_divisible_by_group_falls_back_and_says_so(tmp_path):
     # down_proj in-features 96: group 64 -> 32 (XNNPACK's smallest); 80: no group >= 32 divides -> int8
     for inter, bits, expect in [(96, 4, "fell back to group 32"), (80, 8, "stored int8 per-channel instead")]:

@@ -30,6 +30,21 @@ def test_rules_first_match_wins():
     assert QuantSpec(bits=16).plan_for("model.layers.0.mlp.down_proj.weight").bits is None
 
 
+def test_lm_head_bits_rule_label_and_refusals():
+    spec = QuantSpec(bits=4, embedding_bits=8, lm_head_bits=8)
+    assert spec.plan_for("lm_head.weight").bits == 8 and "--lm-head-bits 8" in spec.plan_for("lm_head.weight").reason
+    assert spec.plan_for("model.layers.0.mlp.down_proj.weight").bits == 4  # every other linear keeps --bits
+    assert spec.label() == "int4-g32-sym-a8-head8"
+    assert QuantSpec(bits=8, lm_head_bits=8).label() == "int8-g32-sym-a8"  # same as --bits: no suffix
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SlmExportError, match="--lm-head-bits 3 is not supported; use 8 or 4"):
+        QuantSpec(lm_head_bits=3)
+    with pytest.raises(SlmExportError, match="--lm-head-bits 8 has no effect: --no-quantize-lm-head keeps it float"):
+        QuantSpec(lm_head=False, lm_head_bits=8)
+    with pytest.raises(SlmExportError, match="--lm-head-bits 8 has no effect: --bits 16 quantizes nothing"):
+        QuantSpec(bits=16, lm_head_bits=8)
+
+
 @pytest.mark.parametrize("target, bits, expected", [
     ("executorch", 4, 4), ("executorch", 8, 8), ("executorch", 16, 8), ("onnx", 4, 8), ("coreml", 4, 8)])
 def test_embedding_bits_default_is_the_targets(target, bits, expected):

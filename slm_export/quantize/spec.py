@@ -36,6 +36,9 @@ class QuantSpec:
     # None: the target's default, filled in by the pipeline (`resolve_spec`) before anything reads it
     embedding_bits: int | None = None
     lm_head: bool = True
+    # None: the lm_head takes `bits` like every linear. 8 keeps it int8 at --bits 4, as llama.cpp's
+    # Q4_0 keeps its output tensor Q8_0: lower KL, slower decode (the lm_head is the widest matmul).
+    lm_head_bits: int | None = None
     # Core ML only: a k-means lookup table of 2**bits values per group of output channels instead
     # of linear (scale) quantization.
     palettize: bool = False
@@ -48,6 +51,11 @@ class QuantSpec:
             )
         if self.embedding_bits not in (None, 8, 4):
             raise SlmExportError(f"--embedding-bits {self.embedding_bits} is not supported; use 8 or 4")
+        if self.lm_head_bits not in (None, 8, 4):
+            raise SlmExportError(f"--lm-head-bits {self.lm_head_bits} is not supported; use 8 or 4")
+        if self.lm_head_bits is not None and not (self.lm_head and self.bits != 16):
+            why = "--no-quantize-lm-head keeps it float" if self.bits != 16 else "--bits 16 quantizes nothing"
+            raise SlmExportError(f"--lm-head-bits {self.lm_head_bits} has no effect: {why}; drop one of the two")
         gs = self.group_size
         if not isinstance(gs, int) or gs < 16 or gs > 4096 or gs & (gs - 1):
             raise SlmExportError(
@@ -70,7 +78,8 @@ class QuantSpec:
         act = "a8" if self.activations == "int8" else "wo"
         if self.palettize:
             return f"palette{self.bits}-{act}"
-        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}"
+        head = f"-head{self.lm_head_bits}" if self.lm_head_bits not in (None, self.bits) else ""
+        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}{head}"
 
     def rules(self) -> list[tuple[str, int | None, str]]:
         """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
@@ -83,8 +92,9 @@ class QuantSpec:
         return [
             (r"(^|\.)embed_tokens\.weight$", emb_bits,
              "spec: embeddings" + ("" if self.embeddings else " excluded (--no-quantize-embeddings)")),
-            (r"(^|\.)lm_head\.weight$", self.bits if self.lm_head else None,
-             "spec: lm_head" + ("" if self.lm_head else " excluded (--no-quantize-lm-head)")),
+            (r"(^|\.)lm_head\.weight$", (self.lm_head_bits or self.bits) if self.lm_head else None,
+             "spec: lm_head" + ("" if self.lm_head else " excluded (--no-quantize-lm-head)")
+             + (f" (--lm-head-bits {self.lm_head_bits})" if self.lm_head_bits else "")),
             (r"norm", None, "norm scales are 1-D vectors, kept float"),
             (r"bias$", None, "biases are kept float"),
             (r".*", self.bits, "spec: linear weights"),

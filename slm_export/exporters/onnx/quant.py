@@ -1,5 +1,9 @@
-"""Weight quantization for ONNX, with onnxruntime's own kernels (the ones its MatMulNBits
-quantizer calls), plus the numpy inverse used by `verify` to rebuild the same-quant PyTorch model.
+"""Weight quantization for ONNX, plus the numpy inverse used by `verify` to rebuild the same-quant
+PyTorch model.
+
+Symmetric int4 (the default) searches each block's scale for the least squared error (below);
+int8 and asymmetric int4 use onnxruntime's own quantizer (the one its MatMulNBits tools call),
+round-to-nearest with the block's extreme value mapped to the end of the range.
 
 Layouts (onnxruntime contrib op MatMulNBits): B is [N, k_blocks, block*bits/8] uint8, scales are
 [N * k_blocks], zero points (asymmetric only) are packed like B. Symmetric weights have an implicit
@@ -28,7 +32,9 @@ class PackedWeight:
 
 
 def quantize_matmul_weight(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> PackedWeight:
-    """Quantize a PyTorch-layout [out, in] weight for MatMulNBits with onnxruntime's quantizer."""
+    """Quantize a PyTorch-layout [out, in] weight for MatMulNBits (symmetric int4: scale search)."""
+    if bits == 4 and symmetric:
+        return search_int4_symmetric(weight, block_size)
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     n, k = weight.shape
@@ -46,6 +52,48 @@ def quantize_matmul_weight(weight: np.ndarray, bits: int, block_size: int, symme
     else:
         raise ValueError(f"MatMulNBits supports 4 and 8 bits, not {bits}")
     return PackedWeight(packed, scales, None if symmetric else zp, bits, block_size, k, n)
+
+
+# Scale candidates per block, as fractions of the round-to-nearest scale. Round-to-nearest maps the
+# block's extreme weight to -8 exactly, which spends the grid on one outlier; a smaller scale rounds
+# the other 31 weights more finely and clips the outlier a little. Measured on SmolLM2-135M-Instruct
+# (ONNX int4 g32, mean KL against fp32 PyTorch on 512 tokens of the passage): round-to-nearest 0.437,
+# this search 0.378 (0.378 too with 21 candidates down to 0.6). Scales that least-squares-fit each
+# candidate's integers lowered the weight error further but raised the KL (0.409), so they are not used.
+_SCALE_FRACTIONS = np.linspace(0.80, 1.0, 11, dtype=np.float32)
+_ROWS_PER_CHUNK = 4096  # bounds the search's temporaries (~10 copies of a [rows, k] float32 chunk)
+
+
+def search_int4_symmetric(weight: np.ndarray, block_size: int) -> PackedWeight:
+    """Symmetric int4 per block, each block's scale chosen for the least squared error.
+
+    Candidates: the round-to-nearest scale (extreme weight -> -8) and |extreme| / 7 (-> +7), each
+    times `_SCALE_FRACTIONS`; the first candidate is round-to-nearest itself, so no block ends up
+    with more error than round-to-nearest gives it. Same layout as onnxruntime's quantizer:
+    q + 8 in [0, 15], two per byte, low nibble first; a last partial block is zero-padded.
+    """
+    n, k = weight.shape
+    k_blocks = (k + block_size - 1) // block_size
+    packed = np.empty((n, k_blocks, block_size // 2), dtype=np.uint8)
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    for r0 in range(0, n, _ROWS_PER_CHUNK):
+        w = np.zeros((min(_ROWS_PER_CHUNK, n - r0), k_blocks * block_size), dtype=np.float32)
+        w[:, :k] = weight[r0:r0 + _ROWS_PER_CHUNK]
+        w = w.reshape(w.shape[0], k_blocks, block_size)
+        extreme = np.take_along_axis(w, np.abs(w).argmax(-1)[..., None], -1)[..., 0]
+        base = [extreme / -8.0, np.abs(extreme) / 7.0]
+        best_s = np.where(extreme != 0, base[0], 1.0).astype(np.float32)
+        best_err = np.full(best_s.shape, np.inf, dtype=np.float32)
+        for b in base:
+            for f in _SCALE_FRACTIONS[::-1]:  # 1.0 first: ties keep round-to-nearest
+                s = np.where(extreme != 0, b * f, 1.0).astype(np.float32)
+                err = np.square(w - np.clip(np.rint(w / s[..., None]), -8, 7) * s[..., None]).sum(-1)
+                better = err < best_err
+                best_err[better], best_s[better] = err[better], s[better]
+        q = (np.clip(np.rint(w / best_s[..., None]), -8, 7) + 8).astype(np.uint8)
+        packed[r0:r0 + len(w)] = q[..., 0::2] | (q[..., 1::2] << 4)
+        scales[r0:r0 + len(w)] = best_s
+    return PackedWeight(packed, scales, None, 4, block_size, k, n)
 
 
 def dequantize_matmul_weight(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
