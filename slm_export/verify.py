@@ -48,9 +48,10 @@ class Tolerance:
 #  - bits 16: the same math in fp32, only summation order differs (measured max |dlogit| 1e-4).
 #  - int8 / int4 against same-quant: identical weights; what is left is int8 activation rounding
 #    (MatMulNBits accuracy_level 4) and kernel order (measured KL 0.004, top-1 0.96).
-#  - against fp32: the quantization error itself. int8 costs little (KL 0.006, top-1 0.94). Round-
-#    to-nearest int4 g32 costs a 135M model a lot (KL 0.5, top-1 0.50, perplexity 28.1 -> 37.1), so
-#    that bound only catches a broken export; the same-quant bound is the tight gate.
+#  - against fp32: the quantization error itself. int8 costs little (KL 0.006, top-1 0.94). int4 g32
+#    costs a 135M model a lot (ONNX with its scale search KL 0.42, top-1 0.58, perplexity 28.1 ->
+#    36.5; round-to-nearest KL 0.5), so that bound only catches a broken export; the same-quant bound
+#    is the tight gate.
 TOLERANCES: dict[int, dict[str, Tolerance]] = {
     16: {"fp32": Tolerance(mean_kl=1e-4, top1=0.99, max_abs=1e-2)},
     8: {"same-quant": Tolerance(mean_kl=0.01, top1=0.92), "fp32": Tolerance(mean_kl=0.03, top1=0.88)},
