@@ -96,6 +96,20 @@ def test_fit_weight_estimate_matches_the_exported_report(tmp_path, target, bits)
     assert abs(estimated - real) / real < 0.03, (estimated, real)
 
 
+@pytest.mark.parametrize("kw", [dict(embedding_bits=4), dict(lm_head_bits=8)])
+def test_fit_estimate_knows_onnx_shares_a_tied_table_with_the_lm_head(tmp_path, kw):
+    model = tiny_model("llama")  # tied: the embedding's rows come out of the lm_head's weights
+    art = slm_export.export(model, target="onnx", bits=4, out=tmp_path / "a", max_context=64, log=lambda *a: None, **kw)
+    assert "shares lm_head" in next(w["scheme"] for w in json.loads((art.path / "quant_report.json").read_text())["weights"]
+                                    if w["name"] == "embed_tokens")
+    spec = QuantSpec.from_dict(art.manifest["quant"]["spec"])
+    from slm_export.exporters import TARGETS
+
+    estimated = sum(w["stored_bytes"] for w in estimate_weight_bytes(shape_of(model.config), spec, TARGETS.get("onnx")()))
+    real = sum(w["stored_bytes"] for w in report_weight_bytes(art.path))
+    assert abs(estimated - real) / real < 0.03, (estimated, real)
+
+
 def test_fit_estimate_of_an_fp16_executorch_program_matches_its_report(tmp_path):
     model = tiny_model("tinyllama")
     art = slm_export.export(model, target="executorch", bits=16, compute_precision="float16", out=tmp_path / "a",
