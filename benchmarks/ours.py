@@ -33,9 +33,9 @@ def export(hf_dir: Path, out: Path, target: str, bits: int, kv_bits: int | None 
            compute_precision: str | None = None, lm_head_bits: int | None = None) -> dict:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     kv = ["--kv-bits", kv_bits] if kv_bits else []
-    kv += ["--lm-head-bits", lm_head_bits] if lm_head_bits else []
+    head = ["--lm-head-bits", lm_head_bits] if lm_head_bits else []
     precision = ["--compute-precision", compute_precision] if compute_precision else []
-    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, *kv, *precision,
+    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, *kv, *head, *precision,
                         "--out", out, "--force"])
     from slm_export.artifact import Artifact
 

@@ -40,8 +40,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-only", action="store_true", help="keep activations float (default: int8 activations where the target can)")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token embedding float")
     p.add_argument("--embedding-bits", type=int, default=None,
-                   help="8 or 4; default: 4 for ExecuTorch at --bits 4, else 8. ONNX: with 4 and tied embeddings "
-                        "the table is shared with the int4 lm_head")
+                   help="8 or 4; default: 4 for ExecuTorch at --bits 4, else 8. ONNX: a tied embedding at the "
+                        "lm_head's bits reads its rows from the lm_head's weights (one table)")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep the lm_head float")
     p.add_argument("--lm-head-bits", type=int, default=None,
                    help="8 or 4; default: --bits. 8 at --bits 4 keeps the output layer int8 (like llama.cpp's "

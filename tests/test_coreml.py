@@ -83,6 +83,13 @@ def test_untied_lm_head_is_its_own_table(tmp_path):
     art = _export(model, tmp_path, 4)
     report = {e["name"]: e for e in json.loads((art.path / "quant_report.json").read_text())["weights"]}
     assert report["lm_head"]["bits"] == 4 and report["embed_tokens"]["bits"] == 8
+    # --lm-head-bits 8: the output layer alone int8 per channel, checked in the package like every weight
+    head8 = _export(model, tmp_path, 4, name="h8", lm_head_bits=8)
+    report = {e["name"]: e for e in json.loads((head8.path / "quant_report.json").read_text())["weights"]}
+    assert report["lm_head"]["bits"] == 8 and report["lm_head"]["scheme"].startswith("int8 per-channel")
+    assert {e["bits"] for n, e in report.items() if n.startswith("layers")} == {4}
+    parity = head8.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
+    assert all(c["passed"] for c in _checks(parity).values()) and parity.passed, parity.format()
 
 
 def test_checks_fail_on_a_wrong_reference_or_manifest(llama_int4, tmp_path):
