@@ -91,17 +91,16 @@ def estimate_weight_bytes(shape: Shape, spec, exporter, compute_precision: str |
     """Stored bytes of each weight as `exporter` would store it under `spec` (before exporting)."""
     from .quantize.spec import block_size_for
 
+    from .exporters.onnx.quant import shared_table_block
+
     out = []
-    head = spec.plan_for("lm_head.weight")
     for name, (rows, cols) in shape.weights:
         if exporter.name == "coreml" and shape.tied and name == "lm_head.weight":
             continue  # Core ML keeps one table for a tied embedding and lm_head
         plan = spec.plan_for(name)
-        if (exporter.name == "onnx" and shape.tied and "embed_tokens" in name and plan.bits is not None
-                and plan.bits == head.bits and head.symmetric and cols % block_size_for(cols, head.group_size)[0] == 0):
-            # ONNX gathers a tied embedding's rows out of the lm_head's weights (graph.py): only a
-            # copy of the scales is stored for it
-            stored = rows * (cols // block_size_for(cols, head.group_size)[0]) * exporter.scale_bytes
+        shared = exporter.name == "onnx" and shape.tied and "embed_tokens" in name and shared_table_block(spec, cols)
+        if shared:  # ONNX gathers the rows out of the lm_head's weights: only a copy of the scales is stored
+            stored = rows * (cols // shared) * exporter.scale_bytes
         elif plan.bits is None:
             stored = rows * cols * exporter.float_bytes(compute_precision or exporter.compute_precisions[0])
         else:

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...architectures import Decoder, Linear
 from ...quantize import QuantReport, QuantSpec, WeightEntry
 from ...quantize.spec import block_size_for
-from .quant import quantize_matmul_weight, quantize_rows_int8
+from .quant import quantize_matmul_weight, quantize_rows_int8, shared_table_block
 
 OPSET = 23  # RMSNormalization (standard since opset 23) for the norms that have no residual
 MS = "com.microsoft"
@@ -102,8 +102,7 @@ class DecoderGraphBuilder:
         plan = self.spec.plan_for("model.embed_tokens.weight")
         head = self.spec.plan_for("lm_head.weight")
         hidden = table.shape[1]
-        if (self.dec.tied_embeddings and plan.bits is not None and plan.bits == head.bits and head.symmetric
-                and hidden % block_size_for(hidden, head.group_size)[0] == 0):
+        if self.dec.tied_embeddings and shared_table_block(self.spec, hidden):
             # Tied and quantized alike: gather rows straight out of the lm_head's MatMulNBits
             # weights [vocab, blocks, bytes] (no copy, no Reshape that constant folding would
             # duplicate), so the table is stored and held in memory once.

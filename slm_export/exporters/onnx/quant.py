@@ -96,6 +96,19 @@ def search_int4_symmetric(weight: np.ndarray, block_size: int) -> PackedWeight:
     return PackedWeight(packed, scales, None, 4, block_size, k, n)
 
 
+def shared_table_block(spec, hidden: int) -> int | None:
+    """The block at which a tied embedding is gathered straight out of the lm_head's MatMulNBits
+    weights (one table, graph.py), or None when it keeps a table of its own: the two must be
+    quantized alike (same bits, symmetric) and the hidden size must divide into blocks."""
+    from ...quantize.spec import block_size_for
+
+    emb, head = spec.plan_for("model.embed_tokens.weight"), spec.plan_for("lm_head.weight")
+    block = block_size_for(hidden, head.group_size)[0]
+    if emb.bits is None or emb.bits != head.bits or not head.symmetric or hidden % block:
+        return None
+    return block
+
+
 def dequantize_matmul_weight(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
                              bits: int, block_size: int, k: int, n: int) -> np.ndarray:
     """Inverse of `quantize_matmul_weight`: the float [out, in] weight the kernel actually uses."""
