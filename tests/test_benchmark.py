@@ -130,3 +130,20 @@ def test_app_memory_builds_the_exports_cpp_example_and_measures_it(tmp_path):
     assert "| 512 + 128 |" in (tmp_path / "out" / "APP_MEMORY.md").read_text()
     with pytest.raises(RuntimeError, match="update module_defaults"):
         app_memory.module_defaults("int main() {}")
+
+
+def test_goal_ratios_also_show_each_rounds_paired_ratio():
+    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+    import report
+    from slm_export.results import BenchResult
+
+    def row(system, runtime, rounds):
+        r = BenchResult(system=system, model="m", runtime=runtime, prompt_tokens=32, decode_tok_s=sorted(rounds)[len(rounds) // 2])
+        r.samples["rounds_decode_tok_s"] = rounds
+        return r
+    ours = row("slm-export onnx int4-g32-sym-a8", "onnxruntime", [130.0, 150.0, 120.0])
+    llama = row("llama.cpp Q4_0", "llama.cpp", [100.0, 100.0, 120.0])
+    text = "\n".join(report.goals([ours, llama], [32]))
+    # the median ratio decides (130 / 100); each round's ratio is the same pair measured minutes apart
+    assert "130.0 / 100.0 = **1.30x** (met, goal >= 1.3x); per round 1.30, 1.50, 1.00" in text
+    assert report.per_round(row("a", "x", [1.0]), row("b", "y", [1.0])) == ""  # one round: no spread to show
