@@ -131,7 +131,8 @@ def write(out: Path, rows: list[BenchResult], args, *, started: str, command: st
     notes = [p for p in pngs if not p.endswith(".png")]
     text = (
         f"# Benchmark results\n\nProduced by `{command}`, started {started}, {minutes:.0f} minutes in one sitting{progress}.\n\n"
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}; "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, Python {m['python']}"
+        f"{'; SIMD: ' + ' '.join(m['simd']) if m.get('simd') else ''}; "
         f"{args.threads} threads for every system.\n\n"
         "Models: smollm2-135m = SmolLM2-135M-Instruct (the bundled GGUF, dequantized to a Hugging Face folder that "
         "every system exports from); smollm2-360m-random and qwen2.5-0.5b-random = the real configs with random "

@@ -6,6 +6,7 @@ import pytest
 
 import slm_export
 from slm_export.devices import open_device
+from slm_export.devices.probe import simd_features
 from slm_export.devices.profiles import load_profile, profile_names
 from slm_export.errors import SlmExportError
 from slm_export.fit import decode_roofline, estimate_weight_bytes, fit, report_weight_bytes, shape_of
@@ -197,6 +198,19 @@ def test_local_bench_reports_peak_bandwidth_and_prediction(tiny_onnx):
     assert row.error is None and not row.simulated
     assert row.device_peak_gb_s == load_profile("laptop").peak_bandwidth_gb_s
     assert row.predicted_decode_tok_s > 0 and row.decode_gb_s > 0
+    # the row names the SIMD extensions it ran with, as this machine's /proc/cpuinfo lists them
+    with open("/proc/cpuinfo") as f:
+        assert row.machine.get("simd", []) == simd_features(f.read())
+
+
+def test_probe_names_the_simd_extensions_kernels_dispatch_on():
+    x86 = ("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512bw avx512_vnni amx_int8\n\n"
+           "processor\t: 1\nflags\t\t: fpu sse4_2\n")
+    assert simd_features(x86) == ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"]
+    pi5 = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
+           "fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU part\t: 0xd0b\n")
+    assert simd_features(pi5) == ["asimd", "asimdhp", "asimddp"]  # Cortex-A76: dot product, no i8mm
+    assert simd_features("model name\t: Some CPU\n") == []
 
 
 def test_limits_device_caps_threads_and_labels_the_result(tiny_onnx):

@@ -15,6 +15,11 @@ import subprocess
 import sys
 
 RUNTIME_PACKAGES = ("onnxruntime", "executorch", "numpy")
+# The instruction-set extensions that int4/int8 kernels dispatch on (onnxruntime's MLAS, XNNPACK, ggml):
+# two CPUs with the same model name (a VM says "Intel Xeon Processor") can differ here, and so do the
+# figures. x86 names are /proc/cpuinfo's "flags", ARM's its "Features" (asimddp = dot product).
+SIMD_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                 "amx_int8", "asimd", "asimdhp", "asimddp", "i8mm", "bf16", "sve", "sve2")
 
 
 def _cpu_model() -> str:
@@ -34,6 +39,24 @@ def _cpu_model() -> str:
         if line.startswith("CPU part"):
             return parts.get(line.split(":", 1)[1].strip(), line.split(":", 1)[1].strip())
     return platform.machine()
+
+
+def simd_features(cpuinfo: str) -> list[str]:
+    """The SIMD_FEATURES the first CPU in a /proc/cpuinfo text reports, in SIMD_FEATURES' order."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            present = set(value.split())
+            return [f for f in SIMD_FEATURES if f in present]
+    return []
+
+
+def _simd() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return simd_features(f.read())
+    except OSError:  # not Linux: the field is left out rather than guessed
+        return []
 
 
 def _memory_gb() -> float | None:
@@ -79,7 +102,7 @@ def describe(cache_dir: str | None = None) -> dict:
     info = {"cpu": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
             "memory_gb": _memory_gb(), "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "hostname": platform.node(), "runtimes": versions}
-    for key, value in (("temperature_c", _temperature_c()), ("throttled", _throttled()),
+    for key, value in (("simd", _simd() or None), ("temperature_c", _temperature_c()), ("throttled", _throttled()),
                        ("free_disk_mb", _free_disk_mb(cache_dir) if cache_dir else None)):
         if value is not None:
             info[key] = value
