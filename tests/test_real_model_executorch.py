@@ -75,8 +75,8 @@ def test_fp16_pte_answers_paris_and_keeps_fp32_quality(tmp_path):
 
 
 def _cpu_computes_fp16() -> bool:
-    from slm_export.devices.probe import _simd
-    return "avx512_fp16" in _simd()
+    from slm_export.devices.probe import describe
+    return "avx512_fp16" in describe().get("simd", [])
 
 
 def test_int8_weight_only_pte_answers_paris_and_computes_its_pytorch_program(tmp_path):
@@ -100,8 +100,8 @@ def test_int8_weight_only_pte_answers_paris_and_computes_its_pytorch_program(tmp
 
 
 def _cpu_computes_fp16() -> bool:
-    from slm_export.devices.probe import _simd
-    return "avx512_fp16" in _simd()
+    from slm_export.devices.probe import describe
+    return "avx512_fp16" in describe().get("simd", [])
     same_quant = next(c for c in report["comparisons"] if c["reference"] == "same-quant")
     assert same_quant["max_abs_logit_diff"] < 0.01 and same_quant["greedy_match_tokens"] == same_quant["decode_steps"]
     ppl = report["perplexity"]
