@@ -22,17 +22,21 @@ class Linear:
     bias: np.ndarray | None
     sources: list[str]  # PyTorch parameter names, several when we fuse (q|k|v, gate|up)
     split: list[int] = field(default_factory=list)  # out sizes of each source when fused
+    rows: tuple[int, int] | None = None  # the rows of its one source it holds (a part of Phi-3's qkv_proj)
 
     def parts(self) -> list[Linear]:
         """Undo a fusion: one Linear per part of `split` (q, k, v or gate, up). A part of one fused
-        PyTorch parameter (Phi-3's qkv_proj) keeps that parameter as its source."""
+        PyTorch parameter (Phi-3's qkv_proj) keeps that parameter as its source, and its rows in it."""
         if not self.split:
             return [self]
         bounds = np.cumsum(self.split)[:-1]
         weights = np.split(self.weight, bounds)
         biases = np.split(self.bias, bounds) if self.bias is not None else [None] * len(weights)
-        sources = self.sources if len(self.sources) == len(weights) else [self.sources[0]] * len(weights)
-        return [Linear(np.ascontiguousarray(w), b, [src]) for w, b, src in zip(weights, biases, sources)]
+        if len(self.sources) == len(weights):
+            return [Linear(np.ascontiguousarray(w), b, [src]) for w, b, src in zip(weights, biases, self.sources)]
+        starts = np.concatenate([[0], bounds]).tolist()
+        return [Linear(np.ascontiguousarray(w), b, [self.sources[0]], rows=(s, s + len(w)))
+                for w, b, s in zip(weights, biases, starts)]
 
 
 @dataclass

@@ -46,6 +46,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head-bits", type=int, default=None,
                    help="8 or 4; default: --bits. 8 at --bits 4 keeps the output layer int8 (like llama.cpp's "
                         "Q4_0, whose output tensor is Q8_0): lower KL, slower decode on large vocabularies")
+    p.add_argument("--quant-method", default=None, metavar="NAME",
+                   help="how codes and scales are chosen: rtn, mse, hqq, gptq (calibrated on text; see "
+                        "README 'Quantization'); default: the target's")
     p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
                    help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "
                         "(an fp16 program, with --bits 16); ONNX: float32")
@@ -66,8 +69,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
-                   help="ONNX --kv-bits 8: calibrate the cache's scales on this UTF-8 text (its last 1024 tokens) "
-                        "instead of the shipped English passage")
+                   help="calibrate on this UTF-8 text (up to 4096 tokens) instead of the shipped calibration passage: "
+                        "--quant-method gptq, and ONNX --kv-bits 8's cache scales")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
@@ -155,11 +158,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def _quant_kwargs(a) -> dict:
     return dict(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
                 activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits,
-                lm_head_bits=a.lm_head_bits)
+                lm_head_bits=a.lm_head_bits, method=a.quant_method)
 
 
 def _spec_kwargs(a) -> dict:
-    return dict(target=a.target, **_quant_kwargs(a), quantize_embeddings=not a.no_quantize_embeddings,
+    q = _quant_kwargs(a)
+    q["quant_method"] = q.pop("method")
+    return dict(target=a.target, **q, quantize_embeddings=not a.no_quantize_embeddings,
                 quantize_lm_head=not a.no_quantize_lm_head, palettize=a.palettize,
                 compute_precision=a.compute_precision, kv_bits=a.kv_bits, calibration_text=a.calibration_text, out=a.out, force=a.force, max_context=a.max_context,
                 trust_remote_code=a.trust_remote_code)

@@ -88,28 +88,15 @@ def load_config(source, trust_remote_code: bool = False):
 
 
 def estimate_weight_bytes(shape: Shape, spec, exporter, compute_precision: str | None = None) -> list[dict]:
-    """Stored bytes of each weight as `exporter` would store it under `spec` (before exporting)."""
-    from .quantize.spec import block_size_for
+    """Stored bytes of each weight as `exporter` would store it under `spec` (before exporting): the
+    quantization plan the export itself would make, on the model's shapes."""
+    from .quantize.plan import EMBEDDING, resolve
 
-    from .exporters.onnx.quant import shared_table_block
-
-    out = []
-    for name, (rows, cols) in shape.weights:
-        if exporter.name == "coreml" and shape.tied and name == "lm_head.weight":
-            continue  # Core ML keeps one table for a tied embedding and lm_head
-        plan = spec.plan_for(name)
-        shared = exporter.name == "onnx" and shape.tied and "embed_tokens" in name and shared_table_block(spec, cols)
-        if shared:  # ONNX gathers the rows out of the lm_head's weights: only a copy of the scales is stored
-            stored = rows * (cols // shared) * exporter.scale_bytes
-        elif plan.bits is None:
-            stored = rows * cols * exporter.float_bytes(compute_precision or exporter.compute_precisions[0])
-        else:
-            in_groups = plan.bits == 4 or (exporter.int8_in_groups and "embed_tokens" not in name)
-            group = block_size_for(cols, plan.group_size)[0] if in_groups else cols
-            scales = rows * -(-cols // group) * exporter.scale_bytes * (1 if plan.symmetric else 2)
-            stored = rows * cols * plan.bits // 8 + scales
-        out.append({"name": name, "shape": [rows, cols], "bits": plan.bits, "stored_bytes": int(stored)})
-    return out
+    shapes = [(name, name, (rows, cols), "embedding" if name.endswith(EMBEDDING) else "linear")
+              for name, (rows, cols) in shape.weights]
+    plan = resolve(spec, exporter.limits(compute_precision), shapes, shape.tied, exporter.default_method)
+    return [{"name": w.name, "shape": list(w.shape), "bits": w.bits, "stored_bytes": int(plan.stored_bytes(w))}
+            for w in plan.weights]
 
 
 def report_weight_bytes(folder: Path) -> list[dict]:

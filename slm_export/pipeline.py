@@ -18,6 +18,9 @@ from .errors import SlmExportError
 from .exporters import TARGETS, ExportOptions
 from .loading import LoadedModel, from_object, load
 from .quantize import QuantSpec
+from .quantize.calibration import MAX_TOKENS
+from .quantize.quantizer import quantize
+from .quantize.methods import CALIBRATED
 from .staging import check_destination, staged_folder
 
 REPORT_FILE = "quant_report.json"
@@ -83,7 +86,9 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
-    user_text = _read_calibration_text(calibration_text, exporter, target, kv_bits)  # before the model loads
+    method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
+    reads_text = method in CALIBRATED or exporter.calibrates(kv_bits)
+    user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
@@ -98,13 +103,23 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
         limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
         max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
-    # only an export that calibrates static scales reads text (tokenizing is wasted work elsewhere)
-    text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if exporter.calibrates(kv_bits) else {}
+    # only an export that calibrates (GPTQ, static KV scales) reads text: tokenizing is wasted work elsewhere
+    text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
+    options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
 
+    t1 = time.perf_counter()
+    plan = exporter.plan(decoder, spec, precision)
+    codes, ids = {}, None
+    if not spec.palettize:  # Core ML's k-means palettes are not codes and scales: its exporter makes them
+        ids = options.calibration(MAX_TOKENS, decoder.vocab_size) if plan.calibrated else None
+        codes = quantize(decoder, plan, ids[0] if ids else None)
+        if ids:
+            plan.calibration.update(text=ids[1], **(options.text_record or {"random_ids": len(ids[0])}))
+    if codes:
+        log(f"quantized {len(codes)} weights in {time.perf_counter() - t1:.1f}s"
+            + (f" (calibrated on {plan.calibration['tokens']} tokens of {plan.calibration['text']})" if ids else ""))
     with staged_folder(out) as tmp:
-        t1 = time.perf_counter()
-        options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
-        result = exporter.write(decoder, spec, tmp, options)
+        result = exporter.write(decoder, spec, tmp, options, plan, codes)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
         tok_info = _save_tokenizer(loaded, tmp)
@@ -123,6 +138,8 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
             },
             "max_context": max_context,
             "quant": {"spec": spec.to_dict(), "label": label, "report": REPORT_FILE,
+                      "methods": sorted({w.method for w in plan.weights if w.quantized}),
+                      "calibration": plan.calibration or None,
                       "summary": result.report.summary()},
             "io": result.io,
             "tokenizer": tok_info,
@@ -139,14 +156,15 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
 MIN_CALIBRATION_TOKENS = 32
 
 
-def _read_calibration_text(path, exporter, target: str, kv_bits: int) -> str | None:
+def _read_calibration_text(path, reads_text: bool, target: str, kv_bits: int, method: str | None) -> str | None:
     """The --calibration-text file's text, refused before anything loads if it cannot be used."""
     if path is None:
         return None
     path = Path(path).expanduser()
-    if not exporter.calibrates(kv_bits):
-        raise SlmExportError(f"--calibration-text is for exports that calibrate static scales (--target onnx "
-                             f"--kv-bits 8); the {target} target at --kv-bits {kv_bits} calibrates nothing")
+    if not reads_text:
+        raise SlmExportError(f"--calibration-text is for exports that calibrate: --quant-method "
+                             f"{' or '.join(sorted(CALIBRATED))}, or --target onnx --kv-bits 8; this {target} export "
+                             f"({method or 'no quantization'}, --kv-bits {kv_bits}) calibrates nothing")
     if not path.is_file():
         raise SlmExportError(f"--calibration-text {path} is not a file; pass a UTF-8 text file")
     try:
@@ -155,26 +173,30 @@ def _read_calibration_text(path, exporter, target: str, kv_bits: int) -> str | N
         raise SlmExportError(f"--calibration-text {path} could not be read as UTF-8 text: {e}") from None
     if not text.strip():
         raise SlmExportError(f"--calibration-text {path} is empty; pass at least {MIN_CALIBRATION_TOKENS} tokens "
-                             "of text like your users' (up to 1024 are used)")
+                             f"of text like your users' (up to {MAX_TOKENS} are used)")
     return text
 
 
 def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
-    """ExportOptions' text_ids (and text_source): the user's text or the shipped passage, tokenized."""
-    from .text import passage_text
+    """ExportOptions' text_ids (and text_source): the user's text or the shipped calibration passage, tokenized."""
+    from .quantize.calibration import calibration_text
 
     if user_text is not None and tokenizer is None:
         raise SlmExportError("--calibration-text needs the model's tokenizer; this model has none")
     if tokenizer is None:
         return {}  # the exporter calibrates on random ids and says so in the manifest
-    text = passage_text() if user_text is None else user_text
+    from .quantize.replay import text_fingerprint
+
+    text = calibration_text() if user_text is None else user_text
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    record = {"file": None if user_text is None else str(Path(path).expanduser().resolve()),
+              "sha256": text_fingerprint(text)}
     if user_text is None:
-        return {"text_ids": ids}
+        return {"text_ids": ids, "text_record": record}
     if len(ids) < MIN_CALIBRATION_TOKENS:
         raise SlmExportError(f"--calibration-text {path} is {len(ids)} tokens; calibration needs at least "
-                             f"{MIN_CALIBRATION_TOKENS} (up to 1024 are used)")
-    return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)"}
+                             f"{MIN_CALIBRATION_TOKENS} (up to {MAX_TOKENS} are used)")
+    return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)", "text_record": record}
 
 
 def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:

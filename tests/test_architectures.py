@@ -123,42 +123,12 @@ def test_tied_int4_embedding_shares_the_lm_head_weights(tmp_path):
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     assert gather.input[0] == "lm_head.qweight"
     entry = next(e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if e["name"] == "embed_tokens")
-    assert entry["bits"] == 4 and "shares lm_head" in entry["scheme"]
+    assert entry["bits"] == 4 and entry["shares"] == "lm_head"
     report = art.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
     assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
     (tmp_path / "int8emb").mkdir()
     int8_table = _export(model, tmp_path / "int8emb", 4)
     assert art.size_mb < int8_table.size_mb
-
-
-@pytest.mark.parametrize("k, block", [(256, 32), (192, 64), (200, 32)])  # 200: a zero-padded last block
-def test_int4_scale_search_is_never_worse_than_round_to_nearest(k, block):
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
-    from slm_export.exporters.onnx.quant import dequantize_matmul_weight, quantize_matmul_weight
-
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((300, k)).astype(np.float32)
-    w[::7, 3] *= 12  # outliers: where round-to-nearest wastes the most of its grid
-    n, k_blocks = w.shape[0], (k + block - 1) // block
-    packed = np.zeros((n, k_blocks, block // 2), np.uint8)
-    scales = np.zeros((n, k_blocks), np.float32)
-    quantize_matmul_4bits(packed, np.ascontiguousarray(w.T), scales, np.zeros(n * ((k_blocks + 1) // 2), np.uint8),
-                          block, n, k, True)  # onnxruntime's own round-to-nearest
-    rtn = dequantize_matmul_weight(packed, scales, None, 4, block, k, n)
-    pw = quantize_matmul_weight(w, 4, block, symmetric=True)
-    assert pw.packed.shape == packed.shape and pw.scales.shape == scales.shape and pw.zero_points is None
-    ours = dequantize_matmul_weight(pw.packed, pw.scales, None, 4, block, k, n)
-
-    def block_error(d):
-        e = np.zeros((n, k_blocks * block), np.float32)
-        e[:, :k] = (d - w) ** 2
-        return e.reshape(n, k_blocks, block).sum(-1)
-
-    assert (block_error(ours) <= block_error(rtn) * (1 + 1e-5) + 1e-9).all()  # no block worse
-    assert block_error(ours).sum() < 0.95 * block_error(rtn).sum()  # and less error overall
-    q = np.stack([pw.packed & 0x0F, pw.packed >> 4], -1).reshape(n, k_blocks, block).astype(np.float32) - 8
-    assert np.allclose(ours, (q * pw.scales[..., None]).reshape(n, -1)[:, :k])  # integers times one scale per block
 
 
 def test_lm_head_bits_8_keeps_the_output_layer_int8_and_shares_it_with_the_embedding(tmp_path):
@@ -167,7 +137,7 @@ def test_lm_head_bits_8_keeps_the_output_layer_int8_and_shares_it_with_the_embed
     assert art.manifest["quant"]["label"] == "int4-g32-sym-a8-head8"
     entries = {e["name"]: e for e in json.loads((art.path / "quant_report.json").read_text())["weights"]}
     assert entries["lm_head"]["bits"] == 8 and entries["lm_head"]["scheme"].startswith("int8 MatMulNBits")
-    assert entries["embed_tokens"]["scheme"].startswith("int8 GatherBlockQuantized") and "shares" in entries["embed_tokens"]["scheme"]
+    assert entries["embed_tokens"]["scheme"].startswith("int8 GatherBlockQuantized") and entries["embed_tokens"]["shares"] == "lm_head"
     assert {e["bits"] for n, e in entries.items() if n.startswith("layers.")} == {4}
     report = art.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
     by_ref = {c.reference: c for c in report.comparisons}
@@ -182,4 +152,4 @@ def test_lm_head_bits_8_keeps_the_output_layer_int8_and_shares_it_with_the_embed
 def test_int4_embedding_request_on_untied_model_is_reported_as_int8(tmp_path):
     art = _export(tiny_model("tinyllama"), tmp_path, 4, embedding_bits=4)
     entry = next(e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if e["name"] == "embed_tokens")
-    assert entry["bits"] == 8 and "stores 4-bit embedding requests as int8" in entry["reason"]
+    assert entry["bits"] == 8 and "the onnx target stores a table of its own at int8" in entry["reason"]

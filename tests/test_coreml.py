@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 import slm_export
@@ -99,7 +100,13 @@ def test_checks_fail_on_a_wrong_reference_or_manifest(llama_int4, tmp_path):
     _, art = llama_int4
     other = tiny_model("llama", seed=1)
     result = check_weights(art.path, art.manifest, other)
-    assert not result["passed"] and "quantization steps from the original" in result["detail"]
+    assert not result["passed"] and "codes differ from the quantizer's" in result["detail"]
+    # the weight-exact gate: one weight tensor of the reference changed by 1% is named
+    nudged = tiny_model("llama")
+    with torch.no_grad():
+        nudged.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    result = check_weights(art.path, art.manifest, nudged)
+    assert not result["passed"] and result["detail"].startswith("layers.1.down:"), result["detail"]
     wrong = json.loads(json.dumps(art.manifest))
     wrong["io"]["functions"]["main"]["states"]["key_cache"]["shape"][2] = 256
     wrong["io"]["prefill_chunk"] = 32
@@ -187,7 +194,7 @@ def test_cli_export_and_verify_from_a_local_folder(tiny_dir, tmp_path):
     assert code == 0, stdout + stderr
     assert "not executed: executing Core ML needs macOS 15 or later" in stdout
     assert "check: package spec matches the manifest: PASS" in stdout
-    assert "check: package weights match PyTorch quantized independently: PASS" in stdout
+    assert "check: package weights are the quantizer's: PASS" in stdout
     assert "perplexity on" in stdout and "Running MIL" not in stderr  # no coremltools progress bars
 
 

@@ -101,8 +101,8 @@ def test_fit_weight_estimate_matches_the_exported_report(tmp_path, target, bits)
 def test_fit_estimate_knows_onnx_shares_a_tied_table_with_the_lm_head(tmp_path, kw):
     model = tiny_model("llama")  # tied: the embedding's rows come out of the lm_head's weights
     art = slm_export.export(model, target="onnx", bits=4, out=tmp_path / "a", max_context=64, log=lambda *a: None, **kw)
-    assert "shares lm_head" in next(w["scheme"] for w in json.loads((art.path / "quant_report.json").read_text())["weights"]
-                                    if w["name"] == "embed_tokens")
+    assert next(w["shares"] for w in json.loads((art.path / "quant_report.json").read_text())["weights"]
+                if w["name"] == "embed_tokens") == "lm_head"
     spec = QuantSpec.from_dict(art.manifest["quant"]["spec"])
     from slm_export.exporters import TARGETS
 

@@ -8,6 +8,7 @@ import pytest
 
 import slm_export
 from slm_export import SlmExportError
+from slm_export.exporters.executorch import ExecuTorchExporter
 from slm_export.verify import tolerances_for
 
 from conftest import ARCHS, require_extra, run_cpp_example, tiny_model
@@ -144,7 +145,8 @@ def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
 
     spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8", embedding_bits=8)
     decoder = to_decoder(tiny_model(arch), 64)
-    module, _ = build_module(decoder, spec, 64, kw.get("kv_bits", 32), kw.get("compute_precision") == "float16")
+    plan, codes = ExecuTorchExporter().quantize(decoder, spec, kw.get("compute_precision"))
+    module, _ = build_module(decoder, spec, plan, codes, 64, kw.get("kv_bits", 32), kw.get("compute_precision") == "float16")
     shortcuts = {}
     ours = export_program(module, 64, shortcuts=shortcuts).buffer
     stock = export_program(module, 64, stock_passes=True).buffer
@@ -203,9 +205,10 @@ def test_lm_head_bits_8_is_an_int8_linear_in_the_program():
     from slm_export.exporters.executorch import build_module
     from slm_export.quantize import QuantSpec
 
-    _, report = build_module(to_decoder(tiny_model("llama"), 64), QuantSpec(bits=4, embedding_bits=4, lm_head_bits=8), 64)
+    dec, spec = to_decoder(tiny_model("llama"), 64), QuantSpec(bits=4, embedding_bits=4, lm_head_bits=8)
+    _, report = build_module(dec, spec, *ExecuTorchExporter().quantize(dec, spec), 64)
     entries = {e.name: e for e in report.entries}
-    assert entries["lm_head"].bits == 8 and entries["lm_head"].scheme == "int8 per-channel 8da8w"
+    assert entries["lm_head"].bits == 8 and entries["lm_head"].scheme.startswith("int8 per-channel sym 8da8w")
     assert entries["embed_tokens"].bits == 4 and {e.bits for n, e in entries.items() if n.startswith("layers")} == {4}
 
 
@@ -300,7 +303,8 @@ def test_missing_executorch_is_one_clear_sentence(monkeypatch):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(bits=4), "--weight-only with --bits 4 is not supported by the executorch target"),
-    (dict(bits=8, symmetric=False), "--weight-only --asymmetric is not supported by the executorch target"),
+    (dict(bits=8, symmetric=False), "--asymmetric is not supported by the executorch target: its int4/int8 linear "
+                                    "kernels store no zero points"),
 ])
 def test_weight_only_int4_and_asymmetric_are_refused_before_loading(tmp_path, kw, message):
     with pytest.raises(SlmExportError, match=message):
@@ -314,7 +318,7 @@ def test_int8_weight_only_matches_pytorch(arch, tmp_path):
     model = tiny_model(arch)
     art = _export(model, tmp_path, 8, activations="float")
     schemes = {e["scheme"] for e in json.loads((art.path / "quant_report.json").read_text())["weights"]}
-    assert "int8 per-channel weight-only" in schemes and not any("8da" in s for s in schemes), schemes
+    assert "int8 per-channel sym weight-only rtn" in schemes and not any("8da" in s for s in schemes), schemes
     report = art.verify(reference=model, prompt_tokens=40, decode_steps=24, perplexity=False)
     by_ref = {c.reference: c for c in report.comparisons}
     # fp32 activations and the same int8 weights: the delegate computes what PyTorch does, up to float

@@ -85,7 +85,7 @@ def test_cli_kv8_calibrates_on_the_passage_and_its_bundle_snippet_runs(tmp_path,
     assert code == 0, err
     art = slm_export.open_artifact(out)
     extra = art.manifest["target_extra"]
-    assert extra["kv_cache"]["calibration"].startswith("96 tokens of the shipped passage")
+    assert extra["kv_cache"]["calibration"].startswith("96 tokens of the shipped calibration passage")
     code, _, err = run_cli("bundle", out)
     assert code == 0, err
     readme = (tmp_path / "kv8-bundle" / "README.md").read_text()
@@ -128,8 +128,8 @@ def test_calibration_on_your_own_text(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--kv-bits", "32"], "--calibration-text is for exports that calibrate static scales"),
-    (["--kv-bits", "8", "--target", "executorch"], "--kv-bits 8 calibrates nothing"),
+    (["--kv-bits", "32"], "--calibration-text is for exports that calibrate: --quant-method gptq"),
+    (["--kv-bits", "8", "--target", "executorch"], "this executorch export (hqq, --kv-bits 8) calibrates nothing"),
     (["--kv-bits", "8", "--calibration-text-missing"], "is not a file; pass a UTF-8 text file"),
     (["--kv-bits", "8", "--calibration-text-short"], "is 3 tokens; calibration needs at least 32"),
     (["--kv-bits", "8", "--calibration-text-empty"], "is empty; pass at least 32 tokens"),

@@ -23,16 +23,18 @@ class ExportOptions:
     compute_precision: str | None = None  # None: the target's default (its compute_precisions[0])
     kv_bits: int = 32  # bits per KV-cache element (one of the target's kv_cache_bits)
     text_ids: list[int] | None = None  # calibration text through the model's tokenizer, if it has one
-    text_source: str = "the shipped passage (its end; verify reads its start)"  # what text_ids are
+    text_source: str = "the shipped calibration passage"  # what text_ids are
+    text_record: dict | None = None  # how to find that text again: {"file": path or None (shipped), "sha256"}
 
     def calibration(self, n: int, vocab_size: int) -> tuple[list[int], str]:
-        """(ids, what they are) for calibrating static scales: the text's last n tokens (or all, if fewer).
+        """(ids, what they are) for calibration: the text's first n tokens (or all, if fewer).
 
-        The last, because `verify` reads the shipped passage from its start (parity on the first 512
-        tokens, perplexity on the first 2048), so scales are not fitted to the text they are judged on.
+        The shipped calibration passage (data/calibration.txt) is not the passage `verify` and the
+        benchmarks judge on (data/passage.txt), so nothing is fitted to the text it is judged on.
         """
         if self.text_ids:
-            return self.text_ids[-n:], self.text_source
+            return self.text_ids[:n], self.text_source
+        n = min(n, 1024)
         ids = np.random.default_rng(0).integers(0, vocab_size, n).tolist()
         return ids, "random token ids (the model has no tokenizer: real text calibrates better)"
 
@@ -63,7 +65,14 @@ class Exporter(Protocol):
     def check(self, spec, compute_precision: str) -> None:
         """Raise SlmExportError for what this target cannot do, before the model loads."""
 
-    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput: ...
+    def limits(self, compute_precision: str | None = None) -> "TargetLimits":
+        """What this target's kernels and format store (quantize/limits.py), at this compute precision."""
+
+    def default_method(self, bits: int, symmetric: bool) -> str:
+        """The quantization method (quantize/methods.py) used when the spec names none."""
+
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
+        """Pack `codes` (the quantizer's output for `plan`) into this target's files in `out_dir`."""
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         """The float weights the artifact computes with, by PyTorch name (for same-quant parity).
@@ -88,15 +97,26 @@ class ExporterBase:
     compute_precisions: tuple[str, ...] = ("float32",)
     kv_cache_bits: tuple[int, ...] = (32,)  # what --kv-bits may be here; the first is the default
     quantizes_activations = True
-    # What `slm-export fit` assumes about this target's files and runtime before anything is exported.
-    float_weight_bytes = 4  # bytes per weight kept float
-    scale_bytes = 4  # bytes per quantization scale (and per zero point)
+    # What `slm-export fit` assumes about this target's runtime before anything is exported (its
+    # weights' storage is in its `limits`).
     kv_bytes = 4  # bytes per KV-cache element
-    int8_in_groups = False  # int8 linear weights scaled per group (True) or per output channel (False)
     runtime_overhead_mb = 50.0  # the runtime and its arenas in an app, beyond weights, KV cache and activations
 
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits
+
+    def plan(self, decoder, spec, compute_precision: str | None = None):
+        """The quantization plan of `decoder` under `spec` on this target (quantize/plan.py)."""
+        from ..quantize.plan import plan_for_decoder
+
+        return plan_for_decoder(spec, self.limits(compute_precision), decoder, self.default_method)
+
+    def quantize(self, decoder, spec, compute_precision: str | None = None, calibration_ids=None):
+        """(plan, codes): the plan and the one quantizer's codes for it, as an export makes them."""
+        from ..quantize.quantizer import quantize
+
+        plan = self.plan(decoder, spec, compute_precision)
+        return plan, quantize(decoder, plan, calibration_ids)
 
     def embedding_bits_for(self, bits: int) -> int:
         """The embedding's bits when --embedding-bits is not given, at weight --bits `bits`."""
@@ -110,9 +130,6 @@ class ExporterBase:
         """Bytes per cached key or value element at --kv-bits (for `fit`)."""
         return self.kv_bytes if kv_bits == 32 else kv_bits / 8
 
-    def float_bytes(self, compute_precision: str) -> int:
-        """Bytes per weight kept float at this compute precision (for `fit`)."""
-        return self.float_weight_bytes
 
     def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
         return []  # the runtime executes the files; verify's parity metrics are the check

@@ -12,6 +12,7 @@ def linear_module(lin) -> nn.Linear:
     out_f, in_f = lin.weight.shape
     m = nn.Linear(in_f, out_f, bias=lin.bias is not None)
     m.source = lin.sources[0]
+    m.rows = lin.rows  # the rows of that source it holds (a part of Phi-3's fused qkv_proj), or None
     m.weight = nn.Parameter(torch.from_numpy(lin.weight).clone(), requires_grad=False)
     if lin.bias is not None:
         m.bias = nn.Parameter(torch.from_numpy(lin.bias).clone(), requires_grad=False)
@@ -53,13 +54,13 @@ def lm_head_module(dec) -> nn.Linear:
     return head
 
 
-def weight_sources(layers: nn.ModuleList) -> dict[str, str]:
-    """Module name -> the PyTorch parameter it was built from (quant rules match on those names)."""
-    sources = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+def weight_sources(layers: nn.ModuleList) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """Module name -> (the PyTorch parameter it was built from, the rows of it it holds or None)."""
+    sources = {"embed_tokens": ("model.embed_tokens.weight", None), "lm_head": ("lm_head.weight", None)}
     for i, block in enumerate(layers):
         for name, mod in block.named_modules():
             if isinstance(mod, nn.Linear) and hasattr(mod, "source"):
-                sources[f"layers.{i}.{name}"] = mod.source
+                sources[f"layers.{i}.{name}"] = (mod.source, mod.rows)
     return sources
 
 

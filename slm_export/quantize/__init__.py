@@ -1,5 +1,9 @@
-"""One quantization spec for every target, and the per-weight report each exporter writes."""
+"""One quantizer for every target: spec -> plan (against the target's limits) -> codes -> exporters pack them."""
+from .codes import QuantizedWeight
+from .limits import TargetLimits
+from .plan import QuantPlan, WeightPlan
 from .report import QuantReport, WeightEntry
-from .spec import QuantSpec, WeightPlan
+from .spec import QuantSpec, WeightRequest
 
-__all__ = ["QuantSpec", "WeightPlan", "QuantReport", "WeightEntry"]
+__all__ = ["QuantSpec", "WeightRequest", "TargetLimits", "QuantPlan", "WeightPlan", "QuantizedWeight",
+           "QuantReport", "WeightEntry"]

@@ -18,6 +18,7 @@ class WeightEntry:
     stored_bytes: int
     reason: str
     split: list[int] = field(default_factory=list)  # out-feature sizes of each source when fused
+    shares: str | None = None  # a tied table stored once: the target tensor whose codes it reads
 
 
 @dataclass

@@ -15,8 +15,9 @@ ACTIVATIONS = ("int8", "float")
 
 
 @dataclass(frozen=True)
-class WeightPlan:
-    """What the spec asks for one weight. bits=None means it stays float, with `reason`."""
+class WeightRequest:
+    """What the spec asks for one weight. bits=None means it stays float, with `reason`.
+    The plan (plan.py) resolves it against a target's limits."""
 
     bits: int | None
     group_size: int
@@ -42,6 +43,8 @@ class QuantSpec:
     # Core ML only: a k-means lookup table of 2**bits values per group of output channels instead
     # of linear (scale) quantization.
     palettize: bool = False
+    # The algorithm that chooses codes and scales (quantize/methods.py); None: the target's default.
+    method: str | None = None
 
     def __post_init__(self):
         if self.bits not in VALID_BITS:
@@ -63,6 +66,16 @@ class QuantSpec:
             )
         if self.palettize and not self.quantized:
             raise SlmExportError("--palettize needs --bits 4 or 8 (the palette has 2**bits entries)")
+        if self.method is not None:
+            from .methods import METHODS
+
+            if self.method not in METHODS:
+                raise SlmExportError(f"--quant-method {self.method} is not known; use one of: {', '.join(METHODS.names())}")
+            if not self.quantized:
+                raise SlmExportError(f"--quant-method {self.method} has no effect: --bits 16 quantizes nothing; drop one of the two")
+            if self.palettize:
+                raise SlmExportError(f"--quant-method {self.method} has no effect with --palettize (k-means lookup tables); "
+                                     "drop one of the two")
         if self.activations not in ACTIVATIONS:
             raise SlmExportError(
                 f"activations '{self.activations}' is not valid; use one of {', '.join(ACTIVATIONS)}"
@@ -79,7 +92,8 @@ class QuantSpec:
         if self.palettize:
             return f"palette{self.bits}-{act}"
         head = f"-head{self.lm_head_bits}" if self.lm_head_bits not in (None, self.bits) else ""
-        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}{head}"
+        method = f"-{self.method}" if self.method else ""
+        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}{head}{method}"
 
     def rules(self) -> list[tuple[str, int | None, str]]:
         """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
@@ -100,10 +114,10 @@ class QuantSpec:
             (r".*", self.bits, "spec: linear weights"),
         ]
 
-    def plan_for(self, weight_name: str) -> WeightPlan:
+    def plan_for(self, weight_name: str) -> WeightRequest:
         for pattern, bits, reason in self.rules():
             if re.search(pattern, weight_name):
-                return WeightPlan(bits, self.group_size, self.symmetric, reason)
+                return WeightRequest(bits, self.group_size, self.symmetric, reason)
         raise AssertionError("the catch-all rule always matches")  # pragma: no cover
 
     def to_dict(self) -> dict:
@@ -111,7 +125,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def block_size_for(k: int, group_size: int, minimum: int = 16) -> tuple[int, str]:

@@ -1,7 +1,7 @@
 """The `coreml` target: a stateful .mlpackage (ML program, iOS 18 / macOS 15) with int8/int4 weights.
 
 Built from the neutral `Decoder` as a PyTorch program (module.py), exported with torch.export,
-converted by coremltools (convert.py) and quantized once by coremltools.optimize (quant.py).
+converted by coremltools (convert.py), and the quantizer's codes packed into it as constexpr ops (quant.py).
 Linux cannot execute Core ML, so `verify` checks there what can be checked (checks.py): the
 package's spec against the manifest, its weights read back and compared with an independent
 quantization, and the converted PyTorch program against the original model.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ...quantize import TargetLimits
 from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.mlpackage"
@@ -48,12 +49,26 @@ class CoreMLExporter(ExporterBase):
     packages = ("coremltools",)
     compute_precisions = ("float16", "float32")  # the first is the default
     quantizes_activations = False  # Core ML quantizes weights; activations stay float
-    float_weight_bytes = scale_bytes = kv_bytes = 2  # float16 weights, scales and state
+    kv_bytes = 2  # float16 state
+
+    def limits(self, compute_precision: str | None = None) -> TargetLimits:
+        # constexpr_blockwise_shift_scale (iOS 18): int4 blocks along `in` (any block that divides;
+        # a width no power of two >= 16 divides is stored int8 per channel), int8 per channel, offsets
+        # for asymmetric weights, scales in the program's precision. Weights only: activations stay float.
+        scales = compute_precision or self.compute_precisions[0]
+        return TargetLimits("coreml", min_group=16, indivisible="int8", int8_per_channel=True, zero_points=True,
+                            signed_scales=False, scale_dtype={4: scales, 8: scales}, embedding_bits=(8, 4),
+                            embedding_min_group=16, embedding_scale_dtype=scales, tied_table="shared",
+                            activation_rounding="none", float_bytes=2 if scales == "float16" else 4)
+
+    def default_method(self, bits: int, symmetric: bool) -> str:
+        return "rtn"
 
     def check(self, spec, compute_precision: str) -> None:
+        self.limits(compute_precision).check(spec)
         require_sdk()
 
-    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
         from ...quiet import no_progress_bars, quiet_third_party
         from . import convert, quant
         from .handoff import swift_example
@@ -63,11 +78,11 @@ class CoreMLExporter(ExporterBase):
         fp16 = (options.compute_precision or self.compute_precisions[0]) == "float16"
         module = build_module(decoder, options.max_context)
         tied = decoder.tied_embeddings
-        plans, report = quant.plan(module, spec, fp16, tied)
+        packed, report = quant.packs(module, plan, codes, fp16, tied, spec.palettize)
         program = convert.export_program(module, options.max_context)
         with no_progress_bars(COREMLTOOLS_BARS):
             mlmodel = convert.convert(program, fp16, keep_tied_table_shared=tied)
-            mlmodel = quant.apply(mlmodel, plans)
+            mlmodel = quant.apply(mlmodel, packed)
         io = describe_io(decoder, options.max_context, fp16)
         convert.save(mlmodel, Path(out_dir) / MODEL_FILE, {
             "description": f"slm-export {decoder.architecture} decoder, {spec.label()}, KV cache as state",

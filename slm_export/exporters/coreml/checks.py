@@ -2,9 +2,9 @@
 
 1. The package loads (coremltools reads its spec and its MIL program) and its spec has the inputs,
    outputs and states the manifest records, with the state writes in the program.
-2. Its weights, read back out of the MIL program and dequantized with numpy, match the PyTorch
-   weights quantized independently here: every weight within half a quantization step of the
-   original, symmetric scales equal to max|w| / qmax, palette entries the nearest to each weight.
+2. Its weights, read back out of the MIL program, are exactly the quantizer's: the recorded plan is
+   quantized again from the PyTorch model and every stored code, scale and zero point must equal it
+   (palettes: every weight on its table's entry nearest to the original).
 3. `ProgramRunner`: the very PyTorch program that was converted, carrying the package's weights
    and run at the package's compute precision, stands in for Core ML in `verify`'s parity metrics.
 """
@@ -146,29 +146,6 @@ def check_spec(folder: Path, manifest: dict) -> dict:
                                                f"{sorted(got_states)} written in place, spec version {spec.specificationVersion}")}
 
 
-def _check_linear(w: np.ndarray, deq: np.ndarray, op, bits: int, symmetric: bool) -> str | None:
-    """None when `deq` is a faithful quantization of `w`, else what is wrong."""
-    scale = op.scale.val.astype(np.float32)
-    reps = [d // s for d, s in zip(w.shape, scale.shape)]
-    step = np.kron(scale, np.ones(reps, np.float32))
-    err = np.abs(w - deq)
-    worst = float((err / np.maximum(step, 1e-12)).max())
-    qmax = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
-    # Round to nearest is half a step; a float16 scale (relative rounding 2**-11) moves a code of
-    # up to qmax by qmax * 2**-11 steps more. Asymmetric: the integer zero point shifts the grid by
-    # up to half a step too, so the range ends may be a full step off.
-    bound = (0.5 if symmetric else 1.0) + qmax * 2.0 ** -11 * (op.scale.val.dtype == np.float16) + 1e-3
-    if worst > bound:
-        return f"a weight is {worst:.3f} quantization steps from the original (at most {bound:.3f} expected)"
-    if symmetric:
-        blocks = np.abs(w).reshape(scale.shape[0], reps[0], scale.shape[1], reps[1]).max(axis=(1, 3))
-        want = blocks / qmax
-        rel = float((np.abs(scale - want) / np.maximum(want, 1e-12)).max())
-        if rel > 2e-3:  # float16 scales: relative rounding 2**-11
-            return f"scales differ from max|w|/{qmax} by up to {rel:.1%}"
-    return None
-
-
 def _check_palette(w: np.ndarray, deq: np.ndarray, lut: np.ndarray) -> str | None:
     """Every weight must sit on the entry of its own table nearest to the original value, i.e.
     inside that entry's interval between the midpoints to its neighbours in the sorted table."""
@@ -192,16 +169,35 @@ def _check_palette(w: np.ndarray, deq: np.ndarray, lut: np.ndarray) -> str | Non
     return None
 
 
+def _exact(qw, op, fp16: bool) -> str | None:
+    """None when the constexpr op holds exactly the codes, scales and zero points of `qw`."""
+    codes = np.asarray(op.data.val).astype(np.int32)
+    if codes.shape != qw.shape or not np.array_equal(codes, qw.codes.astype(np.int32)):
+        bad = int((codes != qw.codes.astype(np.int32)).sum()) if codes.shape == qw.shape else codes.size
+        return f"{bad} of {qw.codes.size} codes differ from the quantizer's"
+    scale = np.asarray(op.scale.val)
+    want = qw.scales.reshape(scale.shape).astype(np.float16 if fp16 else np.float32)
+    if not np.array_equal(scale, want):
+        return f"{int((scale != want).sum())} of {scale.size} scales differ from the quantizer's"
+    offset = None if op.offset is None else np.asarray(op.offset.val).astype(np.int32)
+    if (offset is None) != qw.symmetric or (offset is not None and not np.array_equal(
+            offset, qw.zero_points.reshape(offset.shape).astype(np.int32))):
+        return "zero points differ from the quantizer's"
+    return None
+
+
 def check_weights(folder: Path, manifest: dict, model) -> dict:
     import torch
 
     from ...architectures import to_decoder
-    from . import build_module
+    from ...quantize.replay import requantize
+    from . import CoreMLExporter, build_module
 
     module = build_module(to_decoder(model, 16), 16)
     fp16 = _fp16(manifest)
     stored = read_weights(folder / manifest["model_file"])
-    spec = manifest["quant"]["spec"]
+    palettized = manifest["quant"]["spec"].get("palettize")
+    plan, codes = (None, None) if palettized else requantize(CoreMLExporter(), model, folder, manifest)
     problems, n_quant, n_float = [], 0, 0
     for e in _report(folder, manifest):
         w = module.get_submodule(e["name"]).weight.detach().to(torch.float16 if fp16 else torch.float32).float().numpy()
@@ -215,20 +211,20 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
                 problems.append(f"{e['name']}: should be stored float, found {kind}")
             continue
         n_quant += 1
-        if kind == "palette":
+        if kind == "palette" and palettized:
             problem = _check_palette(w, deq, ops["tables"])
-        elif kind == "linear":
-            op = ops["constexpr_blockwise_shift_scale"]
-            problem = _check_linear(w, deq, op, e["bits"], spec["symmetric"])
-            codes = op.data.val.astype(np.int32)
-            if problem is None and codes.max() - codes.min() >= 2 ** e["bits"]:
-                problem = f"codes span {codes.max() - codes.min() + 1} values, more than int{e['bits']} holds"
+        elif kind == "linear" and not palettized:
+            source, rows = module.sources[e["name"]]
+            p = plan[source]
+            qw = codes[p.shares or source]
+            problem = _exact(qw if rows is None else qw.rows(*rows), ops["constexpr_blockwise_shift_scale"], fp16)
         else:
             problem = f"quantized in the report but stored as {kind}"
         if problem:
             problems.append(f"{e['name']}: {problem}")
-    return {"name": "package weights match PyTorch quantized independently", "passed": not problems,
-            "detail": "; ".join(problems[:5]) or f"{n_quant} quantized and {n_float} float weights checked"}
+    what = "on their tables' nearest entries" if palettized else "exactly the quantizer's codes and scales"
+    return {"name": "package weights are the quantizer's", "passed": not problems,
+            "detail": "; ".join(problems[:5]) or f"{n_quant} quantized weights {what}, {n_float} float weights equal"}
 
 
 def run_package_checks(folder: Path, manifest: dict, model) -> list[dict]:

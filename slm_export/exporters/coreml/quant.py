@@ -1,14 +1,15 @@
-"""The quant spec mapped to coremltools.optimize, and the weights read back out of a package.
+"""Packing the quantizer's codes into the Core ML program, palettes, and the weights read back.
 
-Core ML quantizes weights only (activations stay float16/float32): int8 per output channel or
-int4 per block of `group_size` along the input dimension (`constexpr_blockwise_shift_scale`), or,
-with `--palettize`, a k-means lookup table of 2**bits values per group of 16 output channels
-(`constexpr_lut_to_dense`). The plan is one `OptimizationConfig` with one entry per weight const,
-applied once to the converted program.
+Core ML stores weights only quantized (activations stay float16/float32): each planned weight const
+of the converted program becomes one iOS18 `constexpr_blockwise_shift_scale` op holding the
+quantizer's codes (int4/int8, or uint4/uint8 with offsets when asymmetric) and its scales in the
+program's precision. The pass doing it is coremltools' own `linear_quantize_weights` with its rounding
+replaced by a lookup of the given codes, so the op and the weight file are what coremltools writes.
+With `--palettize`, coremltools instead palettizes each weight with our 1-D k-means (a lookup table of
+2**bits values per group of 16 output channels, `constexpr_lut_to_dense`).
 
-A tied embedding and lm_head are one table in the package (coremltools de-duplicates the two
-equal consts). It is quantized once, at the finer of the two rules' bit widths, so that neither
-rule gets less precision than it asked for; the report says so.
+A tied embedding and lm_head are one table in the package (coremltools de-duplicates the two equal
+consts): the plan quantizes it once, at the finer of the two rules' bit widths.
 """
 from __future__ import annotations
 
@@ -17,21 +18,9 @@ from functools import partial
 
 import numpy as np
 
-from ...quantize import QuantReport, QuantSpec, WeightEntry
-from ...quantize.spec import block_size_for
+from ...quantize import QuantizedWeight, QuantReport, WeightEntry
 
 PALETTE_GROUP = 16  # output channels sharing one lookup table (coremltools' per_grouped_channel)
-MIN_BLOCK = 16
-
-
-@dataclass
-class WeightPlan:
-    fqn: str  # module name in CoreMLDecoder
-    const: str  # the weight's const name in the converted program
-    bits: int | None
-    block: int | None  # int4 block; None = per channel
-    symmetric: bool
-    palettize: bool
 
 
 def const_name(fqn: str, fp16: bool) -> str:
@@ -39,51 +28,51 @@ def const_name(fqn: str, fp16: bool) -> str:
     return "p_" + fqn.replace(".", "_") + "_weight" + ("_to_fp16" if fp16 else "")
 
 
-def plan(module, spec: QuantSpec, fp16: bool, tied: bool) -> tuple[list[WeightPlan], QuantReport]:
-    """One WeightPlan per weight const of the converted program, and the per-weight report."""
-    plans, report = [], QuantReport()
+@dataclass
+class Packed:
+    fqn: str  # module name in CoreMLDecoder
+    const: str  # the weight's const name in the converted program
+    codes: QuantizedWeight | None  # None: stays float, or palettized (`bits`)
+    bits: int | None = None
+
+
+def packs(module, plan, codes: dict[str, QuantizedWeight], fp16: bool, tied: bool,
+          palettize: bool) -> tuple[list[Packed], QuantReport]:
+    """One Packed per weight const of the converted program, and the per-weight report."""
+    out, report = [], QuantReport()
     elem = 2 if fp16 else 4
-    emb_plan = spec.plan_for("model.embed_tokens.weight")
-    head_plan = spec.plan_for("lm_head.weight")
-    for fqn, source in module.sources.items():
+    precision = "float16" if fp16 else "float32"
+    for fqn, (source, rows) in module.sources.items():
+        if tied and fqn == "lm_head":
+            continue  # one const with the embedding, packed and reported with it
         w = module.get_submodule(fqn).weight
         out_f, in_f = w.shape
-        p = spec.plan_for(source)
-        bits, reason = p.bits, p.reason
-        if tied and fqn == "lm_head":
-            continue  # one table with the embedding, reported with it
-        if tied and fqn == "embed_tokens":
-            finer = [b for b in (emb_plan.bits, head_plan.bits)]
-            bits = None if None in finer else max(finer)
-            reason = (f"tied embedding and lm_head: one table, at the finer of the two rules "
-                      f"({emb_plan.reason}: {emb_plan.bits}; {head_plan.reason}: {head_plan.bits})")
+        p = plan[source]
+        sources = [source] + (["lm_head.weight"] if tied and fqn == "embed_tokens" else [])
+        if p.shares:  # the tied table: the lm_head's codes (at the finer of the two rules)
+            p = plan[p.shares]
         float_bytes = w.numel() * 4  # the fp32 baseline every target's report uses
-        precision = "float16" if fp16 else "float32"
-        if bits is None:
-            plans.append(WeightPlan(fqn, const_name(fqn, fp16), None, None, p.symmetric, False))
-            report.add(WeightEntry(fqn, [source] + (["lm_head.weight"] if tied and fqn == "embed_tokens" else []),
-                                   [out_f, in_f], f"{precision}", None, None, float_bytes, w.numel() * elem, reason))
+        const = const_name(fqn, fp16)
+        if p.bits is None:
+            out.append(Packed(fqn, const, None))
+            report.add(WeightEntry(fqn, sources, [out_f, in_f], precision, None, None, float_bytes,
+                                   w.numel() * elem, p.reason))
             continue
-        block = None
-        if spec.palettize:
+        if palettize:
             groups = -(-out_f // PALETTE_GROUP)
-            stored = w.numel() * bits // 8 + groups * (2 ** bits) * elem
-            scheme = f"palette {bits}-bit per {PALETTE_GROUP} rows"
-        else:
-            if bits == 4:
-                block, note = block_size_for(in_f, p.group_size, minimum=MIN_BLOCK)
-                if in_f % block:  # no power-of-two block >= 16 divides: int8 per channel, said so
-                    bits, block = 8, None
-                    note = f"in-features {in_f} not divisible by {MIN_BLOCK}: stored int8 per-channel instead"
-                reason = f"{reason}; {note}" if note else reason
-            n_scales = out_f * (1 if block is None else in_f // block)
-            stored = w.numel() * bits // 8 + n_scales * elem * (1 if p.symmetric else 2)
-            scheme = (f"int{bits} " + ("per-channel" if block is None else f"block={block}") +
-                      (" sym" if p.symmetric else " asym"))
-        plans.append(WeightPlan(fqn, const_name(fqn, fp16), bits, block, p.symmetric, spec.palettize))
-        report.add(WeightEntry(fqn, [source] + (["lm_head.weight"] if tied and fqn == "embed_tokens" else []),
-                               [out_f, in_f], scheme, bits, block, float_bytes, stored, reason))
-    return plans, report
+            out.append(Packed(fqn, const, None, p.bits))
+            report.add(WeightEntry(fqn, sources, [out_f, in_f], f"palette {p.bits}-bit per {PALETTE_GROUP} rows",
+                                   p.bits, None, float_bytes, w.numel() * p.bits // 8 + groups * (2 ** p.bits) * elem,
+                                   p.reason))
+            continue
+        qw = codes[p.name] if rows is None else codes[p.name].rows(*rows)
+        out.append(Packed(fqn, const, qw, qw.bits))
+        where = "per-channel" if qw.group == in_f else f"block={qw.group}"
+        report.add(WeightEntry(fqn, sources, [out_f, in_f], f"int{qw.bits} {where} "
+                               f"{'sym' if qw.symmetric else 'asym'} {p.method}", qw.bits,
+                               None if qw.group == in_f else qw.group, float_bytes,
+                               qw.stored_bytes(elem), p.reason))
+    return out, report
 
 
 def kmeans_1d(values: np.ndarray, nbits: int, iters: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -113,43 +102,91 @@ def kmeans_1d(values: np.ndarray, nbits: int, iters: int = 10) -> tuple[np.ndarr
     return table, np.searchsorted(mids, values.astype(np.float32).ravel()).astype(np.uint8)
 
 
-def _op_config(p: WeightPlan):
+def _palette_config(bits: int):
     import coremltools.optimize.coreml as cto
 
-    if p.palettize:
-        # mode "custom" with our 1-D k-means: coremltools' "kmeans" runs scikit-learn once per group
-        # of 16 rows (12,800 groups for SmolLM2-135M: over 10 minutes here); this takes seconds.
-        # (Not `enable_per_channel_scale`: coremltools folds that scale into the tables, one table per
-        # row group and input column, which made reading an 8-bit package back run out of 24 GB, and
-        # it did not rescue 4-bit SmolLM2 either: perplexity 1286 with it, 633k without.)
-        return cto.OpPalettizerConfig(mode="custom", lut_function=partial(kmeans_1d, nbits=p.bits),
-                                      granularity="per_grouped_channel", group_size=PALETTE_GROUP, weight_threshold=0)
-    return cto.OpLinearQuantizerConfig(
-        mode="linear_symmetric" if p.symmetric else "linear", dtype=f"int{p.bits}" if p.symmetric else f"uint{p.bits}",
-        granularity="per_channel" if p.block is None else "per_block",
-        block_size=0 if p.block is None else p.block, weight_threshold=0)
+    # mode "custom" with our 1-D k-means: coremltools' "kmeans" runs scikit-learn once per group
+    # of 16 rows (12,800 groups for SmolLM2-135M: over 10 minutes here); this takes seconds.
+    # (Not `enable_per_channel_scale`: coremltools folds that scale into the tables, one table per
+    # row group and input column, which made reading an 8-bit package back run out of 24 GB, and
+    # it did not rescue 4-bit SmolLM2 either: perplexity 1286 with it, 633k without.)
+    return cto.OpPalettizerConfig(mode="custom", lut_function=partial(kmeans_1d, nbits=bits),
+                                  granularity="per_grouped_channel", group_size=PALETTE_GROUP, weight_threshold=0)
 
 
-def apply(mlmodel, plans: list[WeightPlan]):
-    """Quantize (or palettize) every planned weight const of `mlmodel`; returns the new model."""
-    import coremltools.optimize.coreml as cto
-
+def _check_consts(mlmodel, packed: list[Packed]) -> None:
     consts = {op.name: op.outputs[0].val for op in mlmodel._mil_program.functions["main"].operations
               if op.op_type == "const"}
-    missing = [p.const for p in plans if p.const not in consts]
+    missing = [p.const for p in packed if p.const not in consts]
     if missing:  # a renamed const would silently stay float: refuse instead
         raise RuntimeError(f"weight consts {missing[:3]} not found in the converted program")
-    planned = {p.const for p in plans}
+    planned = {p.const for p in packed}
     unplanned = [n for n, v in consts.items() if n.startswith("p_") and getattr(v, "ndim", 0) == 2 and n not in planned]
     if unplanned:  # a weight matrix no rule covered (e.g. a tied table that was not shared)
         raise RuntimeError(f"weight consts {unplanned[:3]} are not covered by the quantization plan")
-    plans = [p for p in plans if p.bits is not None]
-    linear = {p.const: _op_config(p) for p in plans if p.bits is not None and not p.palettize}
-    palette = {p.const: _op_config(p) for p in plans if p.bits is not None and p.palettize}
-    if linear:
-        mlmodel = cto.linear_quantize_weights(mlmodel, config=cto.OptimizationConfig(op_name_configs=linear))
+
+
+def apply(mlmodel, packed: list[Packed]):
+    """Every planned weight const of `mlmodel` as its codes (or palettized); returns the new model."""
+    import coremltools.optimize.coreml as cto
+
+    _check_consts(mlmodel, packed)
+    given = {p.const: p.codes for p in packed if p.codes is not None}
+    if given:
+        mlmodel = pack_consts(mlmodel, given)
+    palette = {p.const: _palette_config(p.bits) for p in packed if p.codes is None and p.bits is not None}
     if palette:
         mlmodel = cto.palettize_weights(mlmodel, config=cto.OptimizationConfig(op_name_configs=palette))
+    return mlmodel
+
+
+def pack_consts(mlmodel, given: dict[str, QuantizedWeight]):
+    """Replace each named weight const by a constexpr_blockwise_shift_scale holding exactly its codes.
+
+    coremltools' own `linear_quantize_weights` pass, with its rounding replaced by a lookup of the
+    given codes: the op is built by the pass's `_create_constexpr_var`, uses are rewired and the const
+    removed as it does, through `_apply_graph_pass` as its public function does (coremltools 9.0,
+    pinned: these are its internals). Signed codes become int4/int8, unsigned (asymmetric) uint4/uint8
+    with offsets of the same type; scales take the const's dtype (the program's precision).
+    """
+    from coremltools.converters.mil.mil import types
+    from coremltools.models.utils import _apply_graph_pass
+    from coremltools.optimize import _utils as optimize_utils
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    def typed(values, signed: bool, bits: int):
+        out = np.empty(values.shape, dtype=types.nptype_from_builtin(types.get_nbits_int_builtin_type(bits, signed)))
+        out[...] = values  # a fresh array: int4/uint4 are int8/uint8 arrays tagged with sub-byte metadata
+        return out
+
+    class PackGivenCodes(linear_quantize_weights):
+        def __init__(self):
+            super().__init__(config=None)
+            self.done: list[str] = []
+
+        def is_valid_op(self, op):
+            return op.op_type == "const" and op.name in given
+
+        def transform_op(self, op):
+            var, qw = op.outputs[0], given[op.name]
+            if tuple(var.shape) != qw.shape:
+                raise RuntimeError(f"{op.name}: codes {qw.shape} do not fit the const {tuple(var.shape)}")
+            signed = qw.symmetric
+            scale = np.ascontiguousarray(qw.scales.reshape(qw.shape[0], -1), dtype=var.val.dtype)
+            offset = None if signed else typed(qw.zero_points, False, qw.bits)
+            params = optimize_utils.QuantParams(data=typed(qw.codes, signed, qw.bits), scale=scale, offset=offset,
+                                                nbits=np.uint8(qw.bits))
+            new_var = self._create_constexpr_var(op, params)
+            op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new_var,
+                                                            no_check_var_types=True)
+            op.enclosing_block.remove_ops([op])
+            self.done.append(op.name)
+
+    graph_pass = PackGivenCodes()
+    mlmodel = _apply_graph_pass(mlmodel, graph_pass)
+    missing = sorted(set(given) - set(graph_pass.done))
+    if missing:
+        raise RuntimeError(f"weight consts {missing[:3]} not found in the converted program")
     return mlmodel
 
 

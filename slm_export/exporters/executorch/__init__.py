@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...quantize import TargetLimits
 from ...quiet import quiet_third_party
 from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
@@ -28,19 +29,19 @@ def require_sdk() -> None:
             "pip install executorch==1.5.1 torchao==0.18.0 (with torch==2.13.0 installed first)") from None
 
 
-def build_module(decoder, spec, max_context: int, kv_bits: int = 32, float16: bool = False):
+def build_module(decoder, spec, plan, codes, max_context: int, kv_bits: int = 32, float16: bool = False):
     """The quantized PyTorch program that is exported: (module, QuantReport)."""
     import torch
 
     from ..torch_parts import split_biases
     from .module import ExportableDecoder
-    from .quant import quantize_module
+    from .quant import pack_module
 
     with torch.no_grad():
         module = ExportableDecoder(decoder, max_context, kv_bits, float16).eval()
         if spec.quantized and spec.activations == "float":
             split_biases(module)  # XNNPACK's weight-only linear takes no bias (weight_only.py)
-        report = quantize_module(module, spec)
+        report = pack_module(module, plan, codes, spec.activations)
     return module, report
 
 
@@ -66,12 +67,25 @@ class ExecuTorchExporter(ExporterBase):
         # memory), as ExecuTorch's own LLM export recommends for large vocabularies (--embedding-quantize 4,32).
         return 4 if bits == 4 else 8
 
+    def limits(self, compute_precision: str | None = None) -> TargetLimits:
+        # XNNPACK: int4 in groups that are multiples of 32 (a width none divides: int8 per channel),
+        # group scales kept as bfloat16, int8 one scale per output channel, no zero points for linears
+        # (its weight formats have no field for them), int8 activations per token; float activations
+        # take int8 per-channel weights only (weight_only.py). ExecuTorch's quantized embedding ops:
+        # int8 rows or int4 groups with float32 scales. A tied table is stored twice (rows + lm_head).
+        return TargetLimits("executorch", min_group=32, indivisible="int8", int8_per_channel=True,
+                            zero_points=False, signed_scales=False, scale_dtype={4: "bfloat16", 8: "float32"},
+                            embedding_bits=(8, 4), embedding_min_group=16, tied_table="separate",
+                            activation_rounding="per-token", weight_only_bits=(8,),
+                            float_bytes=2 if compute_precision == "float16" else 4)
+
+    def default_method(self, bits: int, symmetric: bool) -> str:
+        return "hqq" if bits == 4 and symmetric else "rtn"
+
     def kv_element_bytes(self, kv_bits: int, head_dim: int) -> float:
         # int8 rows carry an fp32 scale and an int8 zero point each (custom_quantized_sdpa's layout)
         return 1 + 5 / head_dim if kv_bits == 8 else super().kv_element_bytes(kv_bits, head_dim)
 
-    def float_bytes(self, compute_precision: str) -> int:
-        return 2 if compute_precision == "float16" else self.float_weight_bytes
 
     def check(self, spec, compute_precision: str) -> None:
         from ...errors import SlmExportError
@@ -82,30 +96,17 @@ class ExecuTorchExporter(ExporterBase):
             raise SlmExportError(
                 f"--compute-precision float16 is for --bits 16 on the executorch target (fp16 weights); --bits {spec.bits} "
                 "runs int8 dynamic activations with fp32 in between: drop --compute-precision, or use --bits 16")
-        if spec.quantized and spec.activations != "int8":
-            # XNNPACK's fp32-activation linear takes int8 per-channel weights only, symmetric (weight_only.py).
-            if spec.bits != 8:
-                raise SlmExportError(
-                    f"--weight-only with --bits {spec.bits} is not supported by the executorch target: XNNPACK's "
-                    "fp32-activation kernels take int8 per-channel weights, not int4 groups; use --bits 8 --weight-only, "
-                    "or drop --weight-only for int4 weights with int8 dynamic activations (8da4w)")
-            if not spec.symmetric:
-                raise SlmExportError(
-                    "--weight-only --asymmetric is not supported by the executorch target: its int8 weight-only "
-                    "linear carries no zero points; drop --asymmetric")
-        if spec.bits == 4 and spec.group_size < 32:
-            raise SlmExportError(f"--group-size {spec.group_size} is too small for the executorch target: XNNPACK's "
-                                 "int4 kernels take groups that are multiples of 32 (use 32, 64, 128, ...)")
+        self.limits(compute_precision).check(spec)
         require_sdk()
 
-    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
         quiet_third_party()
         require_sdk()
         from .handoff import CPP_EXAMPLE, write_cpp_example
         from .lower import PREFILL_CHUNK, export_program, write_pte
 
         float16 = options.compute_precision == "float16"
-        module, report = build_module(decoder, spec, options.max_context, options.kv_bits, float16)
+        module, report = build_module(decoder, spec, plan, codes, options.max_context, options.kv_bits, float16)
         program = export_program(module, options.max_context)
         write_pte(program, Path(out_dir) / MODEL_FILE)
         chunk = min(PREFILL_CHUNK, options.max_context)
@@ -150,16 +151,12 @@ class ExecuTorchExporter(ExporterBase):
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         # XNNPACK keeps its weights in an opaque delegate blob, so they are not read back out of the
-        # .pte; instead the recorded spec is applied to `model` by the same code the export ran.
-        quiet_third_party()
-        require_sdk()
-        from ...architectures import to_decoder
-        from ...quantize import QuantSpec
+        # .pte; instead the recorded plan is quantized again from `model` by the same quantizer.
+        from ...quantize.replay import requantize
         from .quant import dequantized_weights
 
-        spec = QuantSpec.from_dict(manifest["quant"]["spec"])
-        module, _ = build_module(to_decoder(model, 16), spec, 16)
-        return dequantized_weights(module)
+        plan, codes = requantize(self, model, folder, manifest)
+        return dequantized_weights(plan, codes)
 
     def app_readme(self, manifest: dict) -> str:
         from .handoff import app_readme

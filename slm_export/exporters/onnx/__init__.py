@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...quantize import TargetLimits
 from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.onnx"
@@ -14,10 +15,21 @@ class OnnxExporter(ExporterBase):
     name = "onnx"
     runtime = "onnxruntime"
     packages = ("onnx", "onnxruntime")  # versions recorded in the manifest
-    int8_in_groups = True  # MatMulNBits with bits=8 keeps one scale per block
     # 8: GroupQueryAttention's int8 cache with calibrated per-channel scales (kv_cache.py)
     kv_cache_bits = (32, 8)
     runtime_overhead_mb = 52.0  # measured here: the runner process with onnxruntime loaded, before the model
+
+    def limits(self, compute_precision: str | None = None) -> TargetLimits:
+        # MatMulNBits: int4/int8 in blocks (a power of two >= 16; a width none divides is zero-padded),
+        # float32 scales, optional zero points; activations to int8 per block of 32 (accuracy_level 4).
+        # Embedding: int8 rows (Gather), or, tied and quantized like the lm_head, GatherBlockQuantized
+        # straight out of the lm_head's codes (with a reshaped copy of its scales).
+        return TargetLimits("onnx", min_group=16, indivisible="pad", int8_per_channel=False, zero_points=True,
+                            embedding_bits=(8,), tied_table="shared-if-alike", shared_table_copies_scales=True,
+                            activation_rounding="per-block")
+
+    def default_method(self, bits: int, symmetric: bool) -> str:
+        return "mse" if bits == 4 and symmetric else "rtn"
 
     def calibrates(self, kv_bits: int) -> bool:
         return kv_bits == 8
@@ -27,13 +39,14 @@ class OnnxExporter(ExporterBase):
 
         if spec.palettize:
             raise SlmExportError("--palettize is a Core ML option (--target coreml); ONNX stores int4/int8 with scales")
+        self.limits(compute_precision).check(spec)
 
-    def write(self, decoder, spec, out_dir: Path, options: ExportOptions) -> TargetOutput:
+    def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
         import onnx
 
         from .graph import build_decoder_graph
 
-        model, report = build_decoder_graph(decoder, spec)
+        model, report = build_decoder_graph(decoder, spec, plan, codes)
         path = Path(out_dir) / MODEL_FILE
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
@@ -121,6 +134,6 @@ def read_weights(folder: Path, manifest: dict) -> dict:
     # Several entries of one source are parts of one fused PyTorch parameter (Phi-3's gate_up_proj
     # stored as gate and up), in order.
     out = {src: ps[0] if len(ps) == 1 else np.concatenate(ps) for src, ps in parts.items()} | out
-    if "shares lm_head" in next((e["scheme"] for e in report if e["name"] == "embed_tokens"), ""):
+    if next((e.get("shares") for e in report if e["name"] == "embed_tokens"), None):
         out["model.embed_tokens.weight"] = out["lm_head.weight"]
     return out

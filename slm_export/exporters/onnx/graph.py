@@ -19,9 +19,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...architectures import Decoder, Linear
-from ...quantize import QuantReport, QuantSpec, WeightEntry
-from ...quantize.spec import block_size_for
-from .quant import quantize_matmul_weight, quantize_rows_int8, shared_table_block
+from ...quantize import QuantizedWeight, QuantPlan, QuantReport, QuantSpec, WeightEntry
+from ...quantize.plan import EMBEDDING, LM_HEAD
+from ...quantize.quantizer import linear_codes, linear_plan
+from .quant import pack_matmul_nbits
 
 OPSET = 23  # RMSNormalization (standard since opset 23) for the norms that have no residual
 MS = "com.microsoft"
@@ -53,45 +54,42 @@ class _Graph:
 
 
 class DecoderGraphBuilder:
-    def __init__(self, dec: Decoder, spec: QuantSpec):
-        self.dec, self.spec = dec, spec
+    def __init__(self, dec: Decoder, spec: QuantSpec, plan: QuantPlan, codes: dict[str, QuantizedWeight]):
+        self.dec, self.spec, self.plan, self.codes = dec, spec, plan, codes
         self.g = _Graph()
         self.report = QuantReport()
-        # name -> (PackedWeight, block, fallback note, initializer names): each weight quantized once,
-        # so a tied embedding and lm_head can share one set of initializers
-        self._packed: dict[str, tuple] = {}
+        self._packed: dict[str, tuple] = {}  # name -> (PackedWeight, initializer names): a table shared once
 
-    def _quantize(self, name: str, weight: np.ndarray, plan) -> tuple:
+    def _pack(self, name: str, qw: QuantizedWeight) -> tuple:
         if name not in self._packed:
-            block, note = block_size_for(weight.shape[1], plan.group_size)
-            pw = quantize_matmul_weight(weight, plan.bits, block, plan.symmetric)
-            g = self.g
+            pw, g = pack_matmul_nbits(qw), self.g
             inputs = [g.const(f"{name}.qweight", pw.packed), g.const(f"{name}.scales", pw.scales)]
             if pw.zero_points is not None:
                 inputs.append(g.const(f"{name}.zero_points", pw.zero_points))
-            self._packed[name] = (pw, block, note, inputs)
+            self._packed[name] = (pw, inputs)
         return self._packed[name]
 
     # ------------------------------------------------------------------ weights
 
-    def matmul(self, x: str, lin: Linear, name: str, report_name: str) -> str:
-        """x @ W.T (+ bias), quantized per the spec's first matching rule for `report_name`."""
+    def matmul(self, x: str, lin: Linear, name: str) -> str:
+        """x @ W.T (+ bias), W as the plan stores it (MatMulNBits codes, or float)."""
         g, w = self.g, lin.weight
         n, k = w.shape
-        plan = self.spec.plan_for(report_name)
+        plan = linear_plan(self.plan, lin)
         if plan.bits is None:
             wt = g.const(f"{name}.weight", np.ascontiguousarray(w.T))
             y = g.op("MatMul", [x, wt], name=name)
             entry = WeightEntry(name, lin.sources, [n, k], "float32 MatMul", None, None, w.nbytes, w.nbytes, plan.reason, lin.split)
         else:
-            pw, block, note, inputs = self._quantize(name, w, plan)
+            pw, inputs = self._pack(name, linear_codes(self.codes, lin))
             # accuracy_level 4 = int8 activations (VNNI kernels); 0 = float activations (weight-only)
             level = 4 if self.spec.activations == "int8" else 0
             y = g.op("MatMulNBits", inputs=[x] + inputs, domain=MS, name=name,
-                     K=k, N=n, bits=plan.bits, block_size=block, accuracy_level=level)
-            scheme = f"int{plan.bits} MatMulNBits block={block} {'sym' if plan.symmetric else 'asym'} acc={level}"
-            reason = plan.reason + (f"; {note}" if note else "")
-            entry = WeightEntry(name, lin.sources, [n, k], scheme, plan.bits, block, w.nbytes, pw.nbytes, reason, lin.split)
+                     K=k, N=n, bits=pw.bits, block_size=pw.block_size, accuracy_level=level)
+            scheme = (f"int{pw.bits} MatMulNBits block={pw.block_size} {'sym' if plan.symmetric else 'asym'} "
+                      f"acc={level} {plan.method}")
+            entry = WeightEntry(name, lin.sources, [n, k], scheme, pw.bits, pw.block_size, w.nbytes, pw.nbytes,
+                                plan.reason, lin.split)
         self.report.add(entry)
         if lin.bias is not None:
             y = g.op("Add", [y, g.const(f"{name}.bias", lin.bias)])
@@ -99,37 +97,31 @@ class DecoderGraphBuilder:
 
     def embedding(self, ids: str) -> str:
         g, table = self.g, self.dec.embed
-        plan = self.spec.plan_for("model.embed_tokens.weight")
-        head = self.spec.plan_for("lm_head.weight")
-        hidden = table.shape[1]
-        if self.dec.tied_embeddings and shared_table_block(self.spec, hidden):
+        plan = self.plan[EMBEDDING]
+        if plan.shares == LM_HEAD:
             # Tied and quantized alike: gather rows straight out of the lm_head's MatMulNBits
             # weights [vocab, blocks, bytes] (no copy, no Reshape that constant folding would
             # duplicate), so the table is stored and held in memory once.
-            pw, block, note, (qweight, *_) = self._quantize("lm_head", table, head)
+            pw, (qweight, *_) = self._pack("lm_head", self.codes[LM_HEAD])
             scales = g.const("embed_tokens.scales", pw.scales.reshape(table.shape[0], -1, 1))
             rows = g.op("GatherBlockQuantized", [qweight, ids, scales], domain=MS, name="embed_tokens",
-                        bits=head.bits, block_size=block, gather_axis=0, quantize_axis=2)
+                        bits=pw.bits, block_size=pw.block_size, gather_axis=0, quantize_axis=2)
             x = g.op("Reshape", [rows, g.const("embed_shape", np.array([0, 0, -1], np.int64))])
-            entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape),
-                                f"int{head.bits} GatherBlockQuantized block={block} (shares lm_head's weights)",
-                                head.bits, block, table.nbytes, pw.scales.nbytes,
-                                plan.reason + "; tied: stored once with lm_head")
+            entry = WeightEntry("embed_tokens", [EMBEDDING], list(table.shape),
+                                f"int{pw.bits} GatherBlockQuantized block={pw.block_size}", pw.bits, pw.block_size,
+                                table.nbytes, pw.scales.nbytes, plan.reason, shares="lm_head")
         elif plan.bits is None:
             x = g.op("Gather", [g.const("embed_tokens.weight", table), ids], name="embed_tokens")
-            entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape), "float32 Gather",
+            entry = WeightEntry("embed_tokens", [EMBEDDING], list(table.shape), "float32 Gather",
                                 None, None, table.nbytes, table.nbytes, plan.reason)
         else:
-            # int8 per row: Gather the int8 rows and their scales, multiply. A 4-bit request that
-            # cannot share the lm_head's weights (untied, asymmetric) is stored as int8 too, and
-            # the report says so.
-            q, scale = quantize_rows_int8(table)
-            rows = g.op("Gather", [g.const("embed_tokens.qweight", q), ids], name="embed_tokens")
-            scales = g.op("Gather", [g.const("embed_tokens.scales", scale), ids])
+            # int8 per row: Gather the int8 rows and their scales, multiply.
+            qw = self.codes[EMBEDDING]
+            rows = g.op("Gather", [g.const("embed_tokens.qweight", qw.codes.astype(np.int8)), ids], name="embed_tokens")
+            scales = g.op("Gather", [g.const("embed_tokens.scales", qw.scales.reshape(-1, 1)), ids])
             x = g.op("Mul", [g.op("Cast", [rows], to=TensorProto.FLOAT), scales])
-            note = "" if plan.bits == 8 else "; ONNX stores 4-bit embedding requests as int8 rows"
-            entry = WeightEntry("embed_tokens", ["model.embed_tokens.weight"], list(table.shape), "int8 per-row Gather",
-                                8, table.shape[1], table.nbytes, q.nbytes + scale.nbytes, plan.reason + note)
+            entry = WeightEntry("embed_tokens", [EMBEDDING], list(table.shape), f"int8 per-row Gather {plan.method}",
+                                8, table.shape[1], table.nbytes, qw.codes.nbytes + qw.scales.nbytes, plan.reason)
         self.report.add(entry)
         if self.dec.embed_scale != 1.0:
             x = g.op("Mul", [x, g.const("embed_scale", np.array(self.dec.embed_scale, np.float32))])
@@ -169,7 +161,7 @@ class DecoderGraphBuilder:
                          axis=-1, epsilon=eps, name=f"{p}.attn_norm")
             else:
                 h, residual = self.skip_norm(branch, residual, layer.attn_norm, f"{p}.attn_norm")
-            qkv = self.matmul(h, layer.qkv, f"{p}.qkv_proj", f"model.layers.{i}.self_attn.qkv_proj.weight")
+            qkv = self.matmul(h, layer.qkv, f"{p}.qkv_proj")
             attn_attrs = dict(num_heads=dec.num_heads, kv_num_heads=dec.num_kv_heads, scale=dec.attn_scale,
                               do_rotary=1, rotary_interleaved=0)
             if dec.attn_softcap:
@@ -180,7 +172,7 @@ class DecoderGraphBuilder:
                 "GroupQueryAttention",
                 [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, cos, sin],
                 [f"{p}.attn/out0", f"present.{i}.key", f"present.{i}.value"], domain=MS, name=f"{p}.attn", **attn_attrs)
-            branch = self.matmul(attn, layer.o, f"{p}.o_proj", f"model.layers.{i}.self_attn.o_proj.weight")
+            branch = self.matmul(attn, layer.o, f"{p}.o_proj")
             if layer.post_attn_norm is not None:
                 branch = g.op("RMSNormalization", [branch, g.const(f"{p}.post_attn_norm", layer.post_attn_norm)],
                               axis=-1, epsilon=eps)
@@ -189,13 +181,13 @@ class DecoderGraphBuilder:
             # Split's two outputs are extra [tokens, intermediate] buffers (23 MB more peak RSS
             # after a 512-token prompt on SmolLM2-135M).
             gate_lin, up_lin = layer.gate_up.parts()
-            gate = self.matmul(h, gate_lin, f"{p}.gate_proj", gate_lin.sources[0])
-            up = self.matmul(h, up_lin, f"{p}.up_proj", up_lin.sources[0])
+            gate = self.matmul(h, gate_lin, f"{p}.gate_proj")
+            up = self.matmul(h, up_lin, f"{p}.up_proj")
             if dec.activation == "silu":
                 act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
             else:
                 act = g.op("FastGelu", [gate], domain=MS)
-            branch = self.matmul(g.op("Mul", [act, up]), layer.down, f"{p}.down_proj", f"model.layers.{i}.mlp.down_proj.weight")
+            branch = self.matmul(g.op("Mul", [act, up]), layer.down, f"{p}.down_proj")
             if layer.post_ffn_norm is not None:
                 branch = g.op("RMSNormalization", [branch, g.const(f"{p}.post_ffn_norm", layer.post_ffn_norm)],
                               axis=-1, epsilon=eps)
@@ -207,8 +199,8 @@ class DecoderGraphBuilder:
         h = g.op("Slice", [h, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], np.int64)), g.const("slice_axis", np.array([1], np.int64))])
         # A tied lm_head is written as its own [hidden, vocab] weight, so it reaches MatMulNBits
         # directly (a Transpose of the embedding would hide it from quantizers and stay fp32).
-        lm = Linear(dec.lm_head, None, ["lm_head.weight"])
-        logits = self.matmul(h, lm, "lm_head", "lm_head.weight")
+        lm = Linear(dec.lm_head, None, [LM_HEAD])
+        logits = self.matmul(h, lm, "lm_head")
         if dec.final_softcap:
             cap = g.const("final_softcap", np.array(dec.final_softcap, np.float32))
             logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
@@ -236,6 +228,7 @@ class DecoderGraphBuilder:
         return model
 
 
-def build_decoder_graph(dec: Decoder, spec: QuantSpec) -> tuple[onnx.ModelProto, QuantReport]:
-    builder = DecoderGraphBuilder(dec, spec)
+def build_decoder_graph(dec: Decoder, spec: QuantSpec, plan: QuantPlan,
+                        codes: dict[str, QuantizedWeight]) -> tuple[onnx.ModelProto, QuantReport]:
+    builder = DecoderGraphBuilder(dec, spec, plan, codes)
     return builder.build(), builder.report

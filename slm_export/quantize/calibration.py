@@ -1,0 +1,182 @@
+"""Calibration: the `Decoder` run on text, one layer at a time, collecting each weight's input statistics.
+
+GPTQ (and any method in `CALIBRATED`) needs, for every linear weight, H = X^T X / n over its inputs X
+on real text. This runs the neutral `Decoder` in plain PyTorch, layer by layer as GPTQ's reference
+implementation does: the inputs of layer i come from layers 0..i-1 already quantized, and inside a
+layer each weight's statistics are taken after the weights before it were quantized (q|k|v, then o,
+then gate|up, then down), so each one compensates the error upstream of it. Only one layer's
+activations and statistics exist at a time.
+
+The default text is the shipped calibration passage (data/calibration.txt); `verify` and the quality
+benchmark measure on a different one (data/passage.txt) that no export ever reads.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+CHUNK = 512  # tokens per calibration sequence (attention is causal within a chunk)
+MAX_TOKENS = 4096  # calibration tokens used at most (GPTQ's statistics settle well before)
+MIN_TOKENS = 256
+
+
+def calibration_text() -> str:
+    """The shipped calibration passage (not the passage verify and the benchmarks measure on)."""
+    from importlib import resources
+
+    return resources.files("slm_export").joinpath("data/calibration.txt").read_text()
+
+
+def _t(a):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+class DecoderForward:
+    """The `Decoder` as plain PyTorch over whole sequences (no KV cache): what the exporters compute."""
+
+    def __init__(self, dec, weights: dict[str, np.ndarray] | None = None):
+        from .plan import decoder_weights
+
+        self.dec = dec
+        self.w = {name: _t(arr) for name, _, arr, _ in decoder_weights(dec)}
+        if weights:
+            self.set(weights)
+
+    def set(self, weights: dict[str, np.ndarray]) -> None:
+        self.w.update({k: _t(v) for k, v in weights.items()})
+
+    # --- pieces
+    def norm(self, x, weight):
+        import torch
+
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.dec.rms_eps) * _t(weight)
+
+    def linear(self, x, lin):
+        """x @ W^T (+ b) for a decoder Linear, its parts read by their own names."""
+        import torch
+
+        parts = [self.w[s] for s in lin.sources] if len(lin.sources) > 1 else [self.w[lin.sources[0]]]
+        y = x @ torch.cat(parts).T
+        return y if lin.bias is None else y + _t(lin.bias)
+
+    def rope(self, x, start: int = 0):
+        import torch
+
+        seq, d = x.shape[-2], x.shape[-1]
+        cos, sin = _t(self.dec.rope_cos[start:start + seq]), _t(self.dec.rope_sin[start:start + seq])
+        half = cos.shape[-1]
+        rot = x[..., :2 * half]
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+        return out if 2 * half == d else torch.cat([out, x[..., 2 * half:]], -1)
+
+    def attention(self, layer, h):
+        """Causal grouped-query attention of a batch of sequences h [b, t, hidden] (before o_proj)."""
+        import torch
+
+        dec = self.dec
+        b, t, _ = h.shape
+        qkv = self.linear(h, layer.qkv)
+        q_size, kv_size = dec.num_heads * dec.head_dim, dec.num_kv_heads * dec.head_dim
+        q = qkv[..., :q_size].view(b, t, dec.num_heads, dec.head_dim).transpose(1, 2)
+        k = qkv[..., q_size:q_size + kv_size].view(b, t, dec.num_kv_heads, dec.head_dim).transpose(1, 2)
+        v = qkv[..., q_size + kv_size:].view(b, t, dec.num_kv_heads, dec.head_dim).transpose(1, 2)
+        q, k = self.rope(q), self.rope(k)
+        group = dec.num_heads // dec.num_kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (q @ k.transpose(-1, -2)) * dec.attn_scale
+        if dec.attn_softcap:
+            scores = torch.tanh(scores / dec.attn_softcap) * dec.attn_softcap
+        pos = torch.arange(t)
+        allowed = pos[None, :] <= pos[:, None]
+        if layer.sliding_window:
+            allowed &= pos[None, :] > pos[:, None] - layer.sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, q_size)
+
+    def act(self, x):
+        import torch
+
+        if self.dec.activation == "silu":
+            return x * torch.sigmoid(x)
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+    def embed(self, ids):
+        x = self.w["model.embed_tokens.weight"][ids]
+        return x * self.dec.embed_scale if self.dec.embed_scale != 1.0 else x
+
+    def logits(self, h):
+        import torch
+
+        y = self.norm(h, self.dec.final_norm) @ self.w["lm_head.weight"].T
+        if self.dec.final_softcap:
+            y = torch.tanh(y / self.dec.final_softcap) * self.dec.final_softcap
+        return y
+
+    def layer(self, layer, x, observe: Callable | None = None):
+        """One decoder layer. `observe(unit, inputs)` is called before each weight group runs and may
+        change the weights it uses (the quantizer replaces them with their quantized values)."""
+        see = observe or (lambda unit, inputs: None)
+        h = self.norm(x, layer.attn_norm)
+        see("qkv", h)
+        a = self.attention(layer, h)
+        see("o", a)
+        y = self.linear(a, layer.o)
+        if layer.post_attn_norm is not None:
+            y = self.norm(y, layer.post_attn_norm)
+        x = x + y
+        h = self.norm(x, layer.ffn_norm)
+        see("gate_up", h)
+        gu = self.linear(h, layer.gate_up)
+        inter = gu.shape[-1] // 2
+        m = self.act(gu[..., :inter]) * gu[..., inter:]
+        see("down", m)
+        y = self.linear(m, layer.down)
+        if layer.post_ffn_norm is not None:
+            y = self.norm(y, layer.post_ffn_norm)
+        return x + y
+
+    def __call__(self, ids):
+        """Logits [b, t, vocab] for token ids [b, t]."""
+        import torch
+
+        with torch.no_grad():
+            x = self.embed(torch.as_tensor(ids))
+            for layer in self.dec.layers:
+                x = self.layer(layer, x)
+            return self.logits(x)
+
+
+def chunks(ids: list[int], max_context: int) -> list[list[int]]:
+    """Calibration sequences of equal length (at most CHUNK and the context), up to MAX_TOKENS in all."""
+    n = min(CHUNK, max_context)
+    ids = ids[:MAX_TOKENS]
+    return [ids[s:s + n] for s in range(0, len(ids) - n + 1, n)] or [ids]
+
+
+def walk(dec, ids: list[int], on_unit: Callable, progress=None) -> None:
+    """Run the calibration text through `dec` layer by layer; for every weight group (unit, e.g.
+    "layers.3.qkv", and finally "lm_head") call `on_unit(unit, hessian, forward)` with H = X^T X / n
+    of its input, before the group runs. `on_unit` quantizes the group and puts its dequantized
+    weights into the run with `forward.set(...)`, so everything downstream sees them.
+    """
+    import torch
+
+    forward = DecoderForward(dec)
+    seqs = torch.tensor(chunks(ids, dec.max_context))
+    with torch.no_grad():
+        x = forward.embed(seqs)
+        for i, layer in enumerate(dec.layers):
+            def observe(unit, inputs, i=i):
+                flat = inputs.reshape(-1, inputs.shape[-1])
+                on_unit(f"layers.{i}.{unit}", (flat.T @ flat / flat.shape[0]).numpy(), forward)
+            x = forward.layer(layer, x, observe)
+            if progress:
+                progress(i + 1)
+        h = forward.norm(x, dec.final_norm)
+        flat = h.reshape(-1, h.shape[-1])
+        on_unit("lm_head", (flat.T @ flat / flat.shape[0]).numpy(), forward)
+

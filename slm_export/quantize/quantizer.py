@@ -1,0 +1,92 @@
+"""The one quantizer: a `Decoder` and a `QuantPlan` in, integer codes and scales per weight out.
+
+Exporters never round a weight themselves; they pack what this returns (MatMulNBits nibbles, torchao
+tensors, Core ML constexpr ops). Data-free methods quantize weight by weight; calibrated ones (GPTQ)
+run the calibration text through the decoder layer by layer (calibration.py) and quantize each
+weight group with the statistics of its input, the groups before it already quantized.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .calibration import chunks, walk
+from .codes import QuantizedWeight
+from .methods import CALIBRATED, METHODS
+from .plan import QuantPlan, WeightPlan, decoder_weights
+
+
+def _storage(w: WeightPlan) -> tuple:
+    return w.method, w.bits, w.group, w.symmetric, w.scale_dtype, w.signed_scales, w.shape[1]
+
+
+def _quantize_one(w: WeightPlan, array: np.ndarray, hessian=None) -> QuantizedWeight:
+    return METHODS.get(w.method)(array, w, hessian) if w.method in CALIBRATED else METHODS.get(w.method)(array, w)
+
+
+def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None, log=None) -> dict[str, QuantizedWeight]:
+    """Codes for every weight the plan quantizes (a shared tied embedding has none of its own).
+
+    `calibration_ids`: token ids of the calibration text, needed when a planned method is calibrated.
+    """
+    arrays = {name: arr for name, _, arr, _ in decoder_weights(dec)}
+    todo = [w for w in plan.weights if w.quantized]
+    out: dict[str, QuantizedWeight] = {}
+    t0 = time.perf_counter()
+    for w in todo:
+        if w.method not in CALIBRATED:
+            out[w.name] = _quantize_one(w, arrays[w.name])
+    calibrated = [w for w in todo if w.method in CALIBRATED]
+    if calibrated:
+        if not calibration_ids:
+            raise ValueError("a calibrated method needs calibration token ids")
+        by_unit: dict[str, list[WeightPlan]] = {}
+        for w in calibrated:
+            by_unit.setdefault(w.unit, []).append(w)
+        for unit, ws in by_unit.items():
+            if len({_storage(w) for w in ws}) > 1:
+                raise ValueError(f"the parts of {unit} are planned differently; a unit's parts share one scheme")
+        seqs = chunks(calibration_ids, dec.max_context)
+        plan.calibration.update(tokens=sum(len(s) for s in seqs), sequences=len(seqs))
+
+        def on_unit(unit, hessian, forward):
+            done = {}
+            ws = by_unit.get(unit, [])
+            if ws:
+                # The parts of a unit share their input, and GPTQ treats rows independently: q|k|v
+                # (or gate|up) quantized as one stacked matrix give each part's codes, in one pass.
+                stacked = _quantize_one(ws[0], np.concatenate([arrays[w.name] for w in ws]), hessian)
+                start = 0
+                for w in ws:
+                    out[w.name] = stacked.rows(start, start + w.shape[0])
+                    start += w.shape[0]
+                    done[w.name] = out[w.name].dequantize()
+            # weights quantized data-free in this unit are used quantized downstream too
+            done.update({w.name: out[w.name].dequantize() for w in todo
+                         if w.unit == unit and w.name in out and w.name not in done})
+            forward.set(done)
+
+        def progress(i):
+            if log:
+                log(f"  calibrated layer {i}/{dec.num_layers} ({time.perf_counter() - t0:.0f}s)")
+
+        walk(dec, calibration_ids, on_unit, progress if log else None)
+    return out
+
+
+def linear_plan(plan: QuantPlan, lin) -> WeightPlan:
+    """The plan of a decoder Linear (one source, a part of one, or several fused): its parts alike."""
+    plans = [plan[s] for s in dict.fromkeys(lin.sources)]
+    first = plans[0]
+    if any((p.bits, p.group, p.symmetric) != (first.bits, first.group, first.symmetric) for p in plans):
+        raise ValueError(f"fused weights {lin.sources} are planned differently; a unit's parts share one scheme")
+    return first
+
+
+def linear_codes(codes: dict[str, QuantizedWeight], lin) -> QuantizedWeight:
+    """The codes of a decoder Linear: its source's, the rows it holds of it, or its sources' stacked."""
+    if lin.rows is not None:
+        return codes[lin.sources[0]].rows(*lin.rows)
+    parts = [codes[s] for s in dict.fromkeys(lin.sources)]
+    return parts[0] if len(parts) == 1 else QuantizedWeight.concat(parts)

@@ -1,0 +1,55 @@
+"""The quantization an artifact was exported with, run again from its manifest (for `verify`).
+
+Every method is deterministic for a given weight and calibration text, so the recorded spec, the
+target's limits and the recorded calibration text give back the codes the export packed. Targets
+whose files cannot be read back (XNNPACK's delegate blob) build their same-quant reference this way.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import SlmExportError
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def recorded_calibration_ids(folder: Path, manifest: dict, vocab_size: int) -> list[int]:
+    """The calibration token ids an export used, from what its manifest recorded."""
+    import numpy as np
+
+    from ..text import TextCodec
+    from .calibration import MAX_TOKENS, calibration_text
+
+    cal = manifest["quant"].get("calibration") or {}
+    if cal.get("random_ids"):  # the model had no tokenizer: ExportOptions.calibration's ids
+        return np.random.default_rng(0).integers(0, vocab_size, cal["random_ids"]).tolist()
+    path = cal.get("file")
+    if path is None:
+        text = calibration_text()
+    else:
+        p = Path(path)
+        if not p.is_file() or text_fingerprint(p.read_text(encoding="utf-8")) != cal.get("sha256"):
+            raise SlmExportError(f"the same-quant reference needs the calibration text this artifact was exported "
+                                 f"with ({path}, sha256 {str(cal.get('sha256'))[:12]}); it is missing or changed")
+        text = p.read_text(encoding="utf-8")
+    if text_fingerprint(text) != cal.get("sha256", text_fingerprint(text)):
+        raise SlmExportError("the shipped calibration passage differs from the one this artifact was exported with; "
+                             "re-export it with this version of slm-export")
+    return TextCodec(Path(folder), manifest).encode(text, add_special_tokens=False)[:MAX_TOKENS]
+
+
+def requantize(exporter, model, folder: Path, manifest: dict):
+    """(plan, codes) of the artifact in `folder`, quantized again from `model` (its source)."""
+    from ..architectures import to_decoder
+    from .quantizer import quantize
+    from .spec import QuantSpec
+
+    spec = QuantSpec.from_dict(manifest["quant"]["spec"])
+    precision = manifest.get("target_extra", {}).get("compute_precision")
+    dec = to_decoder(model, manifest["max_context"])
+    plan = exporter.plan(dec, spec, precision)
+    ids = recorded_calibration_ids(Path(folder), manifest, dec.vocab_size) if plan.calibrated else None
+    return plan, quantize(dec, plan, ids)
