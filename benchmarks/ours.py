@@ -29,14 +29,16 @@ print(json.dumps({}))
 """
 
 
-def export(hf_dir: Path, out: Path, target: str, bits: int, kv_bits: int | None = None,
-           compute_precision: str | None = None, lm_head_bits: int | None = None) -> dict:
+def export(hf_dir: Path, out: Path, target: str, bits: int | None, kv_bits: int | None = None,
+           compute_precision: str | None = None, lm_head_bits: int | None = None, extra: list | None = None) -> dict:
+    """`extra`: more CLI arguments (e.g. ["--quant-method", "gptq"]); bits None: the CLI's default or extra's."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     kv = ["--kv-bits", kv_bits] if kv_bits else []
     head = ["--lm-head-bits", lm_head_bits] if lm_head_bits else []
     precision = ["--compute-precision", compute_precision] if compute_precision else []
-    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, "--bits", bits, *kv, *head, *precision,
-                        "--out", out, "--force"])
+    bits_arg = ["--bits", bits] if bits is not None else []
+    got = run_measured([SLM_EXPORT, "--model", hf_dir, "--target", target, *bits_arg, *kv, *head, *precision,
+                        *(extra or []), "--out", out, "--force"])
     from slm_export.artifact import Artifact
 
     art = Artifact.open(out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common import PeerError, ensure_venv
 from slm_export.devices.local import describe
-from slm_export.pipeline import library_versions
+from slm_export.manifest import library_versions
 from slm_export.results import SCHEMA_VERSION, BenchResult, format_markdown
 
 PLOTS = Path(__file__).resolve().with_name("plots.py")

@@ -223,9 +223,9 @@ def main() -> int:
                     help="bit widths at which ExecuTorch is also exported with --kv-bits 16 (fp16 KV cache); empty for none")
     ap.add_argument("--onnx-kv8", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
                     help="bit widths at which ONNX is also exported with --kv-bits 8 (int8 KV cache); empty for none")
-    ap.add_argument("--onnx-head8", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[4],
+    ap.add_argument("--onnx-head8", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[],
                     help="bit widths at which ONNX is also exported with --lm-head-bits 8 --kv-bits 8 (an int8 "
-                         "output layer, like llama.cpp's Q4_0 keeps its output tensor Q8_0); empty for none")
+                         "output layer; ONNX's int4 default has one already); empty for none (default)")
     ap.add_argument("--executorch-fp16", action=argparse.BooleanOptionalAction, default=True,
                     help="also export ExecuTorch as an fp16 program (--bits 16 --compute-precision float16)")
     ap.add_argument("--peers", type=lambda s: s.split(",") if s else [], default=list(PEERS),

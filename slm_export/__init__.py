@@ -23,7 +23,8 @@ from .quantize import QuantSpec
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
            activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int | None = None,
            quantize_lm_head: bool = True, lm_head_bits: int | None = None, palettize: bool = False, compute_precision: str | None = None,
-           kv_bits: int | None = None, quant_method: str | None = None, calibration_text=None, out=None, force: bool = False,
+           kv_bits: int | None = None, quant_method: str | None = None, mixed_precision: float | None = None,
+           calibration_text=None, out=None, force: bool = False,
            max_context: int | None = None, tokenizer=None,
            trust_remote_code: bool = False, log=print):
     """Export `model` to `target` and return an `Artifact`.
@@ -40,7 +41,9 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     quant_method: how codes and scales are chosen (rtn, mse, hqq, gptq; see `slm-export methods`);
     default: the target's. Calibrated methods (gptq) and the ONNX int8 cache read the shipped
     calibration passage, or `calibration_text` (a UTF-8 file: text like your users', e.g. another
-    language or code; up to 4096 tokens are used).
+    language or code; up to 2048 tokens are used).
+    mixed_precision: at bits=4, the fraction of extra size spent on int8 for the weights whose int4
+    rounding costs the most KL on the calibration text (0 = off); default: the target's.
     model: None (bundled SmolLM2-135M-Instruct), a hub id, a local folder, a .gguf file, or a
     transformers causal LM object of a supported architecture (pass its `tokenizer` to use
     generate/bench on real text).
@@ -49,10 +52,12 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
 
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, activations=activations,
                      embeddings=quantize_embeddings, embedding_bits=embedding_bits, lm_head=quantize_lm_head,
-                     lm_head_bits=lm_head_bits, palettize=palettize, method=quant_method)
-    return run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
-                      compute_precision=compute_precision, kv_bits=kv_bits, calibration_text=calibration_text,
-                      tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)
+                     lm_head_bits=lm_head_bits, palettize=palettize, method=quant_method,
+                     mixed_precision=mixed_precision)
+    folder = run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
+                        compute_precision=compute_precision, kv_bits=kv_bits, calibration_text=calibration_text,
+                        tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)
+    return open_artifact(folder)
 
 
 def open_artifact(path):

@@ -6,7 +6,6 @@ import time
 from . import manifest as mf
 from .devices import open_device
 from .fit import fit
-from .pipeline import library_versions
 from .results import BenchResult
 from .runtimes import RUNTIMES
 from .runtimes.measure import prompt_ids
@@ -33,7 +32,7 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
                 target=m["target"], runtime=m["runtime"], device=dev.name, simulated=dev.simulated,
                 quant=m["quant"]["label"], artifact_mb=round(artifact.size_mb, 2),
                 device_peak_gb_s=profile.peak_bandwidth_gb_s if profile else None,
-                versions=library_versions(*RUNTIMES.get(m["runtime"]).packages),
+                versions=mf.library_versions(*RUNTIMES.get(m["runtime"]).packages),
                 timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     per_token = weight_bytes_per_token(artifact)
     results = []

@@ -49,6 +49,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-method", default=None, metavar="NAME",
                    help="how codes and scales are chosen: rtn, mse, hqq, gptq (calibrated on text; see "
                         "README 'Quantization'); default: the target's")
+    p.add_argument("--mixed-precision", type=float, default=None, metavar="FRACTION",
+                   help="at --bits 4, up to FRACTION more size for int8 on the weights whose int4 rounding costs "
+                        "the most (measured on the calibration text), like llama.cpp's Q4_K_M; 0 = off; "
+                        "default: the target's")
     p.add_argument("--compute-precision", default=None, choices=["float16", "float32"],
                    help="Core ML: float16 (default) or float32; ExecuTorch: float32 (default) or float16 "
                         "(an fp16 program, with --bits 16); ONNX: float32")
@@ -69,8 +73,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
-                   help="calibrate on this UTF-8 text (up to 4096 tokens) instead of the shipped calibration passage: "
-                        "--quant-method gptq, and ONNX --kv-bits 8's cache scales")
+                   help="calibrate on this UTF-8 text (up to 2048 tokens) instead of the shipped calibration passage: "
+                        "--quant-method gptq, --mixed-precision, and ONNX --kv-bits 8's cache scales")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
@@ -158,7 +162,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def _quant_kwargs(a) -> dict:
     return dict(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
                 activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits,
-                lm_head_bits=a.lm_head_bits, method=a.quant_method)
+                lm_head_bits=a.lm_head_bits, method=a.quant_method, mixed_precision=a.mixed_precision)
 
 
 def _spec_kwargs(a) -> dict:

@@ -95,8 +95,13 @@ def estimate_weight_bytes(shape: Shape, spec, exporter, compute_precision: str |
     shapes = [(name, name, (rows, cols), "embedding" if name.endswith(EMBEDDING) else "linear")
               for name, (rows, cols) in shape.weights]
     plan = resolve(spec, exporter.limits(compute_precision), shapes, shape.tied, exporter.default_method)
-    return [{"name": w.name, "shape": list(w.shape), "bits": w.bits, "stored_bytes": int(plan.stored_bytes(w))}
-            for w in plan.weights]
+    out = [{"name": w.name, "shape": list(w.shape), "bits": w.bits, "stored_bytes": int(plan.stored_bytes(w))}
+           for w in plan.weights]
+    if spec.mixed_precision:  # which weights go int8 is measured at export; the budget bounds their bytes
+        extra = spec.mixed_precision * sum(w["stored_bytes"] for w in out)
+        out.append({"name": f"mixed precision: int8 for the most sensitive weights (up to +{spec.mixed_precision:.0%})",
+                    "shape": [0, 0], "bits": 8, "stored_bytes": int(extra)})
+    return out
 
 
 def report_weight_bytes(folder: Path) -> list[dict]:
@@ -189,7 +194,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         model=None, artifact=None, compute_precision: str | None = None, kv_bits: int | None = None,
         trust_remote_code: bool = False) -> FitReport:
     from .exporters import TARGETS
-    from .pipeline import quant_label, resolve_precision, resolve_spec
+    from .quantize.spec import quant_label, resolve_spec
     from .quantize import QuantSpec
 
     for flag, value in (("--context", context), ("--prompt-tokens", prompt_tokens)):
@@ -212,7 +217,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         extra = m.get("target_extra", {})
         compute_precision, kv_bits = extra.get("compute_precision"), extra.get("kv_bits")
     exporter = TARGETS.get(target)()
-    precision, kv_bits = resolve_precision(exporter, compute_precision, kv_bits)
+    precision, kv_bits = exporter.resolve_precision(compute_precision, kv_bits)
     if artifact is None:
         spec = resolve_spec(exporter, spec)
         exporter.check(spec, precision)  # what the export would refuse, refused here too

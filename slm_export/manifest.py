@@ -74,3 +74,17 @@ def model_size_bytes(manifest: dict) -> int:
     # a model file may be a folder (a Core ML .mlpackage): count everything under it
     return sum(m["bytes"] for n, m in manifest["files"].items()
                if n in model_files or n.startswith(manifest["model_file"] + "/"))
+
+
+def library_versions(*names: str) -> dict:
+    """Versions of Python, slm-export and `names` (None for a package that is not installed)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for n in ("slm-export", *names):
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out

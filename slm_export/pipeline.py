@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 from . import manifest as mf
@@ -19,63 +17,21 @@ from .exporters import TARGETS, ExportOptions
 from .loading import LoadedModel, from_object, load
 from .quantize import QuantSpec
 from .quantize.calibration import MAX_TOKENS
-from .quantize.quantizer import quantize
+from .quantize.spec import quant_label, resolve_spec
 from .quantize.methods import CALIBRATED
 from .staging import check_destination, staged_folder
 
 REPORT_FILE = "quant_report.json"
 
 
-def library_versions(*names: str) -> dict:
-    out = {"python": platform.python_version()}
-    for n in ("slm-export", *names):
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    return out
-
-
-def resolve_precision(exporter, compute_precision: str | None, kv_bits: int | None) -> tuple[str, int]:
-    """(compute precision, KV-cache bits) for this target: the defaults, or the asked ones if it has them."""
-    target = exporter.name
-    if compute_precision is not None and compute_precision not in exporter.compute_precisions:
-        raise SlmExportError(f"--compute-precision {compute_precision} is not available for the {target} target; "
-                             f"use {' or '.join(exporter.compute_precisions)}")
-    precision = compute_precision or exporter.compute_precisions[0]
-    kv_choices = exporter.kv_bits_for(precision)
-    if kv_bits is None:
-        kv_bits = kv_choices[0]
-    elif kv_bits not in kv_choices:
-        at = f" at --compute-precision {precision}" if kv_choices != exporter.kv_cache_bits else ""
-        raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {target} target{at}; "
-                             f"use {' or '.join(map(str, kv_choices))}")
-    return precision, kv_bits
-
-
-def resolve_spec(exporter, spec: QuantSpec | None) -> QuantSpec:
-    """`spec` (default: QuantSpec()) with this target's default for what it leaves unset (embedding bits)."""
-    spec = spec or QuantSpec()
-    if spec.embedding_bits is None:
-        spec = dataclasses.replace(spec, embedding_bits=exporter.embedding_bits_for(spec.bits))
-    return spec
-
-
-def quant_label(spec: QuantSpec, precision: str) -> str:
-    # "float" names fp32 weights; unquantized weights in an fp16 program are "float16"
-    return "float16" if not spec.quantized and precision == "float16" else spec.label()
-
-
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
                force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
                kv_bits: int | None = None, calibration_text: str | Path | None = None, tokenizer=None,
                trust_remote_code: bool = False, log=print):
-    """Export `model` (a path, hub id, None for the default, or an nn.Module) and return the Artifact."""
-    from .artifact import Artifact
-
+    """Export `model` (a path, hub id, None for the default, or an nn.Module); returns the folder written."""
     exporter = TARGETS.get(target)()
     spec = resolve_spec(exporter, spec)
-    precision, kv_bits = resolve_precision(exporter, compute_precision, kv_bits)
+    precision, kv_bits = exporter.resolve_precision(compute_precision, kv_bits)
     if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
         # int8 activations are "where the target can": this one cannot, so the label says weight-only
         log(f"note: the {target} target quantizes weights only; activations stay "
@@ -87,7 +43,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     check_destination(out, force)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
     method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
-    reads_text = method in CALIBRATED or exporter.calibrates(kv_bits)
+    reads_text = method in CALIBRATED or bool(spec.mixed_precision) or exporter.calibrates(kv_bits)
     user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
 
     t0 = time.perf_counter()
@@ -108,16 +64,13 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
 
     t1 = time.perf_counter()
-    plan = exporter.plan(decoder, spec, precision)
-    codes, ids = {}, None
-    if not spec.palettize:  # Core ML's k-means palettes are not codes and scales: its exporter makes them
-        ids = options.calibration(MAX_TOKENS, decoder.vocab_size) if plan.calibrated else None
-        codes = quantize(decoder, plan, ids[0] if ids else None)
-        if ids:
-            plan.calibration.update(text=ids[1], **(options.text_record or {"random_ids": len(ids[0])}))
+    ids = options.calibration(MAX_TOKENS, decoder.vocab_size) if reads_text else None
+    plan, codes = exporter.quantize(decoder, spec, precision, ids[0] if ids else None)
+    if plan.calibration:
+        plan.calibration.update(text=ids[1], **(options.text_record or {"random_ids": len(ids[0])}))
     if codes:
         log(f"quantized {len(codes)} weights in {time.perf_counter() - t1:.1f}s"
-            + (f" (calibrated on {plan.calibration['tokens']} tokens of {plan.calibration['text']})" if ids else ""))
+            + (f" (calibrated on {plan.calibration['text']})" if plan.calibration else ""))
     with staged_folder(out) as tmp:
         result = exporter.write(decoder, spec, tmp, options, plan, codes)
         export_s = time.perf_counter() - t1
@@ -145,12 +98,12 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
             "tokenizer": tok_info,
             "export_seconds": round(export_s, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": library_versions("torch", "transformers", *exporter.packages),
+            "versions": mf.library_versions("torch", "transformers", *exporter.packages),
         }
         mf.write(tmp, manifest)
     log(result.report.format_summary())
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
-    return Artifact.open(out)
+    return out
 
 
 MIN_CALIBRATION_TOKENS = 32

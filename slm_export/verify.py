@@ -58,33 +58,23 @@ TOLERANCES: dict[int, dict[str, Tolerance]] = {
     4: {"same-quant": Tolerance(mean_kl=0.03, top1=0.90), "fp32": Tolerance(mean_kl=0.75, top1=0.40)},
 }
 
-# ExecuTorch's XNNPACK kernels quantize activations per token (one int8 scale per row of `hidden`
-# values) where onnxruntime's accuracy_level 4 uses one per block of 32, so against same-quant
-# (float activations) a .pte carries more activation rounding. Measured on SmolLM2-135M-Instruct
-# (README "Parity tolerances"): same-quant KL 0.022 / top-1 0.92 (int8), 0.036 / 0.87 (int4); against
-# fp32, int8 KL 0.028 / top-1 0.90 (over half of ONNX's bound, so widened), int4 within the shared bound.
-TARGET_TOLERANCES: dict[str, dict[int, dict[str, Tolerance]]] = {
-    "executorch": {8: {"same-quant": Tolerance(mean_kl=0.04, top1=0.84), "fp32": Tolerance(mean_kl=0.05, top1=0.84)},
-                   4: {"same-quant": Tolerance(mean_kl=0.06, top1=0.82)}},
+# Kernels that quantize activations per token (one int8 scale per row of `hidden` values: XNNPACK's
+# 8da4w / 8da8w, and onnxruntime's KleidiAI kernels on ARM) round more than onnxruntime's x86 kernels,
+# which use one scale per block of 32, so against same-quant (float activations) they carry more
+# activation rounding. Measured on SmolLM2-135M-Instruct (README "Parity tolerances"): a .pte's same-quant
+# KL 0.022 / top-1 0.92 (int8), 0.036 / 0.87 (int4); the same .onnx on ARM under QEMU, int4 same-quant KL
+# 0.031 / top-1 0.87 (x86: 0.004 / 0.96); against fp32 at int8, KL 0.028 / top-1 0.90 (over half of the
+# shared bound, so widened). Keyed by the kernels' declared `activation_rounding` (quantize/limits.py).
+ACTIVATION_ROUNDING_TOLERANCES: dict[str, dict[int, dict[str, Tolerance]]] = {
+    "per-token": {8: {"same-quant": Tolerance(mean_kl=0.04, top1=0.84), "fp32": Tolerance(mean_kl=0.05, top1=0.84)},
+                  4: {"same-quant": Tolerance(mean_kl=0.06, top1=0.82)}},
 }
 
-
-# Core ML computes in float16 by default (float16 activations and KV cache); against fp32 PyTorch
-# that is what remains at bits 16. Measured on SmolLM2-135M-Instruct through the converted program
-# (README "Parity tolerances"). A float32-compute package keeps the shared bounds.
-TARGET_TOLERANCES["coreml-float16"] = {16: {"fp32": Tolerance(mean_kl=1e-3, top1=0.95)}}
-# An fp16 ExecuTorch program (--compute-precision float16): the same error class, the same bound.
-# Measured on SmolLM2-135M-Instruct: KL 0.00003, top-1 0.994, max |dlogit| 0.15, perplexity equal to fp32's.
-TARGET_TOLERANCES["executorch-float16"] = TARGET_TOLERANCES["coreml-float16"]
-
-
-# The same .onnx on onnxruntime's aarch64 build (README "ARM without a board"). With int8 activations
-# (MatMulNBits accuracy_level 4) ARM's 4-bit kernels (KleidiAI) quantize activations per row, one int8
-# scale per token, where x86's use one per block of 32: the same error class as ExecuTorch's 8da4w, so
-# the same bound. Measured on SmolLM2-135M-Instruct under QEMU -cpu cortex-a76: int4 same-quant KL 0.031 /
-# top-1 0.87 on ARM (x86: 0.004 / 0.96), which the x86 bound would fail. 8-bit weights measure alike on
-# both (KL 0.004). Float activations (--weight-only, accuracy_level 0) and fp32 are bit-identical.
-TARGET_TOLERANCES["onnx-arm"] = {4: {"same-quant": Tolerance(mean_kl=0.06, top1=0.82)}}
+# A float16 program (Core ML's default compute precision; ExecuTorch --compute-precision float16):
+# float16 activations and KV cache against fp32 PyTorch is what remains at bits 16. Measured on
+# SmolLM2-135M-Instruct: ExecuTorch fp16 KL 0.00003, top-1 0.994, max |dlogit| 0.15, perplexity equal
+# to fp32's; Core ML's converted program alike (README "Parity tolerances").
+FLOAT16_TOLERANCES: dict[int, dict[str, Tolerance]] = {16: {"fp32": Tolerance(mean_kl=1e-3, top1=0.95)}}
 
 # The device's run against this machine's run of the same artifact (the third comparison of
 # `verify --device`), by weight bits and activation kind. Measured on SmolLM2-135M-Instruct (ARM vs x86):
@@ -105,19 +95,33 @@ def host_tolerance(bits: int, activations: str) -> Tolerance:
 KV_CACHE_ALLOWANCE: dict[int, tuple[float, float]] = {8: (0.02, 0.06)}  # bits: (added mean KL, top-1 drop)
 
 
-def tolerances_for(target: str, bits: int, compute_precision: str = "float32", arm: bool = False,
+def tolerances_for(bits: int, activation_rounding: str = "per-block", compute_precision: str = "float32",
                    kv_bits: int = 32) -> dict[str, Tolerance]:
-    """The bounds for an artifact: the shared ones, then its target's, its compute precision's, and ARM's,
-    each widened by its KV cache's allowance."""
-    keys = [target] + ([f"{target}-{compute_precision}"] if compute_precision != "float32" else []) + \
-        ([f"{target}-arm"] if arm else [])
+    """The bounds for an artifact from what its kernels do: the shared ones, widened for activations
+    rounded per token and for a float16 program, each widened by its KV cache's allowance."""
     merged = dict(TOLERANCES[bits])
-    for key in keys:
-        merged.update(TARGET_TOLERANCES.get(key, {}).get(bits, {}))
+    merged.update(ACTIVATION_ROUNDING_TOLERANCES.get(activation_rounding, {}).get(bits, {}))
+    if compute_precision == "float16":
+        merged.update(FLOAT16_TOLERANCES.get(bits, {}))
     if kv_bits in KV_CACHE_ALLOWANCE:
         kl, drop = KV_CACHE_ALLOWANCE[kv_bits]
         merged = {name: Tolerance(mean_kl=t.mean_kl + kl, top1=t.top1 - drop) for name, t in merged.items()}
     return merged
+
+
+def artifact_tolerances(manifest: dict, on_arm: bool = False) -> dict[str, Tolerance]:
+    """tolerances_for an exported artifact: its target's declared activation rounding (none with float
+    activations; per token on ARM, whose int8 kernels quantize activations per row)."""
+    from .exporters import TARGETS
+
+    spec, extra = manifest["quant"]["spec"], manifest.get("target_extra", {})
+    precision, kv_bits = extra.get("compute_precision", "float32"), extra.get("kv_bits", 32)
+    rounding = TARGETS.get(manifest["target"])().limits(precision).activation_rounding
+    if spec.get("activations") == "float":
+        rounding = "none"
+    elif on_arm and rounding == "per-block":
+        rounding = "per-token"
+    return tolerances_for(spec["bits"], rounding, precision, kv_bits)
 
 
 @dataclass
@@ -362,10 +366,8 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
         report.device = dev.name
         report.executed_by = f"{executed_by} on {dev.name}" + (f" ({dev.emulated})" if dev.emulated else "")
     full = ids + forced[:-1]
-    extra = artifact.manifest.get("target_extra", {})
-    precision, kv_bits = extra.get("compute_precision", "float32"), extra.get("kv_bits", 32)
     arm = bool(dev and dev.emulated)  # the device runs the runtime's aarch64 build
-    for name, tol in {**tolerances_for(artifact.target, bits, precision, arm, kv_bits), **(tolerances or {})}.items():
+    for name, tol in {**artifact_tolerances(artifact.manifest, arm), **(tolerances or {})}.items():
         ref_model = model if name == "fp32" else same_quant_model(model, artifact)
         report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
     if arm:  # the ARM build's kernels against this machine's

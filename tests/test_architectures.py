@@ -13,6 +13,7 @@ from conftest import ARCHS, tiny_model
 
 
 def _export(model, tmp_path, bits, **kw):
+    kw.setdefault("mixed_precision", 0 if bits == 4 else None)  # every int4 weight int4, unless a test asks
     return slm_export.export(model, target="onnx", bits=bits, out=tmp_path / f"b{bits}", max_context=128,
                              log=lambda *a: None, **kw)
 
@@ -50,7 +51,7 @@ def test_weight_only_int4_is_exact_against_same_quant(arch, tmp_path):
 def test_tied_lm_head_is_quantized_and_report_lists_every_weight(tmp_path):
     model = tiny_model("llama")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    art = _export(model, tmp_path, 4)
+    art = _export(model, tmp_path, 4, lm_head_bits=4)
     report = json.loads((art.path / "quant_report.json").read_text())
     entries = {e["name"]: e for e in report["weights"]}
     assert entries["lm_head"]["bits"] == 4 and "MatMulNBits" in entries["lm_head"]["scheme"]
@@ -76,7 +77,7 @@ def test_width_not_divisible_by_group_falls_back(tmp_path):
     for inter, expect in [(80, "fell back to group 16"), (72, "zero-padded")]:
         model = tiny_model("llama", intermediate_size=inter)
         art = slm_export.export(model, target="onnx", bits=4, out=tmp_path / f"i{inter}", max_context=64,
-                                log=lambda *a: None)
+                                mixed_precision=0, log=lambda *a: None)
         down = [e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if "down_proj" in e["name"]]
         assert down and all(e["bits"] == 4 and expect in e["reason"] for e in down)
         report = art.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False)
@@ -116,7 +117,7 @@ def test_manifest_records_io_kv_layout_and_checksums(tmp_path):
 
 def test_tied_int4_embedding_shares_the_lm_head_weights(tmp_path):
     model = tiny_model("llama")
-    art = _export(model, tmp_path, 4, embedding_bits=4)
+    art = _export(model, tmp_path, 4, embedding_bits=4, lm_head_bits=4)
     graph = onnx.load(str(art.path / "model.onnx"), load_external_data=False).graph
     names = {t.name for t in graph.initializer}
     assert "embed_tokens.qweight" not in names and "lm_head.qweight" in names
@@ -127,7 +128,7 @@ def test_tied_int4_embedding_shares_the_lm_head_weights(tmp_path):
     report = art.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
     assert next(c for c in report.comparisons if c.reference == "same-quant").passed, report.format()
     (tmp_path / "int8emb").mkdir()
-    int8_table = _export(model, tmp_path / "int8emb", 4)
+    int8_table = _export(model, tmp_path / "int8emb", 4, lm_head_bits=4)
     assert art.size_mb < int8_table.size_mb
 
 
@@ -143,7 +144,7 @@ def test_lm_head_bits_8_keeps_the_output_layer_int8_and_shares_it_with_the_embed
     by_ref = {c.reference: c for c in report.comparisons}
     assert by_ref["same-quant"].passed, report.format()
     (tmp_path / "head4").mkdir()
-    plain = _export(model, tmp_path / "head4", 4)
+    plain = _export(model, tmp_path / "head4", 4, lm_head_bits=4)
     plain_fp32 = next(c for c in plain.verify(reference=model, prompt_tokens=32, decode_steps=8,
                                               perplexity=False).comparisons if c.reference == "fp32")
     assert by_ref["fp32"].mean_kl < plain_fp32.mean_kl  # the int8 output layer is closer to fp32

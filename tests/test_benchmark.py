@@ -74,9 +74,8 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
     rows = {(r["system"], r["prompt_tokens"]): r for r in data["results"]}
-    assert {s for s, _ in rows} == {"slm-export onnx float", "slm-export onnx int4-g32-sym-a8", "PyTorch eager fp32",
-                                    "slm-export onnx int4-g32-sym-a8 kv8",  # --onnx-kv8 4 by default
-                                    "slm-export onnx int4-g32-sym-a8-head8 kv8"}  # --onnx-head8 4 by default
+    assert {s for s, _ in rows} == {"slm-export onnx float", "slm-export onnx int4-g32-sym-a8-head8", "PyTorch eager fp32",
+                                    "slm-export onnx int4-g32-sym-a8-head8 kv8"}  # --onnx-kv8 4 by default
     for (system, prompt), r in rows.items():
         assert r["error"] is None and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0 and r["model"] == "tiny-llama"
         assert len(r["samples"]["rounds_decode_tok_s"]) == 2  # both rounds kept beside the median
@@ -84,13 +83,13 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
             assert r["export_s"] > 0 and r["export_peak_rss_mb"] > 100  # the export command loads torch
     # quality against PyTorch fp32: float ONNX is the same function, int4 is measurably not
     fp32 = rows[("slm-export onnx float", 8)]
-    int4 = rows[("slm-export onnx int4-g32-sym-a8", 8)]
+    int4 = rows[("slm-export onnx int4-g32-sym-a8-head8", 8)]
     assert fp32["mean_kl"] < 1e-6 and fp32["top1_agreement"] == 1.0
     assert int4["mean_kl"] > fp32["mean_kl"] and int4["mean_kl"] < 0.5
     assert rows[("slm-export onnx int4-g32-sym-a8-head8 kv8", 8)]["mean_kl"] > fp32["mean_kl"]
     assert rows[("PyTorch eager fp32", 8)]["mean_kl"] is None  # the reference is not scored against itself
     md = (out / "RESULTS.md").read_text()
-    assert "| tiny-llama | slm-export onnx int4-g32-sym-a8 |" in md and "## Against the goals" in md
+    assert "| tiny-llama | slm-export onnx int4-g32-sym-a8-head8 |" in md and "## Against the goals" in md
     assert "onnx vs onnxruntime-genai (-): not measured" in md  # a peer that was not run is said, not hidden
 
 

@@ -27,6 +27,14 @@ def _assert_clean_refusal(code, out, err, tmp_path, expect):
     (["--target", "executorch", "--bits", "16", "--compute-precision", "float16", "--kv-bits", "8"],
      "--kv-bits 8 is not available for the executorch target at --compute-precision float16; use 16"),
     (["--target", "onnx", "--compute-precision", "float16"], "--compute-precision float16 is not available for the onnx"),
+    (["--quant-method", "awq"], "--quant-method awq is not known; use one of: gptq, hqq, mse, rtn"),
+    (["--quant-method", "hqq", "--asymmetric"], "--quant-method hqq chooses symmetric scales only"),
+    (["--bits", "16", "--quant-method", "gptq"], "--quant-method gptq has no effect: --bits 16 quantizes nothing"),
+    (["--mixed-precision", "2"], "--mixed-precision 2.0 is not valid; use a fraction from 0 (off) to 1"),
+    (["--bits", "8", "--mixed-precision", "0.1"], "--mixed-precision 0.1 needs --bits 4"),
+    (["--target", "executorch", "--asymmetric"], "--asymmetric is not supported by the executorch target"),
+    (["--target", "executorch", "--quant-method", "hqq", "--calibration-text", "README.md"],
+     "--calibration-text is for exports that calibrate"),
 ])
 def test_invalid_options(args, expect, tmp_path):
     _assert_clean_refusal(*run_cli(*args, "--out", tmp_path / "o"), tmp_path, expect)

@@ -97,7 +97,7 @@ def test_fit_weight_estimate_matches_the_exported_report(tmp_path, target, bits)
     assert abs(estimated - real) / real < 0.03, (estimated, real)
 
 
-@pytest.mark.parametrize("kw", [dict(embedding_bits=4), dict(lm_head_bits=8)])
+@pytest.mark.parametrize("kw", [dict(embedding_bits=4, lm_head_bits=4), dict(lm_head_bits=8)])
 def test_fit_estimate_knows_onnx_shares_a_tied_table_with_the_lm_head(tmp_path, kw):
     model = tiny_model("llama")  # tied: the embedding's rows come out of the lm_head's weights
     art = slm_export.export(model, target="onnx", bits=4, out=tmp_path / "a", max_context=64, log=lambda *a: None, **kw)

@@ -45,7 +45,7 @@ def test_inspect_folder_and_zip(tiny_bundle):
         assert code == 0, err
         assert "checksums     ok" in out and "last parity   PASS" in out and "decode" in out
     code, out, _ = run_cli("inspect", folder, "--json")
-    assert json.loads(out)["quant"] == "int4-g32-sym-a8"
+    assert json.loads(out)["quant"] == "int4-g32-sym-a8-head8"
 
 
 def test_python_snippet_in_readme_runs(tiny_bundle, tmp_path):

@@ -128,8 +128,10 @@ def test_calibration_on_your_own_text(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--kv-bits", "32"], "--calibration-text is for exports that calibrate: --quant-method gptq"),
-    (["--kv-bits", "8", "--target", "executorch"], "this executorch export (hqq, --kv-bits 8) calibrates nothing"),
+    (["--kv-bits", "32", "--quant-method", "mse", "--mixed-precision", "0"],
+     "--calibration-text is for exports that calibrate: --quant-method gptq"),
+    (["--kv-bits", "8", "--target", "executorch", "--quant-method", "rtn"],
+     "this executorch export (rtn, --kv-bits 8) calibrates nothing"),
     (["--kv-bits", "8", "--calibration-text-missing"], "is not a file; pass a UTF-8 text file"),
     (["--kv-bits", "8", "--calibration-text-short"], "is 3 tokens; calibration needs at least 32"),
     (["--kv-bits", "8", "--calibration-text-empty"], "is empty; pass at least 32 tokens"),
@@ -166,9 +168,10 @@ def test_exports_that_calibrate_nothing_do_not_tokenize_text(tmp_path, tiny_dir,
     def refuse(*a, **k):
         raise AssertionError("tokenized calibration text for an export that calibrates nothing")
     monkeypatch.setattr(pipeline, "_calibration_ids", refuse)
+    data_free = dict(quant_method="mse", mixed_precision=0)  # the default (GPTQ, mixed precision) calibrates
     art = slm_export.export(tiny_dir, target="onnx", kv_bits=32, max_context=64, out=tmp_path / "kv32",
-                            log=lambda *a: None)
-    assert "kv_cache" not in art.manifest["target_extra"]
-    with pytest.raises(AssertionError, match="tokenized calibration text"):
-        slm_export.export(tiny_dir, target="onnx", kv_bits=8, max_context=64, out=tmp_path / "kv8",
-                          log=lambda *a: None)
+                            log=lambda *a: None, **data_free)
+    assert "kv_cache" not in art.manifest["target_extra"] and art.manifest["quant"]["calibration"] is None
+    for kw in (dict(kv_bits=8, **data_free), dict(kv_bits=32)):
+        with pytest.raises(AssertionError, match="tokenized calibration text"):
+            slm_export.export(tiny_dir, target="onnx", max_context=64, out=tmp_path / "kv8", log=lambda *a: None, **kw)

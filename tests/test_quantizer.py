@@ -7,7 +7,7 @@ from slm_export.quantize.codes import round_scales
 from slm_export.quantize.methods import METHODS
 from slm_export.quantize.plan import WeightPlan
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, require_extra, tiny_model
 
 
 def _ort_quantize(w, bits, block, symmetric):
@@ -135,3 +135,101 @@ def test_unknown_method_and_useless_combinations_are_refused():
     with pytest.raises(SlmExportError, match="--bits 16 quantizes nothing"):
         QuantSpec(bits=16, method="gptq")
     assert QuantSpec(method="gptq").label() == "int4-g32-sym-a8-gptq"
+
+
+def _onnx(model, tmp_path, name, **kw):
+    import slm_export
+
+    return slm_export.export(model, target="onnx", out=tmp_path / name, max_context=128, log=lambda *a: None, **kw)
+
+
+def test_mixed_precision_moves_the_most_sensitive_weights_to_int8_within_its_budget(tmp_path):
+    """Sensitivity is measured per unit on the calibration text (random ids here: no tokenizer), the
+    units that cost the most KL per extra byte go int8 until the budget is spent, the report says why,
+    and verify's same-quant reference rebuilds the same plan from the manifest."""
+    import json
+
+    model = tiny_model("llama")
+    plain = _onnx(model, tmp_path, "plain", quant_method="mse", mixed_precision=0)
+    mixed = _onnx(model, tmp_path, "mixed", quant_method="mse", mixed_precision=0.2)
+    mp = mixed.manifest["quant"]["calibration"]["mixed_precision"]
+    assert mp["budget"] == 0.2 and mp["int8_units"]
+    base = plain.manifest["quant"]["summary"]["stored_mb"]
+    assert 0 < mp["extra_bytes"] <= 0.2 * base * 1e6 + 1
+    report = {e["name"]: e for e in json.loads((mixed.path / "quant_report.json").read_text())["weights"]}
+    unit = mp["int8_units"][0]  # e.g. layers.1.qkv -> ONNX node layers.1.qkv_proj
+    node = {"qkv": "qkv_proj", "o": "o_proj", "down": "down_proj"}.get(unit.split(".")[-1], "gate_proj")
+    entry = report["lm_head" if unit == "lm_head" else f"{'.'.join(unit.split('.')[:2])}.{node}"]
+    assert entry["bits"] == 8 and "sensitivity" in entry["reason"] and "mixed precision" in entry["reason"]
+    assert {e["bits"] for e in report.values()} == {4, 8}
+    parity = mixed.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
+    # (not .passed: top-1 agreement on this random model's near-ties is noise; the KL is what tells)
+    assert next(c for c in parity.comparisons if c.reference == "same-quant").mean_kl < 1e-3, parity.format()
+
+
+def test_calibrated_exports_are_deterministic(tmp_path):
+    """GPTQ on the same calibration text gives the same bytes (what verify's re-quantization relies on)."""
+    model = tiny_model("qwen2")
+    a = _onnx(model, tmp_path, "a", quant_method="gptq")
+    b = _onnx(model, tmp_path, "b", quant_method="gptq")
+    assert (a.path / "model.onnx.data").read_bytes() == (b.path / "model.onnx.data").read_bytes()
+    assert a.manifest["quant"]["methods"] == ["gptq"]  # the tied embedding reads the int8 lm_head's codes
+    assert a.manifest["quant"]["calibration"]["random_ids"] > 0  # no tokenizer: said in the manifest
+
+
+def test_executorch_packs_the_codes_torchao_would_have_made():
+    """Packing hqq's codes gives the very tensor torchao's quantize_ makes (so the .pte is the same)."""
+    require_extra("executorch", "executorch")
+    import torch
+    from torchao.quantization import FqnToConfig, Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from slm_export.exporters.executorch.quant import pack_weight
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(128, 48, bias=False))
+    ours = torch.nn.Sequential(torch.nn.Linear(128, 48, bias=False))
+    ours.load_state_dict(ref.state_dict())
+    cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32),
+                                                intx_choose_qparams_algorithm="hqq_scale_only")
+    quantize_(ref, FqnToConfig(fqn_to_config={"0": cfg}), filter_fn=None)
+    w = ours[0].weight.detach().numpy()
+    pack_weight(ours[0], METHODS.get("hqq")(w, WeightPlan.of(w.shape, 4, 32, signed_scales=False)), "int8")
+    a, b = ref[0].weight, ours[0].weight
+    for field in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert (a.block_size, a.target_dtype, a.activation_quantization) == \
+        (b.block_size, b.target_dtype, b.activation_quantization)
+    x = torch.randn(3, 128)
+    assert torch.equal(ref(x), ours(x))
+
+
+def test_coreml_packs_given_codes_as_coremltools_would():
+    """The package's const holds exactly the given int4 codes (including -8, which coremltools' own
+    symmetric mode never uses) and fp16 scales; dequantized it is codes x scales."""
+    require_extra("coremltools", "coreml")
+    import coremltools as ct
+    import torch
+    from coremltools.converters.mil import Builder as mb
+
+    from slm_export.exporters.coreml.quant import pack_consts
+    from slm_export.quantize.codes import QuantizedWeight
+
+    w = np.random.default_rng(4).standard_normal((16, 64)).astype(np.float16)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 64), dtype=ct.converters.mil.mil.types.fp16)],
+                opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=mb.const(val=w, name="p_weight"))
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+    codes = np.clip(np.round(w.astype(np.float32) / 0.1), -8, 7).astype(np.int8)
+    codes[0, 0] = -8
+    qw = QuantizedWeight(codes, np.full((16, 2), 0.1, np.float32), None, 4, 32)
+    packed = pack_consts(model, {"p_weight": qw})
+    ops = {op.op_type: op for op in packed._mil_program.functions["main"].operations}
+    op = ops["constexpr_blockwise_shift_scale"]
+    assert np.array_equal(op.data.val.astype(np.int8), codes) and op.scale.val.dtype == np.float16
+    assert op.offset is None and "const" not in [o.op_type for o in ops.values() if o.name == "p_weight"]
+    del torch

@@ -39,7 +39,12 @@ def test_int4_parity_within_tolerance(int4_dir, tmp_path):
     assert code == 0, stdout + err
     assert report["passed"]
     ppl = report["perplexity"]
-    assert ppl["tokens"] == 2048 and ppl["pytorch_fp32"] < ppl["artifact"] < 1.5 * ppl["pytorch_fp32"]
+    # the default int4 (GPTQ, int8 lm_head, mixed precision): perplexity within 8% of fp32 (measured +4.6%;
+    # the former round-to-nearest scale search was +30%), calibrated on text verify does not read
+    assert ppl["tokens"] == 2048 and ppl["pytorch_fp32"] < ppl["artifact"] < 1.08 * ppl["pytorch_fp32"]
+    manifest = json.loads((int4_dir / "manifest.json").read_text())
+    assert manifest["quant"]["methods"] == ["gptq"] and manifest["quant"]["calibration"]["file"] is None
+    assert manifest["quant"]["calibration"]["mixed_precision"]["int8_units"]
 
 
 def test_int4_parity_with_the_pytest_helper(int4_dir):
@@ -63,13 +68,13 @@ def test_int8_and_fp32_parity(tmp_path):
 
 
 def test_int4_with_int8_kv_cache_calibrated_on_the_passage(int4_dir, tmp_path):
-    """--kv-bits 8: calibrated on the passage's end, verify passes with its allowance, still Paris, and its
+    """--kv-bits 8: calibrated on the shipped calibration passage, verify passes with its allowance, still Paris, and its
     perplexity is within 5% of the fp32 cache's (measured 37.69 against 37.13)."""
     out = tmp_path / "kv8"
     code, _, err = run_cli("--target", "onnx", "--bits", "4", "--kv-bits", "8", "--out", out)
     assert code == 0, err
     extra = json.loads((out / "manifest.json").read_text())["target_extra"]
-    assert extra["kv_bits"] == 8 and extra["kv_cache"]["calibration"].startswith("1024 tokens of the shipped passage")
+    assert extra["kv_bits"] == 8 and extra["kv_cache"]["calibration"].startswith("1024 tokens of the shipped calibration")
     code, stdout, err = run_cli("generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
     assert code == 0 and "Paris" in stdout, err
     ppl = {}
@@ -95,5 +100,6 @@ def test_int4_on_the_emulated_pi_passes_with_the_arm_bounds(int4_dir, tmp_path):
     x86, arm = ({c["reference"]: c for c in json.loads((tmp_path / f"{name}.json").read_text())["comparisons"]}
                 for name in ("x86", "arm"))
     assert set(arm) == {"same-quant", "fp32", "x86_64 run"}
-    assert arm["same-quant"]["mean_kl"] > 2 * x86["same-quant"]["mean_kl"], "ARM int4 now matches x86: update README"
+    # measured with the default int4 (int8 lm_head, 15% of the weights int8): ARM 0.0072, x86 0.0039
+    assert arm["same-quant"]["mean_kl"] > 1.4 * x86["same-quant"]["mean_kl"], "ARM int4 now matches x86: update README"
     assert arm["x86_64 run"]["mean_kl"] > 0.005

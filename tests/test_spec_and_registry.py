@@ -48,7 +48,7 @@ def test_lm_head_bits_rule_label_and_refusals():
 @pytest.mark.parametrize("target, bits, expected", [
     ("executorch", 4, 4), ("executorch", 8, 8), ("executorch", 16, 8), ("onnx", 4, 8), ("coreml", 4, 8)])
 def test_embedding_bits_default_is_the_targets(target, bits, expected):
-    from slm_export.pipeline import resolve_spec
+    from slm_export.quantize.spec import resolve_spec
 
     exporter = TARGETS.get(target)()
     assert resolve_spec(exporter, QuantSpec(bits=bits)).embedding_bits == expected

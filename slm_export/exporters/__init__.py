@@ -105,22 +105,62 @@ class ExporterBase:
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits
 
+    def resolve_precision(self, compute_precision: str | None, kv_bits: int | None) -> tuple[str, int]:
+        """(compute precision, KV-cache bits) for this target: the defaults, or the asked ones if it has them."""
+        from ..errors import SlmExportError
+
+        if compute_precision is not None and compute_precision not in self.compute_precisions:
+            raise SlmExportError(f"--compute-precision {compute_precision} is not available for the {self.name} "
+                                 f"target; use {' or '.join(self.compute_precisions)}")
+        precision = compute_precision or self.compute_precisions[0]
+        kv_choices = self.kv_bits_for(precision)
+        if kv_bits is None:
+            kv_bits = kv_choices[0]
+        elif kv_bits not in kv_choices:
+            at = f" at --compute-precision {precision}" if kv_choices != self.kv_cache_bits else ""
+            raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {self.name} target{at}; "
+                                 f"use {' or '.join(map(str, kv_choices))}")
+        return precision, kv_bits
+
     def plan(self, decoder, spec, compute_precision: str | None = None):
         """The quantization plan of `decoder` under `spec` on this target (quantize/plan.py)."""
         from ..quantize.plan import plan_for_decoder
 
         return plan_for_decoder(spec, self.limits(compute_precision), decoder, self.default_method)
 
-    def quantize(self, decoder, spec, compute_precision: str | None = None, calibration_ids=None):
-        """(plan, codes): the plan and the one quantizer's codes for it, as an export makes them."""
+    def quantize(self, decoder, spec, compute_precision: str | None = None, calibration_ids=None,
+                 int8_units: list[str] | None = None):
+        """(plan, codes): the plan and the one quantizer's codes for it, as an export makes them.
+
+        With mixed precision, the units moved to int8 are measured on the calibration text, or given
+        (`int8_units`, as an export recorded them)."""
+        from ..quantize.mixed import promote, promote_units, unit_sensitivity
         from ..quantize.quantizer import quantize
 
         plan = self.plan(decoder, spec, compute_precision)
-        return plan, quantize(decoder, plan, calibration_ids)
+        if spec.mixed_precision and not spec.palettize:
+            if int8_units is not None:
+                plan = promote_units(plan, int8_units, spec.mixed_precision)
+            else:
+                if not calibration_ids:
+                    raise ValueError("mixed precision measures sensitivity on calibration token ids")
+                plan = promote(plan, unit_sensitivity(decoder, plan, calibration_ids), spec.mixed_precision)
+        if spec.palettize:  # Core ML's k-means palettes are not codes and scales: its exporter makes them
+            return plan, {}
+        return plan, quantize(decoder, plan, calibration_ids if plan.calibrated else None)
 
     def embedding_bits_for(self, bits: int) -> int:
         """The embedding's bits when --embedding-bits is not given, at weight --bits `bits`."""
         return 8
+
+    # At --bits 4, what --mixed-precision (quantize/mixed.py: the size fraction spent on int8 for the
+    # most sensitive weights) and --lm-head-bits are when not given; None: the lm_head takes --bits.
+    default_mixed_precision = 0.0
+    default_lm_head_bits: int | None = None
+
+    def default_method(self, bits: int, symmetric: bool) -> str:
+        # GPTQ: of the methods here, the least KL on every target (benchmarks/quality.py)
+        return "gptq"
 
     def calibrates(self, kv_bits: int) -> bool:
         """Whether the export runs calibration text through the model (for static KV-cache scales)."""

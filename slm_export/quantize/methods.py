@@ -128,8 +128,10 @@ def search_scales(wg: np.ndarray, plan, importance: np.ndarray | None = None) ->
     a smaller scale rounds the bulk of the group more finely and clips its outlier a little.
     Asymmetric candidates: [min, max] x 1.00 .. 0.80. Errors use round-half-even(w / scale).
     """
+    import torch
+
     qmin, qmax = grid(plan.bits, plan.symmetric)
-    imp = None if importance is None else importance[None]
+    imp = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))[None]
     best_s = np.empty(wg.shape[:2], np.float32)
     best_z = None if plan.symmetric else np.empty(wg.shape[:2], np.float32)
     for r0 in range(0, wg.shape[0], _ROWS_PER_CHUNK):
@@ -146,10 +148,18 @@ def search_scales(wg: np.ndarray, plan, importance: np.ndarray | None = None) ->
             candidates = [_asym_params(lo * f, hi * f, qmax, plan.scale_dtype) for f in _FRACTIONS]
         s_best, z_best = candidates[0][0].copy(), None if plan.symmetric else candidates[0][1].copy()
         err_best = np.full(g.shape[:2], np.inf, np.float32)
+        gt = torch.from_numpy(np.ascontiguousarray(g))
         for s, z in candidates:
             s = round_scales(s, plan.scale_dtype)
-            d = g - _codes_even(g, np.where(s != 0, s, np.float32(1)), z, qmin, qmax) * s[..., None]
-            err = (np.square(d) if imp is None else np.square(d) * imp).sum(-1)
+            st = torch.from_numpy(s)[..., None]
+            q = torch.round(gt / torch.where(st != 0, st, torch.ones_like(st)))  # half to even, as np.rint
+            if z is None:
+                q = torch.clamp(q, qmin, qmax)
+            else:
+                zt = torch.from_numpy(z)[..., None]
+                q = torch.clamp(q + zt, qmin, qmax) - zt
+            d = gt - q * st
+            err = (d * d if imp is None else d * d * imp).sum(-1).numpy()
             better = err < err_best
             err_best[better], s_best[better] = err[better], s[better]
             if z is not None:
@@ -203,28 +213,32 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
     wg = _groups(w, group)
     imp = np.concatenate([importance, np.zeros(wg.shape[1] * group - k, np.float32)]).reshape(-1, group)
     scales, zero = search_scales(wg, plan, imp)
-    col_group = np.arange(k) // group
-    s_col = torch.from_numpy(scales[:, col_group])  # [out, k]
-    z_col = torch.zeros_like(s_col) if zero is None else torch.from_numpy(zero[:, col_group])
-    recip = torch.where(s_col != 0, 1.0 / torch.where(s_col != 0, s_col, torch.ones_like(s_col)), torch.zeros_like(s_col))
+    # per group (rows of these), every output row's scale, its reciprocal and zero point
+    Sg = torch.from_numpy(scales).t().contiguous()
+    Rg = torch.where(Sg != 0, 1.0 / torch.where(Sg != 0, Sg, torch.ones_like(Sg)), torch.zeros_like(Sg))
+    Zg = torch.zeros_like(Sg) if zero is None else torch.from_numpy(zero).t().contiguous()
 
     order = torch.argsort(torch.diagonal(h), descending=True)  # act-order: the busiest inputs first
+    col_group = (order // group).tolist()  # the group of each column, in quantization order
     h = h[order][:, order]
     h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diagonal(h))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     # Transposed (one row per input column, contiguous): each step reads and updates whole rows.
-    Wt = torch.from_numpy(w.copy())[:, order].t().contiguous()
-    St, Zt, Rt = (m[:, order].t().contiguous() for m in (s_col, z_col, recip))
+    Wt = torch.from_numpy(w).t()[order].contiguous()
     Qt = torch.empty_like(Wt)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         W1, E1 = Wt[b0:b1].clone(), torch.empty(b1 - b0, out)
         Hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = W1[i]
-            q = torch.clamp(torch.round(col * Rt[b0 + i] + Zt[b0 + i]), qmin, qmax)
+            col, g = W1[i], col_group[b0 + i]
+            if zero is None:
+                q = torch.clamp(torch.round(col * Rg[g]), qmin, qmax)
+                err = (col - q * Sg[g]) / Hb[i, i]
+            else:
+                q = torch.clamp(torch.round(col * Rg[g] + Zg[g]), qmin, qmax)
+                err = (col - (q - Zg[g]) * Sg[g]) / Hb[i, i]
             Qt[b0 + i] = q
-            err = (col - (q - Zt[b0 + i]) * St[b0 + i]) / Hb[i, i]
             W1[i:].addr_(Hb[i, i:], err, alpha=-1)  # spread this column's error over the ones after it
             E1[i] = err
         Wt[b1:] -= hinv[b0:b1, b1:].t() @ E1

@@ -15,8 +15,9 @@ from .calibration import DecoderForward, chunks
 from .methods import METHODS
 from .plan import QuantPlan, WeightPlan, at_bits, decoder_weights
 
-SENSITIVITY_TOKENS = 128  # calibration tokens the KL is measured on (enough to rank; keeps it cheap)
-PROBE_METHOD = "mse"  # the int4 rounding each unit is probed with (data-free, close to what GPTQ leaves)
+SENSITIVITY_TOKENS = 64  # calibration tokens the KL is measured on (enough to rank; keeps it cheap)
+PROBE_METHOD = "rtn"  # the int4 rounding each unit is probed with (data-free and fast)
+TOP_TOKENS = 32  # the KL is taken over the tokens that are in some position's float top-32 (the mass)
 
 
 def _kl(ref_logp, logits) -> float:
@@ -26,22 +27,29 @@ def _kl(ref_logp, logits) -> float:
     return float((ref_logp.exp() * (ref_logp - lp)).sum(-1).mean())
 
 
+def _vocab_subset(fwd, h):
+    """(rows of the lm_head to score, the float reference's log-probabilities over them): the union of
+    every position's top tokens carries nearly all the probability, at a fraction of the lm_head's cost."""
+    import torch
+
+    full = fwd.logits(h)
+    keep = torch.unique(full.topk(min(TOP_TOKENS, full.shape[-1]), -1).indices)
+    return keep, torch.log_softmax(full[..., keep].double(), -1)
+
+
 def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
     """unit -> mean KL on `ids` when only that unit's weights are int4 (as planned) and the rest float."""
     import torch
 
     arrays = {name: arr for name, _, arr, _ in decoder_weights(dec)}
-    units: dict[str, list[WeightPlan]] = {}
-    for w in plan.weights:
-        if w.quantized and w.kind == "linear" and w.bits == 4:
-            units.setdefault(w.unit, []).append(w)
+    units = _units(plan)
     seq = torch.tensor([chunks(ids, dec.max_context)[0][:SENSITIVITY_TOKENS]])
     fwd = DecoderForward(dec)
     with torch.no_grad():
         xs = [fwd.embed(seq)]
         for layer in dec.layers:
             xs.append(fwd.layer(layer, xs[-1]))
-        ref = torch.log_softmax(fwd.logits(xs[-1]).double(), -1)
+        keep, ref = _vocab_subset(fwd, xs[-1])
         out = {}
         for unit, ws in units.items():
             probe = {w.name: METHODS.get(PROBE_METHOD)(arrays[w.name], dataclasses.replace(w, method=PROBE_METHOD))
@@ -51,7 +59,7 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
             x = xs[start]
             for layer in dec.layers[start:]:
                 x = fwd.layer(layer, x)
-            out[unit] = _kl(ref, fwd.logits(x))
+            out[unit] = _kl(ref, fwd.logits(x, rows=keep))
             fwd.set({name: arrays[name] for name in probe})
     return out
 
@@ -59,36 +67,52 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
 def promote(plan: QuantPlan, sensitivity: dict[str, float], budget: float) -> QuantPlan:
     """The plan with the units of highest sensitivity per extra byte at int8, spending at most
     `budget` x the plan's stored bytes."""
-    def int8_plan(w: WeightPlan) -> WeightPlan:
-        return at_bits(w, 8, plan.limits)
-
-    base = sum(plan.stored_bytes(w) for w in plan.weights)
-    allowance = budget * base
-    by_unit: dict[str, list[WeightPlan]] = {}
-    for w in plan.weights:
-        if w.unit in sensitivity:
-            by_unit.setdefault(w.unit, []).append(w)
-    cost = {u: sum(plan.stored_bytes(int8_plan(w)) - plan.stored_bytes(w) for w in ws) for u, ws in by_unit.items()}
-    ranked = sorted(sensitivity, key=lambda u: sensitivity[u] / max(cost[u], 1), reverse=True)
-    rank = {u: i + 1 for i, u in enumerate(sorted(sensitivity, key=sensitivity.get, reverse=True))}
-    chosen, spent = set(), 0
-    for u in ranked:
-        if spent + cost[u] <= allowance:
-            chosen.add(u)
+    by_unit = _units(plan)
+    cost = {u: _extra_bytes(plan, by_unit[u]) for u in sensitivity}
+    chosen, spent = [], 0
+    for u in sorted(sensitivity, key=lambda u: sensitivity[u] / max(cost[u], 1), reverse=True):
+        if spent + cost[u] <= budget * _stored(plan):
+            chosen.append(u)
             spent += cost[u]
+    return promote_units(plan, chosen, budget, sensitivity)
+
+
+def promote_units(plan: QuantPlan, units: list[str], budget: float,
+                  sensitivity: dict[str, float] | None = None) -> QuantPlan:
+    """The plan with `units` at int8 (as measured by `promote`, or as an export recorded them)."""
+    by_unit = _units(plan)
+    unknown = [u for u in units if u not in by_unit]
+    if unknown:
+        raise ValueError(f"mixed precision names units {unknown[:3]} that this plan has no int4 weights in")
+    rank = {u: i + 1 for i, u in enumerate(sorted(sensitivity or {}, key=sensitivity.get, reverse=True))}
     weights = []
     for w in plan.weights:
-        if w.unit not in sensitivity:
-            weights.append(w)
-            continue
-        note = (f"; sensitivity {sensitivity[w.unit]:.4f} KL (rank {rank[w.unit]} of {len(rank)})")
-        if w.unit in chosen:
-            weights.append(dataclasses.replace(int8_plan(w), reason=w.reason + note +
-                                               f": int8 (mixed precision, +{budget:.0%} size budget)"))
+        note = f"; sensitivity {sensitivity[w.unit]:.4f} KL (rank {rank[w.unit]} of {len(rank)})" \
+            if sensitivity and w.unit in sensitivity else ""
+        if w.unit in units:
+            weights.append(dataclasses.replace(at_bits(w, 8, plan.limits), reason=w.reason + note +
+                                               f": int8 (mixed precision, budget +{budget:.0%} size)"))
         else:
             weights.append(dataclasses.replace(w, reason=w.reason + note))
     out = QuantPlan(plan.target, weights, plan.limits, dict(plan.calibration))
-    out.calibration["mixed_precision"] = {"budget": budget, "extra_bytes": int(spent),
-                                          "int8_units": sorted(chosen, key=lambda u: -sensitivity[u])}
+    extra = _stored(out) - _stored(plan)
+    order = sorted(units, key=lambda u: -(sensitivity or {}).get(u, 0))
+    out.calibration["mixed_precision"] = {"budget": budget, "extra_bytes": int(extra), "int8_units": order}
     return out
 
+
+def _units(plan: QuantPlan) -> dict[str, list[WeightPlan]]:
+    """The int4 linear units a plan could move to int8, with their weights."""
+    by_unit: dict[str, list[WeightPlan]] = {}
+    for w in plan.weights:
+        if w.quantized and w.kind == "linear" and w.bits == 4:
+            by_unit.setdefault(w.unit, []).append(w)
+    return by_unit
+
+
+def _extra_bytes(plan: QuantPlan, ws: list[WeightPlan]) -> int:
+    return sum(plan.stored_bytes(at_bits(w, 8, plan.limits)) - plan.stored_bytes(w) for w in ws)
+
+
+def _stored(plan: QuantPlan) -> int:
+    return sum(plan.stored_bytes(w) for w in plan.weights)

@@ -44,12 +44,13 @@ def recorded_calibration_ids(folder: Path, manifest: dict, vocab_size: int) -> l
 def requantize(exporter, model, folder: Path, manifest: dict):
     """(plan, codes) of the artifact in `folder`, quantized again from `model` (its source)."""
     from ..architectures import to_decoder
-    from .quantizer import quantize
     from .spec import QuantSpec
 
     spec = QuantSpec.from_dict(manifest["quant"]["spec"])
     precision = manifest.get("target_extra", {}).get("compute_precision")
     dec = to_decoder(model, manifest["max_context"])
+    cal = manifest["quant"].get("calibration") or {}
+    units = (cal.get("mixed_precision") or {}).get("int8_units")  # as the export measured them
     plan = exporter.plan(dec, spec, precision)
     ids = recorded_calibration_ids(Path(folder), manifest, dec.vocab_size) if plan.calibrated else None
-    return plan, quantize(dec, plan, ids)
+    return exporter.quantize(dec, spec, precision, ids, int8_units=units if spec.mixed_precision else None)

@@ -6,7 +6,7 @@ ExecuTorch's quant configs): the embedding, then the lm_head, then every other l
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import SlmExportError
 
@@ -34,7 +34,7 @@ class QuantSpec:
     # accuracy_level=4, ExecuTorch 8da4w); "float": weight-only quantization.
     activations: str = "int8"
     embeddings: bool = True
-    # None: the target's default, filled in by the pipeline (`resolve_spec`) before anything reads it
+    # None: the target's default, filled in by the pipeline (`resolve_spec` below) before anything reads it
     embedding_bits: int | None = None
     lm_head: bool = True
     # None: the lm_head takes `bits` like every linear. 8 keeps it int8 at --bits 4, as llama.cpp's
@@ -45,6 +45,10 @@ class QuantSpec:
     palettize: bool = False
     # The algorithm that chooses codes and scales (quantize/methods.py); None: the target's default.
     method: str | None = None
+    # Mixed precision (quantize/mixed.py): up to this fraction more stored bytes, spent on int8 for the
+    # int4 weights whose rounding costs the most KL on the calibration text. 0: off. None: the
+    # target's default, filled in by `resolve_spec` below.
+    mixed_precision: float | None = None
 
     def __post_init__(self):
         if self.bits not in VALID_BITS:
@@ -76,6 +80,19 @@ class QuantSpec:
             if self.palettize:
                 raise SlmExportError(f"--quant-method {self.method} has no effect with --palettize (k-means lookup tables); "
                                      "drop one of the two")
+            if self.method == "hqq" and not self.symmetric:
+                raise SlmExportError("--quant-method hqq chooses symmetric scales only; drop --asymmetric, or use "
+                                     "rtn, mse or gptq with it")
+        mp = self.mixed_precision
+        if mp is not None:
+            if not isinstance(mp, (int, float)) or not 0 <= mp <= 1:
+                raise SlmExportError(f"--mixed-precision {mp} is not valid; use a fraction from 0 (off) to 1 "
+                                     "(up to twice the int4 size), for example 0.1")
+            if mp and self.bits != 4:
+                raise SlmExportError(f"--mixed-precision {mp} needs --bits 4 (it moves int4 weights to int8); "
+                                     f"drop it, or use --bits 4")
+            if mp and self.palettize:
+                raise SlmExportError("--mixed-precision does not apply to --palettize (k-means tables); drop one of the two")
         if self.activations not in ACTIVATIONS:
             raise SlmExportError(
                 f"activations '{self.activations}' is not valid; use one of {', '.join(ACTIVATIONS)}"
@@ -95,13 +112,21 @@ class QuantSpec:
         method = f"-{self.method}" if self.method else ""
         return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}{head}{method}"
 
+    def with_defaults(self, embedding_bits: int, mixed_precision: float, lm_head_bits: int | None) -> "QuantSpec":
+        """This spec with a target's defaults for what it leaves unset (None)."""
+        four = self.bits == 4 and not self.palettize
+        head = self.lm_head_bits if self.lm_head_bits is not None or not (four and self.lm_head) else lm_head_bits
+        return replace(self, embedding_bits=self.embedding_bits if self.embedding_bits is not None else embedding_bits,
+                       mixed_precision=self.mixed_precision if self.mixed_precision is not None else
+                       (mixed_precision if four else 0.0), lm_head_bits=head)
+
     def rules(self) -> list[tuple[str, int | None, str]]:
         """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
         if not self.quantized:
             return [(r".*", None, "bits=16: no weight is quantized")]
         if self.embeddings and self.embedding_bits is None:
             raise ValueError("embedding_bits is unset: the target's default is filled in by "
-                             "pipeline.resolve_spec(exporter, spec) before the spec is applied")
+                             "quantize.spec.resolve_spec(exporter, spec) before the spec is applied")
         emb_bits = self.embedding_bits if self.embeddings else None
         return [
             (r"(^|\.)embed_tokens\.weight$", emb_bits,
@@ -126,6 +151,19 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def resolve_spec(exporter, spec: QuantSpec | None) -> QuantSpec:
+    """`spec` (default: QuantSpec()) with this target's defaults for what it leaves unset (embedding
+    bits, mixed precision, lm_head bits)."""
+    spec = spec or QuantSpec()
+    return spec.with_defaults(exporter.embedding_bits_for(spec.bits), exporter.default_mixed_precision,
+                              exporter.default_lm_head_bits)
+
+
+def quant_label(spec: QuantSpec, precision: str) -> str:
+    # "float" names fp32 weights; unquantized weights in an fp16 program are "float16"
+    return "float16" if not spec.quantized and precision == "float16" else spec.label()
 
 
 def block_size_for(k: int, group_size: int, minimum: int = 16) -> tuple[int, str]:

@@ -18,6 +18,16 @@ def _register_builtin_runtimes() -> None:
 _register_builtin_runtimes()
 
 
+def open_folder_runner(folder, threads: int | None = None):
+    """The runner of an artifact folder whose files the caller has checked, in this process (which
+    must be one made to hold the runtime alone: measure, replay, child)."""
+    from pathlib import Path
+
+    from ..manifest import read
+
+    return open_runner(Path(folder), read(Path(folder)), threads, in_process=True)
+
+
 def open_runner(folder, manifest: dict, threads: int | None = None, in_process: bool = False):
     """The runner for `manifest`'s runtime; in a child process if the runtime needs its own
     (`in_process=True` only from a process made to hold the runtime alone: measure, replay, child)."""

@@ -85,7 +85,7 @@ class ChildRunner(Runner):
 
 
 def serve(folder: str, threads: int | None) -> int:
-    from ..artifact import Artifact
+    from . import open_folder_runner
 
     out = sys.stdout.buffer
     runner = None
@@ -93,7 +93,7 @@ def serve(folder: str, threads: int | None) -> int:
         request = json.loads(line)
         try:
             if runner is None:
-                runner = Artifact.open(folder, check=False).runner(threads, in_process=True)  # the parent checked
+                runner = open_folder_runner(folder, threads)  # the parent checked the files
             if "reset" in request:
                 runner.reset(int(request["reset"]))
                 answer, data = {"ok": True}, b""

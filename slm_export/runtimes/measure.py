@@ -11,6 +11,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -61,16 +62,14 @@ def _say(progress: bool, text: str) -> None:
 
 def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
             threads: int | None, progress: bool = False) -> list[dict]:
-    from ..artifact import Artifact
+    from ..manifest import read
+    from . import RUNTIMES, open_folder_runner
 
-    from . import RUNTIMES
-
-    art = Artifact.open(folder, check=False)  # the parent checked the files
-    runtime = RUNTIMES.get(art.manifest["runtime"])
+    runtime = RUNTIMES.get(read(Path(folder))["runtime"])  # the parent checked the files
     runtime.import_sdk()
     baseline = rss_mb()  # Python + the runtime's library, before the model
     t0 = time.perf_counter()
-    runner = art.runner(threads, in_process=True)  # this process holds the runtime alone
+    runner = open_folder_runner(folder, threads)  # this process holds the runtime alone
     load_s = time.perf_counter() - t0
     _say(progress, f"loaded in {load_s:.2f}s ({rss_mb():.0f} MB resident)")
     rows = []

@@ -34,12 +34,11 @@ def main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    from ..artifact import Artifact
     from ..errors import SlmExportError
+    from . import open_folder_runner
 
     try:
-        # the parent checked the files; this process holds the runtime alone
-        runner = Artifact.open(a.folder, check=False).runner(a.threads, in_process=True)
+        runner = open_folder_runner(a.folder, a.threads)  # the parent checked the files
         outputs = run_steps(runner, json.loads(open(a.steps).read()))
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -61,8 +61,6 @@ class CoreMLExporter(ExporterBase):
                             embedding_min_group=16, embedding_scale_dtype=scales, tied_table="shared",
                             activation_rounding="none", float_bytes=2 if scales == "float16" else 4)
 
-    def default_method(self, bits: int, symmetric: bool) -> str:
-        return "rtn"
 
     def check(self, spec, compute_precision: str) -> None:
         self.limits(compute_precision).check(spec)

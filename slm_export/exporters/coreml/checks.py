@@ -199,7 +199,10 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     palettized = manifest["quant"]["spec"].get("palettize")
     plan, codes = (None, None) if palettized else requantize(CoreMLExporter(), model, folder, manifest)
     problems, n_quant, n_float = [], 0, 0
-    for e in _report(folder, manifest):
+    # in forward order, the lm_head (a tied table with it) last: with a calibrated method a changed weight
+    # moves the codes downstream of it too, and the first difference names the weight that changed
+    entries = sorted(_report(folder, manifest), key=lambda e: "lm_head.weight" in e["sources"])
+    for e in entries:
         w = module.get_submodule(e["name"]).weight.detach().to(torch.float16 if fp16 else torch.float32).float().numpy()
         kind, deq, ops = stored[const_name(e["name"], fp16)]
         if deq.shape != w.shape:

@@ -79,8 +79,6 @@ class ExecuTorchExporter(ExporterBase):
                             activation_rounding="per-token", weight_only_bits=(8,),
                             float_bytes=2 if compute_precision == "float16" else 4)
 
-    def default_method(self, bits: int, symmetric: bool) -> str:
-        return "hqq" if bits == 4 and symmetric else "rtn"
 
     def kv_element_bytes(self, kv_bits: int, head_dim: int) -> float:
         # int8 rows carry an fp32 scale and an int8 zero point each (custom_quantized_sdpa's layout)

@@ -28,8 +28,12 @@ class OnnxExporter(ExporterBase):
                             embedding_bits=(8,), tied_table="shared-if-alike", shared_table_copies_scales=True,
                             activation_rounding="per-block")
 
-    def default_method(self, bits: int, symmetric: bool) -> str:
-        return "mse" if bits == 4 and symmetric else "rtn"
+
+    # int4 defaults: an int8 lm_head (a tied embedding then gathers its rows from it, so the file is
+    # smaller than with int4 lm_head + int8 embedding rows) and 15% more size for int8 on the most
+    # sensitive weights; measured in benchmarks/quality.py (README "Quantization").
+    default_lm_head_bits = 8
+    default_mixed_precision = 0.15
 
     def calibrates(self, kv_bits: int) -> bool:
         return kv_bits == 8
