@@ -21,7 +21,7 @@ from .quantize import QuantSpec
 
 
 def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int = 32, symmetric: bool = True,
-           activations: str = "int8", quantize_embeddings: bool = True, embedding_bits: int | None = None,
+           activations: str | None = None, quantize_embeddings: bool = True, embedding_bits: int | None = None,
            quantize_lm_head: bool = True, lm_head_bits: int | None = None, palettize: bool = False, compute_precision: str | None = None,
            kv_bits: int | None = None, quant_method: str | None = None, mixed_precision: float | None = None,
            calibration_text=None, out=None, force: bool = False,

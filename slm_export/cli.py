@@ -37,7 +37,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="weight bits: 4, 8 or 16 (= no quantization); default 4")
     p.add_argument("--group-size", type=int, default=32, help="quantization group (block) size, a power of two; default 32")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
-    p.add_argument("--weight-only", action="store_true", help="keep activations float (default: int8 activations where the target can)")
+    p.add_argument("--weight-only", action="store_true",
+                   help="keep activations float (= --activations float)")
+    p.add_argument("--activations", default=None, choices=["int8", "float"],
+                   help="int8: quantized on the fly (ONNX accuracy_level 4, ExecuTorch 8da4w/8da8w); float: weight-only; "
+                        "default: int8, but float for ExecuTorch --bits 8 and Core ML")
     p.add_argument("--no-quantize-embeddings", action="store_true", help="keep the token embedding float")
     p.add_argument("--embedding-bits", type=int, default=None,
                    help="8 or 4; default: 4 for ExecuTorch at --bits 4, else 8. ONNX: a tied embedding at the "
@@ -161,7 +165,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def _quant_kwargs(a) -> dict:
     return dict(bits=a.bits, group_size=a.group_size, symmetric=not a.asymmetric,
-                activations="float" if a.weight_only else "int8", embedding_bits=a.embedding_bits,
+                activations="float" if a.weight_only else a.activations, embedding_bits=a.embedding_bits,
                 lm_head_bits=a.lm_head_bits, method=a.quant_method, mixed_precision=a.mixed_precision)
 
 

@@ -233,3 +233,15 @@ def test_coreml_packs_given_codes_as_coremltools_would():
     assert np.array_equal(op.data.val.astype(np.int8), codes) and op.scale.val.dtype == np.float16
     assert op.offset is None and "const" not in [o.op_type for o in ops.values() if o.name == "p_weight"]
     del torch
+
+
+def test_asymmetric_onnx_export_stays_close_to_fp32(tmp_path):
+    """--asymmetric: linears carry zero points; the embedding table, which ONNX stores symmetric, must
+    not take asymmetric codes (it once did, and the benchmark's GPTQ asym row had perplexity 10,707)."""
+    model = tiny_model("llama")
+    kl = {}
+    for sym in (True, False):
+        art = _onnx(model, tmp_path, f"s{sym}", symmetric=sym, lm_head_bits=4, mixed_precision=0)
+        report = art.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
+        kl[sym] = next(c for c in report.comparisons if c.reference == "fp32").mean_kl
+    assert kl[False] < 3 * kl[True] + 1e-3, kl

@@ -162,6 +162,10 @@ class ExporterBase:
         # GPTQ: of the methods here, the least KL on every target (benchmarks/quality.py)
         return "gptq"
 
+    def default_activations(self, bits: int) -> str:
+        """int8 (quantized on the fly) or float activations when the spec leaves them unset."""
+        return "int8" if self.quantizes_activations else "float"
+
     def calibrates(self, kv_bits: int) -> bool:
         """Whether the export runs calibration text through the model (for static KV-cache scales)."""
         return False

@@ -31,6 +31,7 @@ class TargetLimits:
     embedding_bits: tuple[int, ...] = (8, 4)  # what a table of its own may be stored at
     embedding_min_group: int = 16
     embedding_scale_dtype: str = "float32"
+    embedding_zero_points: bool = True  # a table of its own may be asymmetric (else it is stored symmetric)
     # A tied embedding and lm_head: "separate" (two tables), "shared-if-alike" (the embedding gathers
     # rows out of the lm_head's codes when both rules ask the same bits, symmetric), "shared" (one
     # table, at the finer of the two rules' bits).

@@ -150,6 +150,9 @@ def resolve(spec: QuantSpec, limits: TargetLimits, shapes: list[tuple[str, str, 
             continue
         method = spec.method or default_method(bits, symmetric)
         if kind == "embedding":
+            if not symmetric and not limits.embedding_zero_points:
+                symmetric = True
+                reason += f"; the {limits.target} target stores a table of its own symmetric"
             if bits not in limits.embedding_bits:
                 reason += f"; the {limits.target} target stores a table of its own at int{max(limits.embedding_bits)}"
                 bits = max(limits.embedding_bits)

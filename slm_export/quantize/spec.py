@@ -32,7 +32,7 @@ class QuantSpec:
     symmetric: bool = True
     # "int8": activations are quantized to int8 on the fly where the target can (ONNX MatMulNBits
     # accuracy_level=4, ExecuTorch 8da4w); "float": weight-only quantization.
-    activations: str = "int8"
+    activations: str | None = None  # None: the target's default, filled in by `resolve_spec` below
     embeddings: bool = True
     # None: the target's default, filled in by the pipeline (`resolve_spec` below) before anything reads it
     embedding_bits: int | None = None
@@ -93,7 +93,7 @@ class QuantSpec:
                                      f"drop it, or use --bits 4")
             if mp and self.palettize:
                 raise SlmExportError("--mixed-precision does not apply to --palettize (k-means tables); drop one of the two")
-        if self.activations not in ACTIVATIONS:
+        if self.activations is not None and self.activations not in ACTIVATIONS:
             raise SlmExportError(
                 f"activations '{self.activations}' is not valid; use one of {', '.join(ACTIVATIONS)}"
             )
@@ -105,20 +105,22 @@ class QuantSpec:
     def label(self) -> str:
         if not self.quantized:
             return "float"
-        act = "a8" if self.activations == "int8" else "wo"
+        act = "wo" if self.activations == "float" else "a8"
         if self.palettize:
             return f"palette{self.bits}-{act}"
         head = f"-head{self.lm_head_bits}" if self.lm_head_bits not in (None, self.bits) else ""
         method = f"-{self.method}" if self.method else ""
         return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}-{act}{head}{method}"
 
-    def with_defaults(self, embedding_bits: int, mixed_precision: float, lm_head_bits: int | None) -> "QuantSpec":
+    def with_defaults(self, embedding_bits: int, mixed_precision: float, lm_head_bits: int | None,
+                      activations: str = "int8") -> "QuantSpec":
         """This spec with a target's defaults for what it leaves unset (None)."""
         four = self.bits == 4 and not self.palettize
         head = self.lm_head_bits if self.lm_head_bits is not None or not (four and self.lm_head) else lm_head_bits
         return replace(self, embedding_bits=self.embedding_bits if self.embedding_bits is not None else embedding_bits,
                        mixed_precision=self.mixed_precision if self.mixed_precision is not None else
-                       (mixed_precision if four else 0.0), lm_head_bits=head)
+                       (mixed_precision if four else 0.0), lm_head_bits=head,
+                       activations=self.activations or activations)
 
     def rules(self) -> list[tuple[str, int | None, str]]:
         """Ordered (regex, bits, reason) rules over weight names; the first match wins."""
@@ -158,7 +160,7 @@ def resolve_spec(exporter, spec: QuantSpec | None) -> QuantSpec:
     bits, mixed precision, lm_head bits)."""
     spec = spec or QuantSpec()
     return spec.with_defaults(exporter.embedding_bits_for(spec.bits), exporter.default_mixed_precision,
-                              exporter.default_lm_head_bits)
+                              exporter.default_lm_head_bits, exporter.default_activations(spec.bits))
 
 
 def quant_label(spec: QuantSpec, precision: str) -> str:

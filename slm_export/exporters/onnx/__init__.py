@@ -25,7 +25,8 @@ class OnnxExporter(ExporterBase):
         # Embedding: int8 rows (Gather), or, tied and quantized like the lm_head, GatherBlockQuantized
         # straight out of the lm_head's codes (with a reshaped copy of its scales).
         return TargetLimits("onnx", min_group=16, indivisible="pad", int8_per_channel=False, zero_points=True,
-                            embedding_bits=(8,), tied_table="shared-if-alike", shared_table_copies_scales=True,
+                            embedding_bits=(8,), embedding_zero_points=False, tied_table="shared-if-alike",
+                            shared_table_copies_scales=True,
                             activation_rounding="per-block")
 
 
