@@ -54,8 +54,10 @@ VARIANTS = {
                                      "--asymmetric"]),
     "onnx int4 gptq head8": ("onnx", ["--quant-method", "gptq", "--mixed-precision", "0", "--lm-head-bits", "8"]),
     "onnx int4 gptq mixed 0.15": ("onnx", ["--quant-method", "gptq", "--mixed-precision", "0.15", "--lm-head-bits", "4"]),
+    "onnx int4 gptq head8 mixed 0.15": ("onnx", ["--quant-method", "gptq", "--mixed-precision", "0.15"]),
     "onnx int8 rtn": ("onnx", ["--bits", "8", "--quant-method", "rtn"]),
     "executorch int4 hqq": ("executorch", ["--quant-method", "hqq", "--mixed-precision", "0"]),
+    "executorch int4 gptq head8 mixed 0.25": ("executorch", ["--lm-head-bits", "8", "--mixed-precision", "0.25"]),
     "executorch int8 rtn": ("executorch", ["--bits", "8", "--quant-method", "rtn"]),
     "executorch int8 gptq weight-only": ("executorch", ["--bits", "8", "--quant-method", "gptq", "--weight-only"]),
 }

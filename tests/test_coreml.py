@@ -187,9 +187,11 @@ def test_linux_says_core_ml_needs_macos(llama_int4):
 def test_cli_export_and_verify_from_a_local_folder(tiny_dir, tmp_path):
     out = tmp_path / "cm"
     code, stdout, stderr = run_cli("--target", "coreml", "--bits", "4", "--model", str(tiny_dir), "--out", str(out),
-                                   "--max-context", "128")
+                                   "--max-context", "128", "--activations", "int8")
     assert code == 0, stderr
+    # int8 activations were asked for and Core ML cannot: said, and the label says weight-only
     assert "quantizes weights only; activations stay float16" in stdout + stderr
+    assert json.loads((out / "manifest.json").read_text())["quant"]["label"].endswith("-wo")
     code, stdout, stderr = run_cli("verify", str(out), "--prompt-tokens", "24", "--decode-steps", "8")
     assert code == 0, stdout + stderr
     assert "not executed: executing Core ML needs macOS 15 or later" in stdout

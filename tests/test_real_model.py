@@ -19,7 +19,9 @@ def int4_dir(tmp_path_factory):
 def test_int4_size_and_report(int4_dir):
     manifest = json.loads((int4_dir / "manifest.json").read_text())
     model_bytes = sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx"))
-    assert model_bytes < 120e6  # fp32 is 651 MB; the 113 MB tied lm_head must not stay float
+    # fp32 is 651 MB; a float tied lm_head alone would be 113 MB. The default int4 (int8 lm_head, up to 25%
+    # more size on int8 for the most sensitive weights) measured 128 MB
+    assert model_bytes < 135e6
     summary = manifest["quant"]["summary"]
     # embedding + 30 layers x (qkv, o, gate, up, down) + lm_head, none left float
     assert summary["kept_float"] == [] and summary["weights"] == 1 + 30 * 5 + 1
@@ -100,6 +102,7 @@ def test_int4_on_the_emulated_pi_passes_with_the_arm_bounds(int4_dir, tmp_path):
     x86, arm = ({c["reference"]: c for c in json.loads((tmp_path / f"{name}.json").read_text())["comparisons"]}
                 for name in ("x86", "arm"))
     assert set(arm) == {"same-quant", "fp32", "x86_64 run"}
-    # measured with the default int4 (int8 lm_head, 15% of the weights int8): ARM 0.0072, x86 0.0039
-    assert arm["same-quant"]["mean_kl"] > 1.4 * x86["same-quant"]["mean_kl"], "ARM int4 now matches x86: update README"
+    # smaller than with plain int4 (0.031 against 0.004) now that the default keeps the lm_head and the most
+    # sensitive weights int8 (mixed precision 0.15: ARM 0.0072, x86 0.0039), but still there
+    assert arm["same-quant"]["mean_kl"] > 1.1 * x86["same-quant"]["mean_kl"], "ARM int4 now matches x86: update README"
     assert arm["x86_64 run"]["mean_kl"] > 0.005

@@ -31,10 +31,10 @@ class OnnxExporter(ExporterBase):
 
 
     # int4 defaults: an int8 lm_head (a tied embedding then gathers its rows from it, so the file is
-    # smaller than with int4 lm_head + int8 embedding rows) and 15% more size for int8 on the most
-    # sensitive weights; measured in benchmarks/quality.py (README "Quantization").
+    # smaller than with int4 lm_head + int8 embedding rows) and 25% more size for int8 on the most
+    # sensitive weights; chosen from benchmarks/quality.py (docs/quantization.md, "Defaults").
     default_lm_head_bits = 8
-    default_mixed_precision = 0.15
+    default_mixed_precision = 0.25
 
     def calibrates(self, kv_bits: int) -> bool:
         return kv_bits == 8
