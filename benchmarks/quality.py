@@ -58,14 +58,14 @@ VARIANTS = {
     "onnx int8 rtn": ("onnx", ["--bits", "8", "--quant-method", "rtn"]),
     "executorch int4 hqq": ("executorch", ["--quant-method", "hqq", "--mixed-precision", "0"]),
     "executorch int4 gptq head8 mixed 0.25": ("executorch", ["--lm-head-bits", "8", "--mixed-precision", "0.25"]),
-    "executorch int8 rtn": ("executorch", ["--bits", "8", "--quant-method", "rtn"]),
+    "executorch int8 rtn 8da8w": ("executorch", ["--bits", "8", "--quant-method", "rtn", "--activations", "int8"]),
     "executorch int8 gptq weight-only": ("executorch", ["--bits", "8", "--quant-method", "gptq", "--weight-only"]),
 }
 LLAMA_CPP = ["Q4_0", "Q4_K_M", "Q8_0"]
 # Each default against what the target exported before the one quantizer (issue "Quantize once"): the former
 # defaults were ONNX int4 mse (int4 lm_head, int8 embedding rows) / int8 rtn, ExecuTorch int4 hqq / int8 rtn 8da8w.
 FORMER = {"onnx int4 (default)": "onnx int4 mse", "onnx int8 (default)": "onnx int8 rtn",
-          "executorch int4 (default)": "executorch int4 hqq", "executorch int8 (default)": "executorch int8 rtn"}
+          "executorch int4 (default)": "executorch int4 hqq", "executorch int8 (default)": "executorch int8 rtn 8da8w"}
 GOALS = {4: dict(kl=0.063, top1=0.86, ppl=0.06), 8: dict(kl=0.004, top1=0.97, ppl=None)}
 EXPORT_S_GOAL, SPEED_GOAL, SIZE_GOAL = 90, 0.95, 1.15
 SETS = {"defaults": [k for k in VARIANTS if "(default)" in k], "all": list(VARIANTS)}
@@ -107,7 +107,7 @@ def run(args) -> dict:
     rows, systems = [], []
     work = args.work / "artifacts"
     shutil.rmtree(work, ignore_errors=True)
-    for name in SETS[args.only]:
+    for name in (args.variants.split(",") if args.variants else SETS[args.only]):
         target, extra = VARIANTS[name]
         print(f"  exporting {name}", flush=True)
         try:
@@ -239,6 +239,8 @@ print(sys.argv[2])
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(SETS), default="all")
+    ap.add_argument("--variants", default="", help=f"comma-separated variant names instead of --only; "
+                    f"choices: {', '.join(VARIANTS)}")
     ap.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=128)
