@@ -2,18 +2,16 @@
 
 A bundle is an artifact folder plus what an app developer needs: a README written for them, the
 latest parity and bench results with the machine they came from, and one manifest whose sha256
-table covers every file. Opening a zip extracts it into a cache folder, refusing any entry that
-would land outside it.
+table covers every file. Opening a zip extracts only the files its manifest lists into the cache,
+after refusing anything that would land outside it (slm_export/archive.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from . import manifest as mf
 from .errors import SlmExportError
@@ -52,11 +50,11 @@ def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, forc
             if name.startswith(f"{REPORTS}/") or name == "README.md":
                 continue
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, tmp / name)
+            shutil.copy2(mf.inside(src, name), tmp / name)
         for name in (PARITY_FILE, BENCH_FILE):
             if (src / name).is_file():
                 (tmp / REPORTS).mkdir(exist_ok=True)
-                shutil.copy2(src / name, tmp / name)
+                shutil.copy2(mf.inside(src, name), tmp / name)
         manifest = {k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")}
         manifest["bundle"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "parity": _summary_parity(_latest(src, PARITY_FILE)),
@@ -92,50 +90,19 @@ def _summary_bench(data: dict | None) -> dict | None:
             "results": [{k: r.get(k) for k in keep} for r in rows]}
 
 
-def safe_extract(zip_path: Path, dest: Path) -> Path:
-    """Extract a bundle zip into dest; refuse absolute paths, '..' and links. Returns the bundle folder."""
-    try:
-        z = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise SlmExportError(f"{zip_path} is not a readable zip file ({e})") from None
-    with z:
-        names = z.namelist()
-        for info in z.infolist():
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                raise SlmExportError(f"{zip_path} holds '{info.filename}', a path outside its folder; refusing to unzip it")
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise SlmExportError(f"{zip_path} holds a symbolic link '{info.filename}'; refusing to unzip it")
-        tops = {PurePosixPath(n).parts[0] for n in names if n.strip("/")}
-        if len(tops) != 1:
-            raise SlmExportError(f"{zip_path} should hold one bundle folder, found {len(tops)} top-level entries")
-        dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unzip-", dir=dest))
-        try:
-            z.extractall(tmp)
-            top = tmp / tops.pop()
-            final = dest / top.name
-            if final.exists():
-                shutil.rmtree(final)
-            top.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def open_path(path: str | Path) -> Path:
-    """A folder as is; a .zip extracted (safely) into the user's cache, keyed by the zip's sha256."""
+    """A folder as is; a .zip checked and extracted into the cache (see slm_export/archive.py)."""
     path = Path(path).expanduser()
     if path.suffix != ".zip":
         return path
-    if not path.is_file():
-        raise SlmExportError(f"bundle zip {path} does not exist")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slm-export" / "unzipped" / mf.sha256(path)[:16]
-    return safe_extract(path, cache)
+    from .archive import open_zip
+
+    return open_zip(path)
 
 
 def inspect(path: str | Path) -> dict:
-    """What a bundle or artifact holds, with the checksum status (never raises for a tampered file)."""
+    """What a bundle or artifact holds, with the checksum status (a changed file in a folder is reported, not
+    raised; a zip with one is refused while it is extracted)."""
     folder = open_path(path)
     manifest = mf.read(folder)
     try:
