@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -38,14 +40,14 @@ def _latest(folder: Path, name: str) -> dict | None:
 def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, force: bool = False) -> Path:
     """Write the bundle folder (and `<folder>.zip` with make_zip); returns the folder."""
     from .exporters import TARGETS
-    from .staging import check_destination, staged_folder
+    from .staging import check_destination, share_modes, staged_file, staged_folder
 
     src = Path(artifact.path)
     out = Path(out or f"{src}-bundle").expanduser().absolute()
     if out == src:
         raise SlmExportError("--out must differ from the artifact folder")
     check_destination(out, force)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, log=lambda s: print(s, file=sys.stderr)) as tmp:
         for name in artifact.manifest["files"]:
             if name.startswith(f"{REPORTS}/") or name == "README.md":
                 continue
@@ -61,15 +63,19 @@ def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, forc
                               "bench": _summary_bench(_latest(src, BENCH_FILE))}
         (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest))
         mf.write(tmp, manifest)
-    if make_zip:
-        zip_path = out.with_suffix(".zip")
-        partial = zip_path.with_name(f".{zip_path.name}.partial")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
-            for p in sorted(out.rglob("*")):
-                if p.is_file():
-                    z.write(p, f"{out.name}/{p.relative_to(out).as_posix()}")
-        partial.replace(zip_path)
+        if make_zip:  # zipped from the staged folder: a failed zip leaves neither the zip nor the folder
+            share_modes(tmp)
+            with staged_file(out.with_suffix(".zip")) as f:
+                _write_zip(tmp, out.name, f)
     return out
+
+
+def _write_zip(folder: Path, top: str, f) -> None:
+    """Every file of `folder` into the open file `f`, under the folder name `top`."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
 
 
 def _summary_parity(data: dict | None) -> dict | None:
