@@ -25,7 +25,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
            quantize_lm_head: bool = True, lm_head_bits: int | None = None, palettize: bool = False, compute_precision: str | None = None,
            kv_bits: int | None = None, quant_method: str | None = None, mixed_precision: float | None = None,
            calibration_text=None, out=None, force: bool = False,
-           max_context: int | None = None, tokenizer=None,
+           max_context: int | None = None, tokenizer=None, no_tokenizer: bool = False,
            trust_remote_code: bool = False, log=print):
     """Export `model` to `target` and return an `Artifact`.
 
@@ -47,6 +47,9 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     model: None (bundled SmolLM2-135M-Instruct), a hub id, a local folder, a .gguf file, or a
     transformers causal LM object of a supported architecture (pass its `tokenizer` to use
     generate/bench on real text).
+    no_tokenizer: export a model folder, hub id or .gguf without its tokenizer (one without tokenizer
+    files is refused otherwise); the artifact then has none: generate cannot run, verify and bench
+    use random token ids.
     """
     from .pipeline import run_export
 
@@ -56,7 +59,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
                      mixed_precision=mixed_precision)
     folder = run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
                         compute_precision=compute_precision, kv_bits=kv_bits, calibration_text=calibration_text,
-                        tokenizer=tokenizer, trust_remote_code=trust_remote_code, log=log)
+                        tokenizer=tokenizer, no_tokenizer=no_tokenizer, trust_remote_code=trust_remote_code, log=log)
     return open_artifact(folder)
 
 

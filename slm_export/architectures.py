@@ -98,11 +98,16 @@ def to_decoder(model, max_context: int) -> Decoder:
             f"of a supported architecture ({', '.join(supported())}) or a plain nn.Module that follows the "
             "contract in slm_export/custom.py (a `config` dict and Llama parameter names)"
         )
+    check_supported(model_type)
+    return ARCHITECTURES.get(model_type)(model, max_context)
+
+
+def check_supported(model_type: str) -> None:
+    """Refuse a family no adapter describes (also read from a folder's config.json before its weights load)."""
     if model_type not in ARCHITECTURES:
         raise SlmExportError(
             f"architecture '{model_type}' is not supported; supported: {', '.join(supported())}"
         )
-    return ARCHITECTURES.get(model_type)(model, max_context)
 
 
 # ---------------------------------------------------------------- helpers shared by the adapters

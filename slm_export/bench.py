@@ -18,9 +18,24 @@ def weight_bytes_per_token(artifact) -> int:
     return bytes_read_per_token(report_weight_bytes(artifact.path))
 
 
+def check_lengths(manifest: dict, prompt_tokens, decode_tokens: int, warmup: int, repeats: int) -> None:
+    """Refuse, before anything runs, counts out of range or runs the artifact's KV cache cannot hold."""
+    from .errors import SlmExportError
+
+    for flag, value, low in (("--decode-tokens", decode_tokens, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1),
+                             *(("--prompt-tokens", p, 1) for p in prompt_tokens)):
+        if value < low:
+            raise SlmExportError(f"{flag} {value} is out of range; use an integer >= {low}")
+    room, longest = manifest["max_context"], max(prompt_tokens)
+    if longest + warmup + decode_tokens > room:
+        raise SlmExportError(f"--prompt-tokens {longest} + --warmup {warmup} + --decode-tokens {decode_tokens} exceed the "
+                             f"artifact's max context of {room} tokens; use at most {room} in all")
+
+
 def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens: int = 128, warmup: int = 8,
           repeats: int = 3, threads: int | None = None, device_options: dict | None = None) -> list[BenchResult]:
     m = artifact.manifest
+    check_lengths(m, prompt_tokens, decode_tokens, warmup, repeats)
     RUNTIMES.get(m["runtime"]).check_available()  # e.g. Core ML off macOS: one sentence, no empty rows
     dev = open_device(device, **(device_options or {}))
     profile = dev.profile

@@ -2,18 +2,18 @@
 
 A bundle is an artifact folder plus what an app developer needs: a README written for them, the
 latest parity and bench results with the machine they came from, and one manifest whose sha256
-table covers every file. Opening a zip extracts it into a cache folder, refusing any entry that
-would land outside it.
+table covers every file. Opening a zip extracts only the files its manifest lists into the cache,
+after refusing anything that would land outside it (slm_export/archive.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from . import manifest as mf
 from .errors import SlmExportError
@@ -40,38 +40,42 @@ def _latest(folder: Path, name: str) -> dict | None:
 def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, force: bool = False) -> Path:
     """Write the bundle folder (and `<folder>.zip` with make_zip); returns the folder."""
     from .exporters import TARGETS
-    from .staging import check_destination, staged_folder
+    from .staging import check_destination, share_modes, staged_file, staged_folder
 
     src = Path(artifact.path)
     out = Path(out or f"{src}-bundle").expanduser().absolute()
     if out == src:
         raise SlmExportError("--out must differ from the artifact folder")
     check_destination(out, force)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, log=lambda s: print(s, file=sys.stderr)) as tmp:
         for name in artifact.manifest["files"]:
             if name.startswith(f"{REPORTS}/") or name == "README.md":
                 continue
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, tmp / name)
+            shutil.copy2(mf.inside(src, name), tmp / name)
         for name in (PARITY_FILE, BENCH_FILE):
             if (src / name).is_file():
                 (tmp / REPORTS).mkdir(exist_ok=True)
-                shutil.copy2(src / name, tmp / name)
+                shutil.copy2(mf.inside(src, name), tmp / name)
         manifest = {k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")}
         manifest["bundle"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "parity": _summary_parity(_latest(src, PARITY_FILE)),
                               "bench": _summary_bench(_latest(src, BENCH_FILE))}
         (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest))
         mf.write(tmp, manifest)
-    if make_zip:
-        zip_path = out.with_suffix(".zip")
-        partial = zip_path.with_name(f".{zip_path.name}.partial")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
-            for p in sorted(out.rglob("*")):
-                if p.is_file():
-                    z.write(p, f"{out.name}/{p.relative_to(out).as_posix()}")
-        partial.replace(zip_path)
+        if make_zip:  # zipped from the staged folder: a failed zip leaves neither the zip nor the folder
+            share_modes(tmp)
+            with staged_file(out.with_suffix(".zip")) as f:
+                _write_zip(tmp, out.name, f)
     return out
+
+
+def _write_zip(folder: Path, top: str, f) -> None:
+    """Every file of `folder` into the open file `f`, under the folder name `top`."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
 
 
 def _summary_parity(data: dict | None) -> dict | None:
@@ -92,50 +96,19 @@ def _summary_bench(data: dict | None) -> dict | None:
             "results": [{k: r.get(k) for k in keep} for r in rows]}
 
 
-def safe_extract(zip_path: Path, dest: Path) -> Path:
-    """Extract a bundle zip into dest; refuse absolute paths, '..' and links. Returns the bundle folder."""
-    try:
-        z = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise SlmExportError(f"{zip_path} is not a readable zip file ({e})") from None
-    with z:
-        names = z.namelist()
-        for info in z.infolist():
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                raise SlmExportError(f"{zip_path} holds '{info.filename}', a path outside its folder; refusing to unzip it")
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise SlmExportError(f"{zip_path} holds a symbolic link '{info.filename}'; refusing to unzip it")
-        tops = {PurePosixPath(n).parts[0] for n in names if n.strip("/")}
-        if len(tops) != 1:
-            raise SlmExportError(f"{zip_path} should hold one bundle folder, found {len(tops)} top-level entries")
-        dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unzip-", dir=dest))
-        try:
-            z.extractall(tmp)
-            top = tmp / tops.pop()
-            final = dest / top.name
-            if final.exists():
-                shutil.rmtree(final)
-            top.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def open_path(path: str | Path) -> Path:
-    """A folder as is; a .zip extracted (safely) into the user's cache, keyed by the zip's sha256."""
+    """A folder as is; a .zip checked and extracted into the cache (see slm_export/archive.py)."""
     path = Path(path).expanduser()
     if path.suffix != ".zip":
         return path
-    if not path.is_file():
-        raise SlmExportError(f"bundle zip {path} does not exist")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slm-export" / "unzipped" / mf.sha256(path)[:16]
-    return safe_extract(path, cache)
+    from .archive import open_zip
+
+    return open_zip(path)
 
 
 def inspect(path: str | Path) -> dict:
-    """What a bundle or artifact holds, with the checksum status (never raises for a tampered file)."""
+    """What a bundle or artifact holds, with the checksum status (a changed file in a folder is reported, not
+    raised; a zip with one is refused while it is extracted)."""
     folder = open_path(path)
     manifest = mf.read(folder)
     try:

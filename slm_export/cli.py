@@ -11,16 +11,20 @@
   slm-export demo              export the bundled model to ONNX int4, verify, bench, print a table
 
 Exit codes: 0 ok, 1 parity over tolerance (fit: does not fit), 2 bad input, 3 internal error or a
-failed bench run, 4 the runtime cannot execute here (Core ML off macOS).
+failed bench run, 4 the runtime cannot execute here (Core ML off macOS), 130/143 interrupted by
+Ctrl-C/SIGTERM (nothing half-written is left behind).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from .argtypes import float_in, int_list_at_least, non_negative_int, positive_int
 from .errors import SlmExportError
 
 COMMANDS = ("export", "verify", "bench", "generate", "bundle", "inspect", "demo", "targets", "fit", "devices")
@@ -79,15 +83,19 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="calibrate on this UTF-8 text (up to 2048 tokens) instead of the shipped calibration passage: "
                         "--quant-method gptq, --mixed-precision, and ONNX --kv-bits 8's cache scales")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="export without the model's tokenizer (a model without tokenizer files is refused otherwise); "
+                        "generate then cannot run, verify and bench use random token ids")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-tokens", default="32,512", help="comma-separated prompt lengths; default 32,512")
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="runtime threads; default: all cores")
+    p.add_argument("--prompt-tokens", type=int_list_at_least(1), default="32,512",
+                   help="comma-separated prompt lengths; default 32,512")
+    p.add_argument("--decode-tokens", type=positive_int, default=128)
+    p.add_argument("--warmup", type=non_negative_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=None, help="runtime threads; default: all cores")
     p.add_argument("--device", default="local",
                    help="local (default), ssh://user@host[:port], sim:PROFILE (ARM profiles: the real ARM runtime "
                         "under QEMU, no timings), limits:PROFILE (this machine's runtime under the profile's threads and "
@@ -104,22 +112,24 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=positive_int, default=128, help="prompt positions compared; default 128")
+    p.add_argument("--decode-steps", type=non_negative_int, default=32,
+                   help="decode steps through the KV cache after the prompt; default 32")
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the shipped passage")
     p.add_argument("--json", dest="json_out", default=None, help="write the parity report as JSON to this file")
     p.add_argument("--junit-xml", default=None, help="write the result as JUnit XML (one test case per reference)")
     p.add_argument("--device", default="local",
                    help="local (default), or sim:PROFILE: run on that device's real ARM runtime under QEMU emulation "
                         "and also compare with this machine's run; limits:PROFILE: this machine's runtime under its limits")
-    p.add_argument("--threads", type=int, default=None, help="runtime threads; default: all cores (capped by a device profile)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="runtime threads; default: all cores (capped by a device profile)")
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, help="a device profile (see `slm-export devices`); sim:NAME and limits:NAME also accepted")
     _add_quant_args(p)
-    p.add_argument("--context", type=int, default=2048, help="tokens of KV cache to plan for; default 2048")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt prefilled in one pass; default 128")
+    p.add_argument("--context", type=positive_int, default=2048, help="tokens of KV cache to plan for; default 2048")
+    p.add_argument("--prompt-tokens", type=positive_int, default=128, help="longest prompt prefilled in one pass; default 128")
     p.add_argument("--model", default=None, help="hub id, local folder or .gguf; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--artifact", default=None, help="an exported folder: use its real per-weight sizes")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -154,11 +164,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             _add_bench_args(p)
         else:
             p.add_argument("--prompt", required=True)
-            p.add_argument("--max-new-tokens", type=int, default=64)
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-            p.add_argument("--top-k", type=int, default=0)
-            p.add_argument("--top-p", type=float, default=1.0)
-            p.add_argument("--seed", type=int, default=None)
+            p.add_argument("--max-new-tokens", type=positive_int, default=64)
+            p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
+            p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k cut (default)")
+            p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]; default 1")
+            p.add_argument("--seed", type=non_negative_int, default=None)
             p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     return p
 
@@ -175,7 +185,7 @@ def _spec_kwargs(a) -> dict:
     return dict(target=a.target, **q, quantize_embeddings=not a.no_quantize_embeddings,
                 quantize_lm_head=not a.no_quantize_lm_head, palettize=a.palettize,
                 compute_precision=a.compute_precision, kv_bits=a.kv_bits, calibration_text=a.calibration_text, out=a.out, force=a.force, max_context=a.max_context,
-                trust_remote_code=a.trust_remote_code)
+                no_tokenizer=a.no_tokenizer, trust_remote_code=a.trust_remote_code)
 
 
 def cmd_export(a):
@@ -192,7 +202,7 @@ def _bench(art, a):
 
     options = dict(identity=a.identity, known_hosts=a.known_hosts, accept_new_host_key=a.accept_new_host_key or None,
                    provision=a.provision or None, remote_python=a.remote_python)
-    rows = art.bench(device=a.device, prompt_tokens=[int(x) for x in str(a.prompt_tokens).split(",")],
+    rows = art.bench(device=a.device, prompt_tokens=a.prompt_tokens,
                      decode_tokens=a.decode_tokens, warmup=a.warmup, repeats=a.repeats, threads=a.threads,
                      device_options={k: v for k, v in options.items() if v is not None})
     print(PRINTERS[a.format](rows))
@@ -201,19 +211,19 @@ def _bench(art, a):
     return rows
 
 
-def _parse_prompt_tokens(text: str) -> None:
-    try:
-        values = [int(x) for x in str(text).split(",")]
-    except ValueError:
-        raise SlmExportError(f"--prompt-tokens {text!r} must be comma-separated integers like 32,512") from None
-    if any(v < 1 for v in values):
-        raise SlmExportError("--prompt-tokens values must be at least 1")
+def _check_report_files(a) -> None:
+    """Report files written at the end of a long run are checked before it starts."""
+    from .staging import check_output_file
+
+    for flag, path in (("--json", getattr(a, "json_out", None)), ("--junit-xml", getattr(a, "junit_xml", None))):
+        if path:
+            check_output_file(path, flag)
 
 
 def cmd_bench(a):
     from .artifact import Artifact
 
-    _parse_prompt_tokens(a.prompt_tokens)
+    _check_report_files(a)
     rows = _bench(Artifact.open(a.artifact), a)
     return 0 if all(r.error is None for r in rows) else 3
 
@@ -222,6 +232,7 @@ def cmd_verify(a):
     from .artifact import Artifact
     from .verify import check, write_json, write_junit_xml
 
+    _check_report_files(a)
     art = Artifact.open(a.artifact)
     report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity,
                         device=a.device, threads=a.threads)
@@ -268,7 +279,7 @@ def cmd_demo(a):
 
     import slm_export
 
-    _parse_prompt_tokens(a.prompt_tokens)
+    _check_report_files(a)
     art = slm_export.export(a.model, **_spec_kwargs(a))
     print(f"\n$ slm-export generate {art.path} --prompt \"What is the capital of France?\"")
     print(art.generate("What is the capital of France?", max_new_tokens=32))
@@ -345,7 +356,34 @@ HANDLERS = {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "gen
             "fit": cmd_fit, "devices": cmd_devices}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a timeout, CI cancellation, `docker stop`), raised like Ctrl-C so every cleanup runs."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the cleanup the first started
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # main() called outside the main thread: signals stay the caller's
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import os
 
@@ -373,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"slm-export: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("slm-export: interrupted (nothing half-written was left behind)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"slm-export: {'terminated' if terminated else 'interrupted'} (nothing half-written was left behind)",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 or 130, as a shell reports them
     except Exception as e:  # a bug of ours: say so in one line, keep the traceback one flag away
         if debug:
             raise

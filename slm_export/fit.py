@@ -223,6 +223,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         exporter.check(spec, precision)  # what the export would refuse, refused here too
         config = load_config(model, trust_remote_code)
         shape = shape_of(config)
+        exporter.check_model(shape, precision)  # a model the export would refuse, refused here too
         weights = estimate_weight_bytes(shape, spec, exporter, precision)
         source = "estimated from the model's shapes and the spec"
         quant = quant_label(spec, precision)

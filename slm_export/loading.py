@@ -19,6 +19,10 @@ from .quiet import no_progress_bars
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# A tokenizer's own files (fast, sentencepiece, BPE, WordPiece, tiktoken): tokenizer_config.json alone
+# makes transformers build an empty tokenizer (Qwen2) or fail with a message cut over lines (Llama).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
+NO_TOKENIZER_HINT = "or pass --no-tokenizer to export without one (generate then cannot run; verify and bench use random token ids)"
 
 
 @dataclass
@@ -41,25 +45,27 @@ def default_gguf_path() -> Path:
     return path
 
 
-def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load `source` (None = the bundled SmolLM2-135M-Instruct) as a float32 model and its tokenizer."""
+def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = False,
+         tokenizer: bool = True) -> LoadedModel:
+    """Load `source` (None = the bundled SmolLM2-135M-Instruct) as a float32 model and its tokenizer
+    (tokenizer=False: the model alone; its `tokenizer` is None)."""
     if source is None or str(source) == DEFAULT_MODEL:
         path = default_gguf_path()
-        loaded = _load_gguf(path, trust_remote_code)
+        loaded = _load_gguf(path, trust_remote_code, tokenizer)
         loaded.source["name"] = DEFAULT_MODEL
         return loaded
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            return _load_gguf(path, trust_remote_code)
+            return _load_gguf(path, trust_remote_code, tokenizer)
         if path.is_dir():
-            return _load_dir(path, trust_remote_code)
+            return _load_dir(path, trust_remote_code, tokenizer)
         raise SlmExportError(f"model path {path} is neither a .gguf file nor a model folder")
     looks_like_path = text.startswith(("/", ".", "~")) or text.endswith(".gguf") or text.count("/") > 1
     if looks_like_path or not _HUB_ID.match(text):
         raise SlmExportError(f"model path {text} does not exist; pass an existing folder, a .gguf file or a hub id like org/name")
-    return _load_hub(text, trust_remote_code)
+    return _load_hub(text, trust_remote_code, tokenizer)
 
 
 def from_object(model, tokenizer=None) -> LoadedModel:
@@ -81,7 +87,15 @@ def from_object(model, tokenizer=None) -> LoadedModel:
     return LoadedModel(model, tokenizer, {"kind": "object", "name": name})
 
 
-def _from_pretrained(where: str, trust_remote_code: bool, what: str, **kwargs) -> LoadedModel:
+def check_tokenizer(tokenizer, what: str) -> None:
+    """Refuse a tokenizer that encodes text to nothing (one transformers built from no files)."""
+    if tokenizer is not None and not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise SlmExportError(f"the tokenizer of {what} is empty (it encodes text to no tokens); give the model "
+                             f"its tokenizer files, {NO_TOKENIZER_HINT}")
+
+
+def _from_pretrained(where: str, trust_remote_code: bool, what: str, tokenizer: bool = True,
+                     **kwargs) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -100,14 +114,17 @@ def _from_pretrained(where: str, trust_remote_code: bool, what: str, **kwargs) -
         raise SlmExportError(f"could not load {what}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse a user's file is a problem with that file
         raise SlmExportError(f"could not load {what}: {type(e).__name__}: {_first_line(e)}") from None
+    if not tokenizer:
+        return LoadedModel(model.eval(), None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise SlmExportError(f"could not load the tokenizer of {what}: {_first_line(e)}") from None
-    return LoadedModel(model.eval(), tokenizer)
+        raise SlmExportError(f"could not load the tokenizer of {what}: {_one_line(e)}; {NO_TOKENIZER_HINT}") from None
+    check_tokenizer(tok, what)
+    return LoadedModel(model.eval(), tok)
 
 
-def _load_gguf(path: Path, trust_remote_code: bool) -> LoadedModel:
+def _load_gguf(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
     if importlib.util.find_spec("gguf") is None:
         raise SlmExportError("loading a .gguf file needs the `gguf` package: pip install gguf accelerate")
     with open(path, "rb") as f:
@@ -115,7 +132,8 @@ def _load_gguf(path: Path, trust_remote_code: bool) -> LoadedModel:
             raise SlmExportError(f"{path} is not a GGUF file (bad magic bytes); check the file or re-download it")
     # transformers draws a bar per tensor while it dequantizes (its disable_progress_bar() does not reach it)
     with _gguf_parsed_once(), no_progress_bars([("transformers.modeling_gguf_pytorch_utils", "tqdm")]):
-        loaded = _from_pretrained(str(path.parent), trust_remote_code, f"GGUF file {path}", gguf_file=path.name)
+        loaded = _from_pretrained(str(path.parent), trust_remote_code, f"GGUF file {path}", tokenizer,
+                                  gguf_file=path.name)
     loaded.source = {"kind": "gguf", "path": str(path.resolve())}
     return loaded
 
@@ -151,19 +169,37 @@ def _gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
-def _load_dir(path: Path, trust_remote_code: bool) -> LoadedModel:
+def _load_dir(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise SlmExportError(f"model folder {path} has no config.json; pass a Hugging Face model folder or a .gguf file")
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     if not weights:
         raise SlmExportError(f"model folder {path} has no *.safetensors (or *.bin) weights")
+    _check_model_type(path / "config.json")
+    if tokenizer and not any(next(path.glob(name), None) for name in TOKENIZER_FILES):
+        raise SlmExportError(f"model folder {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                             f"copy the model's tokenizer files into it, {NO_TOKENIZER_HINT}")
     # transformers unpickles .bin files with torch.load(weights_only=True): no arbitrary code runs.
-    loaded = _from_pretrained(str(path), trust_remote_code, f"model folder {path}")
+    loaded = _from_pretrained(str(path), trust_remote_code, f"model folder {path}", tokenizer)
     loaded.source = {"kind": "dir", "path": str(path.resolve())}
     return loaded
 
 
-def _load_hub(repo_id: str, trust_remote_code: bool) -> LoadedModel:
+def _check_model_type(config_file: Path) -> None:
+    """An unsupported family is said before the weights load (and before any missing tokenizer)."""
+    import json
+
+    from .architectures import check_supported
+
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers' own message says what is wrong with the file
+    if isinstance(model_type, str):
+        check_supported(model_type)
+
+
+def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
     # Fail fast instead of hanging when the hub is slow or unreachable.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
@@ -182,7 +218,7 @@ def _load_hub(repo_id: str, trust_remote_code: bool) -> LoadedModel:
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise SlmExportError(f"downloading '{repo_id}' from the hub failed: {_first_line(e)}") from None
-    loaded = _load_dir(Path(local), trust_remote_code)
+    loaded = _load_dir(Path(local), trust_remote_code, tokenizer)
     loaded.source = {"kind": "hub", "id": repo_id, "path": local}
     return loaded
 
@@ -190,3 +226,9 @@ def _load_hub(repo_id: str, trust_remote_code: bool) -> LoadedModel:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
+
+
+def _one_line(e: BaseException) -> str:
+    """The whole message on one line (a first line alone may stop mid-sentence)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text[:400] if text else type(e).__name__

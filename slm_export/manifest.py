@@ -42,16 +42,81 @@ def read(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise SlmExportError(f"{path} is not valid JSON ({e.msg}); re-export the artifact") from None
-    for key in ("target", "files", "model_file"):
-        if key not in manifest:
-            raise SlmExportError(f"{path} lacks '{key}'; re-export the artifact")
+    validate(manifest, str(path))
     return manifest
 
 
+def validate(manifest, where: str) -> None:
+    """Refuse a manifest that lacks a required key, or names a file outside its folder (`where` names it)."""
+    if not isinstance(manifest, dict):
+        raise SlmExportError(f"{where} is not a JSON object; re-export the artifact")
+    for key in ("target", "files", "model_file"):
+        if key not in manifest:
+            raise SlmExportError(f"{where} lacks '{key}'; re-export the artifact")
+    _check_table(manifest["files"], where)
+    for name in named_paths(manifest):
+        reason = unsafe_reason(name)
+        if reason:
+            raise SlmExportError(f"{where} lists {name!r}, a path outside its folder ({reason}); refusing it: "
+                                 "re-export the artifact, or ask its sender for a bundle made by `slm-export bundle`")
+
+
+def _check_table(files, where: str) -> None:
+    if not isinstance(files, dict):
+        raise SlmExportError(f"{where}: 'files' is not a table of file names; re-export the artifact")
+    for name, meta in files.items():
+        if not (isinstance(meta, dict) and type(meta.get("bytes")) is int and meta["bytes"] >= 0
+                and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64
+                and all(c in "0123456789abcdef" for c in meta["sha256"])):
+            raise SlmExportError(f"{where} lists {name!r} without a byte count and sha256; re-export the artifact")
+
+
+def named_paths(manifest: dict) -> list:
+    """Every file or folder name the manifest gives: the file table, the model, its data, tokenizer, report."""
+    def part(key):
+        value = manifest.get(key)
+        return value if isinstance(value, dict) else {}
+
+    extra = part("target_extra")
+    data_files = extra.get("data_files") or []
+    names = [*manifest["files"], manifest["model_file"], extra.get("data_file"), part("tokenizer").get("file"),
+             part("quant").get("report"), *(data_files if isinstance(data_files, list) else [data_files])]
+    return [n for n in names if n is not None]
+
+
+def unsafe_reason(name) -> str | None:
+    """Why `name` is not a plain relative path that stays inside its folder on every OS (None: it is)."""
+    if not isinstance(name, str) or not name:
+        return "not a file name"
+    if name.startswith("/"):
+        return "an absolute path"
+    if "\\" in name:
+        return "a backslash"
+    if ":" in name:
+        return "a drive letter or stream name"
+    if "\0" in name:
+        return "a NUL character"
+    parts = name.split("/")
+    if ".." in parts:
+        return "'..'"
+    if "" in parts or "." in parts:
+        return "an empty or '.' part"
+    return None
+
+
+def inside(folder: Path, name: str) -> Path:
+    """folder/name, refused when it resolves outside folder (a symbolic link out of it)."""
+    p = Path(folder) / name
+    if not p.resolve().is_relative_to(Path(folder).resolve()):
+        raise SlmExportError(f"{folder}: {name!r} is a symbolic link out of the folder; refusing to follow it: "
+                             "copy the artifact again without links")
+    return p
+
+
 def check_files(folder: Path, manifest: dict) -> None:
-    """Refuse a folder whose files are missing, truncated or changed since export."""
+    """Refuse a folder whose files are missing, truncated or changed since export, or link out of it."""
     for name, meta in manifest["files"].items():
-        p = Path(folder) / name
+        p = inside(folder, name)
         if not p.is_file():
             raise SlmExportError(f"{p} listed in the manifest is missing; re-export or re-copy the artifact")
         if p.stat().st_size != meta["bytes"]:

@@ -14,7 +14,7 @@ from . import manifest as mf
 from .architectures import to_decoder
 from .errors import SlmExportError
 from .exporters import TARGETS, ExportOptions
-from .loading import LoadedModel, from_object, load
+from .loading import LoadedModel, check_tokenizer, from_object, load
 from .quantize import QuantSpec
 from .quantize.calibration import MAX_TOKENS
 from .quantize.spec import quant_label, resolve_spec
@@ -27,8 +27,11 @@ REPORT_FILE = "quant_report.json"
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
                force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
                kv_bits: int | None = None, calibration_text: str | Path | None = None, tokenizer=None,
-               trust_remote_code: bool = False, log=print):
-    """Export `model` (a path, hub id, None for the default, or an nn.Module); returns the folder written."""
+               no_tokenizer: bool = False, trust_remote_code: bool = False, log=print):
+    """Export `model` (a path, hub id, None for the default, or an nn.Module); returns the folder written.
+
+    no_tokenizer: export without the model's tokenizer (a model folder without tokenizer files is
+    refused otherwise); generate then cannot run, verify and bench use random token ids."""
     exporter = TARGETS.get(target)()
     spec = resolve_spec(exporter, spec)
     precision, kv_bits = exporter.resolve_precision(compute_precision, kv_bits)
@@ -45,13 +48,17 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
     reads_text = method in CALIBRATED or bool(spec.mixed_precision) or exporter.calibrates(kv_bits)
     user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
+    _check_tokenizer_options(tokenizer, no_tokenizer, calibration_text)
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
-        load(model, trust_remote_code=trust_remote_code) if model is None or isinstance(model, (str, os.PathLike))
-        else from_object(model, tokenizer))
+        load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
+        if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
+    if no_tokenizer:
+        loaded.tokenizer = None
+    check_tokenizer(loaded.tokenizer, mf.source_label(loaded.source))
     log(f"loaded {mf.source_label(loaded.source)} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
         f"in {time.perf_counter() - t0:.1f}s")
@@ -59,6 +66,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
         limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
         max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
+    exporter.check_model(decoder, precision)  # what this target's runtime cannot run, before any quantization
     # only an export that calibrates (GPTQ, static KV scales) reads text: tokenizing is wasted work elsewhere
     text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
     options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
@@ -71,7 +79,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     if codes:
         log(f"quantized {len(codes)} weights in {time.perf_counter() - t1:.1f}s"
             + (f" (calibrated on {plan.calibration['text']})" if plan.calibration else ""))
-    with staged_folder(out) as tmp:
+    with staged_folder(out, log=log) as tmp:
         result = exporter.write(decoder, spec, tmp, options, plan, codes)
         export_s = time.perf_counter() - t1
         result.report.write(tmp / REPORT_FILE)
@@ -128,6 +136,13 @@ def _read_calibration_text(path, reads_text: bool, target: str, kv_bits: int, me
         raise SlmExportError(f"--calibration-text {path} is empty; pass at least {MIN_CALIBRATION_TOKENS} tokens "
                              f"of text like your users' (up to {MAX_TOKENS} are used)")
     return text
+
+
+def _check_tokenizer_options(tokenizer, no_tokenizer: bool, calibration_text) -> None:
+    if no_tokenizer and tokenizer is not None:
+        raise SlmExportError("no_tokenizer=True and a tokenizer were both given; pass one or the other")
+    if no_tokenizer and calibration_text is not None:
+        raise SlmExportError("--calibration-text needs the model's tokenizer; drop --no-tokenizer or --calibration-text")
 
 
 def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:

@@ -23,7 +23,8 @@ class TextCodec:
         info = manifest.get("tokenizer", {})
         if not info.get("present"):
             raise SlmExportError(
-                f"{folder} was exported without a tokenizer; re-export with a tokenizer (Python API: tokenizer=...)"
+                f"{folder} has no tokenizer (it was exported without one), and turning text into tokens needs one; "
+                "re-export from a model with its tokenizer files, without --no-tokenizer (Python API: tokenizer=...)"
             )
         from tokenizers import Tokenizer
 

@@ -150,6 +150,7 @@ class ParityReport:
     device: str = "local"  # where the artifact ran (sim:PROFILE: its ARM runtime under emulation)
     not_executed: str = ""  # why the runtime did not run (Core ML off macOS), else empty
     checks: list[dict] = field(default_factory=list)  # the target's static checks of its files
+    prompt: str = "the shipped passage"  # or random token ids (an artifact without a tokenizer)
 
     @property
     def passed(self) -> bool:
@@ -163,6 +164,8 @@ class ParityReport:
                  f"{self.decode_steps} decode steps"]
         if self.not_executed:
             lines.append(f"  not executed: {self.not_executed}")
+        if self.prompt == RANDOM_PROMPT:
+            lines.append(f"  prompt: {self.prompt}")
         if self.executed_by:
             lines.append(f"  executed by: {self.executed_by}")
         for c in self.checks:
@@ -184,7 +187,8 @@ class ParityReport:
 def first_passage_ids(codec, n: int) -> list[int]:
     ids = passage_ids(codec)
     if len(ids) < n:
-        raise SlmExportError(f"the shipped passage has {len(ids)} tokens, fewer than the {n} asked for")
+        raise SlmExportError(f"--prompt-tokens {n} is more than the shipped passage's {len(ids)} tokens; "
+                             f"use at most {len(ids)}")
     return ids[:n]
 
 
@@ -284,6 +288,30 @@ def same_quant_model(model, artifact):
     return ref.eval()
 
 
+RANDOM_PROMPT = "random token ids: the artifact has no tokenizer (so no perplexity either)"
+
+
+def check_lengths(manifest: dict, prompt_tokens: int, decode_steps: int) -> None:
+    """Refuse, before anything loads, lengths the artifact's KV cache cannot hold (one line per flag)."""
+    if prompt_tokens < 1:
+        raise SlmExportError(f"--prompt-tokens {prompt_tokens} is out of range; use an integer >= 1")
+    if decode_steps < 0:
+        raise SlmExportError(f"--decode-steps {decode_steps} is out of range; use an integer >= 0")
+    room = manifest["max_context"]
+    if prompt_tokens + decode_steps > room:
+        raise SlmExportError(f"--prompt-tokens {prompt_tokens} + --decode-steps {decode_steps} exceed the artifact's "
+                             f"max context of {room} tokens; use at most {room} in all")
+
+
+def _prompt_ids(artifact, n: int) -> tuple[object, list[int]]:
+    """(codec or None, n prompt ids): the shipped passage, or random ids when the artifact has no tokenizer."""
+    if not artifact.manifest.get("tokenizer", {}).get("present"):
+        # random ids still exercise every position and the cache
+        return None, np.random.default_rng(0).integers(0, artifact.manifest["model"]["vocab_size"], n).tolist()
+    codec = artifact.codec()
+    return codec, first_passage_ids(codec, n)
+
+
 def _open_verify_device(device: str | None, options: dict | None):
     """The device verify runs the artifact on, or None for this process."""
     if not device or device == "local":
@@ -312,6 +340,8 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
     from .loading import from_object, load
     from .runtimes.replay import run_steps
 
+    check_lengths(artifact.manifest, prompt_tokens, decode_steps)  # before anything loads
+    codec, ids = _prompt_ids(artifact, prompt_tokens)
     dev = _open_verify_device(device, device_options)
     src = artifact.manifest["source"]
     if reference is None:
@@ -319,7 +349,7 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
             raise SlmExportError(
                 "this artifact was exported from an in-memory model; verify it from Python: artifact.verify(reference=model)")
         where = src.get("name") if src.get("kind") == "gguf" and src.get("name") else (src.get("path") or src.get("id"))
-        loaded = load(where)
+        loaded = load(where, tokenizer=False)  # the reference model; the artifact has the tokenizer
         model = loaded.model
     else:
         from .custom import is_plain_module
@@ -335,20 +365,11 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
         not_executed = str(e)
         runner = exporter.stand_in_runner(model, artifact.path, artifact.manifest, threads)
         executed_by = runner.description
-    try:
-        codec = artifact.codec()
-    except SlmExportError:
-        codec = None
-    if codec is not None:
-        ids = first_passage_ids(codec, prompt_tokens)
-    else:  # no tokenizer: random ids still exercise every position and the cache
-        ids = np.random.default_rng(0).integers(0, artifact.manifest["model"]["vocab_size"], prompt_tokens).tolist()
-    if prompt_tokens + decode_steps > artifact.manifest["max_context"]:
-        raise SlmExportError(f"prompt {prompt_tokens} + decode {decode_steps} tokens exceed max context {artifact.manifest['max_context']}")
     bits = artifact.manifest["quant"]["spec"]["bits"]
     report = ParityReport(str(artifact.path), artifact.target, artifact.manifest["quant"]["label"], prompt_tokens,
                           decode_steps, executed_by=executed_by, not_executed=not_executed,
-                          checks=exporter.package_checks(artifact.path, artifact.manifest, model))
+                          checks=exporter.package_checks(artifact.path, artifact.manifest, model),
+                          prompt="the shipped passage" if codec is not None else RANDOM_PROMPT)
 
     forced = _torch_greedy(model, ids, decode_steps)
     steps = logits_steps(ids, forced)

@@ -65,6 +65,10 @@ class Exporter(Protocol):
     def check(self, spec, compute_precision: str) -> None:
         """Raise SlmExportError for what this target cannot do, before the model loads."""
 
+    def check_model(self, shape, compute_precision: str | None = None) -> None:
+        """Raise SlmExportError for a model (its `Decoder`, or fit's shape) this target's runtime cannot
+        run, once its shape is known and before any quantization."""
+
     def limits(self, compute_precision: str | None = None) -> "TargetLimits":
         """What this target's kernels and format store (quantize/limits.py), at this compute precision."""
 
@@ -121,6 +125,13 @@ class ExporterBase:
             raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {self.name} target{at}; "
                                  f"use {' or '.join(map(str, kv_choices))}")
         return precision, kv_bits
+
+    def check_model(self, shape, compute_precision: str | None = None) -> None:
+        """Refuse a model whose shape the runtime cannot run (declared in `limits`), naming the targets that can."""
+        limits = self.limits(compute_precision)
+        if not limits.runs(shape):
+            others = [n for n in TARGETS.names() if n != self.name and TARGETS.get(n)().limits().runs(shape)]
+            limits.check_model(shape, others)
 
     def plan(self, decoder, spec, compute_precision: str | None = None):
         """The quantization plan of `decoder` under `spec` on this target (quantize/plan.py)."""

@@ -42,12 +42,28 @@ class TargetLimits:
     activation_rounding: str = "per-block"
     weight_only_bits: tuple[int, ...] = (4, 8)  # what --weight-only (float activations) may be
     float_bytes: int = 4  # bytes per weight kept float
+    # The runtime's attention kernel: the head sizes it runs (a multiple of this), and its name for the message.
+    head_dim_multiple: int = 1
+    attention_kernel: str = "its attention kernel"
 
     def scale_precision(self, bits: int) -> str:
         return self.scale_dtype.get(bits, "float32")
 
     def scale_bytes(self, bits: int, kind: str = "linear") -> int:
         return SCALE_BYTES[self.scale_precision(bits) if kind == "linear" else self.embedding_scale_dtype]
+
+    def runs(self, shape) -> bool:
+        """Whether the runtime can run a model of this shape (anything with a `head_dim`)."""
+        return shape.head_dim % self.head_dim_multiple == 0
+
+    def check_model(self, shape, others: list[str] = ()) -> None:
+        """Refuse a model the runtime cannot run (one line: the fact, the model's value, the targets that can)."""
+        if self.runs(shape):
+            return
+        instead = f"export it with {' or '.join(f'--target {n}' for n in others)}" if others else "no target here runs it"
+        raise SlmExportError(f"the {self.target} target cannot run this model: {self.attention_kernel} needs a head_dim "
+                             f"that is a multiple of {self.head_dim_multiple}, and this model's is {shape.head_dim}; "
+                             f"{instead}")
 
     def check(self, spec) -> None:
         """Refuse, before anything loads, a spec these kernels cannot store (one line: the flag and what works)."""

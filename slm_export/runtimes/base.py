@@ -82,7 +82,7 @@ def generate(runner: Runner, prompt_ids: Sequence[int], max_new_tokens: int, eos
              on_token: Callable[[int], None] | None = None) -> list[int]:
     """Greedy (temperature 0) or sampled generation; stops at an EOS id or after max_new_tokens."""
     if not prompt_ids:
-        raise SlmExportError("the prompt is empty")
+        raise SlmExportError("the prompt is empty (it encodes to no tokens); pass a non-empty --prompt")
     rng = np.random.default_rng(seed)
     runner.check_room(len(prompt_ids) + max_new_tokens)
     runner.reset(len(prompt_ids) + max_new_tokens)

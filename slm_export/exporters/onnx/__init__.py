@@ -27,7 +27,10 @@ class OnnxExporter(ExporterBase):
         return TargetLimits("onnx", min_group=16, indivisible="pad", int8_per_channel=False, zero_points=True,
                             embedding_bits=(8,), embedding_zero_points=False, tied_table="shared-if-alike",
                             shared_table_copies_scales=True,
-                            activation_rounding="per-block")
+                            activation_rounding="per-block",
+                            # onnxruntime's GroupQueryAttention refuses other head sizes when it runs
+                            # ("head_size shall be a multiple of 16"); ExecuTorch's custom_sdpa takes any
+                            head_dim_multiple=16, attention_kernel="onnxruntime's GroupQueryAttention")
 
 
     # int4 defaults: an int8 lm_head (a tied embedding then gathers its rows from it, so the file is
