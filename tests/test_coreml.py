@@ -175,7 +175,7 @@ def test_fp16_norm_does_not_overflow():
 
 def test_linux_says_core_ml_needs_macos(llama_int4):
     _, art = llama_int4
-    for args in (["bench", str(art.path)], ["generate", str(art.path), "--prompt", "hi"]):
+    for args in (["bench", str(art.path), "--prompt-tokens", "16", "--decode-tokens", "8"], ["generate", str(art.path), "--prompt", "hi"]):
         p = subprocess.run([sys.executable, "-m", "slm_export.cli", *args], capture_output=True, text=True)
         assert p.returncode == 4, p.stderr
         assert "executing Core ML needs macOS 15 or later" in p.stderr and "verify" in p.stderr

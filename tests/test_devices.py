@@ -245,9 +245,9 @@ def test_cli_sim_bench_and_phone_tools_missing(tiny_onnx, tmp_path):
     assert code == 0, err
     assert "(simulated)" in out and "predicted tok/s" in out
     env = {"PATH": str(tmp_path)}  # no adb, no xcrun
-    code, out, err = run_cli("bench", tiny_onnx.path, "--device", "adb", env=env)
+    code, out, err = run_cli("bench", tiny_onnx.path, "--device", "adb", "--prompt-tokens", "8", "--decode-tokens", "4", env=env)
     assert code == 2 and "`adb` is not on PATH" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run_cli("bench", tiny_onnx.path, "--device", "simctl", env=env)
+    code, out, err = run_cli("bench", tiny_onnx.path, "--device", "simctl", "--prompt-tokens", "8", "--decode-tokens", "4", env=env)
     assert code == 2 and "`xcrun` is not on PATH: the iOS simulator needs macOS" in err
 
 

@@ -208,7 +208,8 @@ def test_missing_qemu_and_failed_downloads_are_one_sentence(pi5, tiny_artifacts,
     code, out, err = run_cli("devices", "prepare", "sim:raspberry-pi-5", env=empty)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "`qemu-aarch64-static` is not on PATH" in err and "apt-get install qemu-user-static" in err
-    code, out, err = run_cli("bench", tiny_artifacts[4].path, "--device", "sim:pixel-8", env=empty)
+    code, out, err = run_cli("bench", tiny_artifacts[4].path, "--device", "sim:pixel-8", "--prompt-tokens", "8",
+                             "--decode-tokens", "4", env=empty)
     assert code == 2 and "`qemu-aarch64-static` is not on PATH" in err and "limits:PROFILE" in err
 
     unreachable = {"SLM_EXPORT_CACHE": str(tmp_path / "cache"), "SLM_EXPORT_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
