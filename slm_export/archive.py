@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from .errors import SlmExportError
-from .staging import user_cache_dir
+from .staging import replace_folder, user_cache_dir
 
 KEEP = 3  # extractions kept in the cache, most recently opened first
 RATIO = 20  # a bundle unpacks to at most this many times its zip's size...
@@ -210,13 +210,7 @@ class _reading:
 
 def _install(tmp: Path, final: Path) -> None:
     """Move the finished extraction to `final` (replacing an older one), marked as just used."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    replace_folder(tmp, final, f".old-{final.name}-{os.getpid()}")  # a dot name: _prune skips it
     os.utime(final)
 
 

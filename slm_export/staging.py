@@ -93,19 +93,25 @@ def staged_folder(out: Path, share: bool = True, log=None):
             share_modes(tmp)
         else:
             tmp.chmod(0o755)  # mkdtemp makes a 0700 folder
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(e, out)
         raise
     finally:
         _release(lock)
+
+
+def replace_folder(tmp: Path, out: Path, old_name: str | None = None) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first (`old_name`, default
+    `.NAME.old-PID`) and removed after, so a crash in between keeps one of the two."""
+    if out.exists():
+        old = out.with_name(old_name or f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 @contextmanager
