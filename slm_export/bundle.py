@@ -86,6 +86,11 @@ def _summary_parity(data: dict | None) -> dict | None:
                             for c in data["comparisons"]]}
 
 
+def _top1(c: dict) -> str:
+    t = c.get("top1_agreement")  # None: no position where the reference's lead made top-1 meaningful
+    return "n/a" if t is None else f"{t:.3f}"
+
+
 def _summary_bench(data: dict | None) -> dict | None:
     if not data:
         return None
@@ -150,7 +155,7 @@ def format_inspect(info: dict) -> str:
     ]
     p = info["parity"]
     if p:
-        comp = "; ".join(f"{c['reference']}: KL {c['mean_kl']:.4f}, top-1 {c['top1_agreement']:.3f} {'PASS' if c['passed'] else 'FAIL'}"
+        comp = "; ".join(f"{c['reference']}: KL {c['mean_kl']:.4f}, top-1 {_top1(c)} {'PASS' if c['passed'] else 'FAIL'}"
                          for c in p["comparisons"])
         lines.append(f"  last parity   {'PASS' if p['passed'] else 'FAIL'} ({comp}) on {p.get('saved')}")
     else:

@@ -87,7 +87,7 @@ def test_junit_xml_and_exit_codes(tmp_path, tiny_dir):
                            "--junit-xml", tmp_path / "ok.xml")
     assert code == 0, err
     suite = ET.parse(tmp_path / "ok.xml").getroot()
-    assert suite.get("tests") == "2" and suite.get("failures") == "0"
+    assert suite.get("tests") == "3" and suite.get("failures") == "0"  # two references and the weight check
     tiny_model("llama", seed=3).save_pretrained(tiny_dir, safe_serialization=True)  # the source drifted
     code, _, _ = run_cli("verify", out, "--prompt-tokens", "24", "--decode-steps", "4", "--no-perplexity",
                          "--junit-xml", tmp_path / "bad.xml")

@@ -81,15 +81,17 @@ class Exporter(Protocol):
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         """The float weights the artifact computes with, by PyTorch name (for same-quant parity).
 
-        ONNX reads them back out of the file; a target whose weights cannot be read back applies
-        the recorded spec to `model` with the very code its export used.
+        Read back out of the file (ONNX, Core ML), or the recorded spec applied to `model` with the
+        very code its export used (ExecuTorch, whose weight check finds those codes in the file).
         """
 
     def app_readme(self, manifest: dict) -> str:
         """The README an app developer gets in a bundle of this target."""
 
     def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
-        """Static checks of the written files, run by `verify` ({name, passed, detail} each)."""
+        """Static checks of the written files, run by `verify` ({name, passed, detail} each). Each built-in
+        target reads its stored weights back here (its exporters/<target>/checks.py) and requires exactly
+        the codes and scales of `model` quantized again with the recorded plan (quantize/replay.py)."""
 
     def stand_in_runner(self, model, folder: Path, manifest: dict, threads=None):
         """For `verify` where the runtime cannot execute here; raises RuntimeUnavailable if none."""

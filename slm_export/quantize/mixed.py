@@ -84,7 +84,8 @@ def promote_units(plan: QuantPlan, units: list[str], budget: float,
     unknown = [u for u in units if u not in by_unit]
     if unknown:
         raise ValueError(f"mixed precision names units {unknown[:3]} that this plan has no int4 weights in")
-    rank = {u: i + 1 for i, u in enumerate(sorted(sensitivity or {}, key=sensitivity.get, reverse=True))}
+    sensitivity = sensitivity or {}  # none when replaying the units an export recorded
+    rank = {u: i + 1 for i, u in enumerate(sorted(sensitivity, key=sensitivity.get, reverse=True))}
     weights = []
     for w in plan.weights:
         note = f"; sensitivity {sensitivity[w.unit]:.4f} KL (rank {rank[w.unit]} of {len(rank)})" \

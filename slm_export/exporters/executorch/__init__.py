@@ -153,13 +153,19 @@ class ExecuTorchExporter(ExporterBase):
         return TargetOutput(MODEL_FILE, io, report, extra, runtime="executorch-pybind" if int8_kv else None)
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
-        # XNNPACK keeps its weights in an opaque delegate blob, so they are not read back out of the
-        # .pte; instead the recorded plan is quantized again from `model` by the same quantizer.
+        # The recorded plan quantized again from `model` by the same quantizer; verify's weight check
+        # (package_checks) reads the .pte's codes and scales back and requires exactly these.
         from ...quantize.replay import requantize
         from .quant import dequantized_weights
 
         plan, codes = requantize(self, model, folder, manifest)
         return dequantized_weights(plan, codes)
+
+    def package_checks(self, folder: Path, manifest: dict, model=None) -> list[dict]:
+        """The .pte's weights read back and compared with the re-quantized reference, exactly (checks.py)."""
+        from .checks import check_weights
+
+        return [check_weights(Path(folder), manifest, model)]
 
     def app_readme(self, manifest: dict) -> str:
         from .handoff import app_readme

@@ -97,6 +97,12 @@ class OnnxExporter(ExporterBase):
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         return read_weights(folder, manifest)  # the weights as stored, dequantized: `model` is not needed
 
+    def package_checks(self, folder: Path, manifest: dict, model=None) -> list[dict]:
+        """The file's weights read back and compared with the re-quantized reference, exactly (checks.py)."""
+        from .checks import check_weights
+
+        return [check_weights(Path(folder), manifest, model)]
+
     def app_readme(self, manifest: dict) -> str:
         from .handoff import app_readme
 

@@ -53,6 +53,17 @@ class _Graph:
         return outputs
 
 
+def named_linears(dec: Decoder) -> list[tuple[str, Linear]]:
+    """(node name, Linear) of every matrix multiply the graph holds, in forward order (what `build`
+    names them; verify's weight check reads them back by these names)."""
+    out = []
+    for i, layer in enumerate(dec.layers):
+        gate, up = layer.gate_up.parts()
+        out += [(f"layers.{i}.qkv_proj", layer.qkv), (f"layers.{i}.o_proj", layer.o), (f"layers.{i}.gate_proj", gate),
+                (f"layers.{i}.up_proj", up), (f"layers.{i}.down_proj", layer.down)]
+    return out + [("lm_head", Linear(dec.lm_head, None, [LM_HEAD]))]
+
+
 class DecoderGraphBuilder:
     def __init__(self, dec: Decoder, spec: QuantSpec, plan: QuantPlan, codes: dict[str, QuantizedWeight]):
         self.dec, self.spec, self.plan, self.codes = dec, spec, plan, codes

@@ -60,27 +60,39 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> PackedWeight:
                         bits, block, k, n)
 
 
-def dequantize_matmul_weight(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
-                             bits: int, block_size: int, k: int, n: int) -> np.ndarray:
-    """The float [out, in] weight a MatMulNBits node computes with (read back out of a file)."""
+def unpack_codes(packed: np.ndarray, bits: int, block_size: int, k: int, n: int) -> np.ndarray:
+    """The stored codes of B as uint8 [N, k_blocks * block] (padding included), low nibble first at 4 bits."""
     k_blocks = (k + block_size - 1) // block_size
     if bits == 4:
+        packed = packed.reshape(n, k_blocks, block_size // 2)
         q = np.empty((n, k_blocks, block_size), dtype=np.uint8)
         q[..., 0::2] = packed & 0x0F  # low nibble first
         q[..., 1::2] = packed >> 4
     else:
         q = packed.reshape(n, k_blocks, block_size)
+    return q.reshape(n, k_blocks * block_size)
+
+
+def unpack_zero_points(zero_points: np.ndarray | None, bits: int, k_blocks: int, n: int) -> np.ndarray:
+    """Zero points as uint8 [N, k_blocks]: the stored ones, or the implied 8 / 128 when symmetric."""
     if zero_points is None:
-        zp = np.full((n, k_blocks), 8 if bits == 4 else 128, dtype=np.float32)
-    elif bits == 4:
+        return np.full((n, k_blocks), 8 if bits == 4 else 128, dtype=np.uint8)
+    if bits == 4:
         per_row = (k_blocks + 1) // 2
         z = zero_points.reshape(n, per_row)
         both = np.empty((n, per_row * 2), dtype=np.uint8)
         both[:, 0::2] = z & 0x0F
         both[:, 1::2] = z >> 4
-        zp = both[:, :k_blocks].astype(np.float32)
-    else:
-        zp = zero_points.reshape(n, k_blocks).astype(np.float32)
+        return both[:, :k_blocks]
+    return zero_points.reshape(n, k_blocks)
+
+
+def dequantize_matmul_weight(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+                             bits: int, block_size: int, k: int, n: int) -> np.ndarray:
+    """The float [out, in] weight a MatMulNBits node computes with (read back out of a file)."""
+    k_blocks = (k + block_size - 1) // block_size
+    q = unpack_codes(packed, bits, block_size, k, n).reshape(n, k_blocks, block_size)
+    zp = unpack_zero_points(zero_points, bits, k_blocks, n).astype(np.float32)
     s = scales.reshape(n, k_blocks)
     w = (q.astype(np.float32) - zp[..., None]) * s[..., None]
     return w.reshape(n, k_blocks * block_size)[:, :k]
