@@ -14,9 +14,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["export", "open_artifact", "QuantSpec", "SlmExportError", "ParityFailure", "targets"]
+__all__ = ["export", "open_artifact", "QuantSpec", "SlmExportError", "ParityFailure", "OutOfMemory", "targets"]
 
-from .errors import ParityFailure, SlmExportError
+from .errors import OutOfMemory, ParityFailure, SlmExportError
 from .quantize import QuantSpec
 
 
@@ -26,7 +26,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
            kv_bits: int | None = None, quant_method: str | None = None, mixed_precision: float | None = None,
            calibration_text=None, out=None, force: bool = False,
            max_context: int | None = None, tokenizer=None, no_tokenizer: bool = False,
-           trust_remote_code: bool = False, log=print):
+           trust_remote_code: bool = False, skip_memory_check: bool = False, log=print):
     """Export `model` to `target` and return an `Artifact`.
 
     max_context: KV-cache length; default min(2048, the model's max_position_embeddings).
@@ -50,6 +50,9 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     no_tokenizer: export a model folder, hub id or .gguf without its tokenizer (one without tokenizer
     files is refused otherwise); the artifact then has none: generate cannot run, verify and bench
     use random token ids.
+    skip_memory_check: export even where the estimated peak memory exceeds what this machine has (free
+    memory, a cgroup limit, ulimit -v); otherwise such an export is refused before the model loads.
+    An export that runs out of memory anyway raises `OutOfMemory` (an `SlmExportError`; CLI exit 3).
     """
     from .pipeline import run_export
 
@@ -59,7 +62,8 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
                      mixed_precision=mixed_precision)
     folder = run_export(model, target=target, spec=spec, out=out, force=force, max_context=max_context,
                         compute_precision=compute_precision, kv_bits=kv_bits, calibration_text=calibration_text,
-                        tokenizer=tokenizer, no_tokenizer=no_tokenizer, trust_remote_code=trust_remote_code, log=log)
+                        tokenizer=tokenizer, no_tokenizer=no_tokenizer, trust_remote_code=trust_remote_code,
+                        skip_memory_check=skip_memory_check, log=log)
     return open_artifact(folder)
 
 

@@ -10,9 +10,10 @@
   slm-export inspect DIR|ZIP   what a bundle holds, checksum status, last parity and bench
   slm-export demo              export the bundled model to ONNX int4, verify, bench, print a table
 
-Exit codes: 0 ok, 1 parity over tolerance (fit: does not fit), 2 bad input, 3 internal error or a
-failed bench run, 4 the runtime cannot execute here (Core ML off macOS), 130/143 interrupted by
-Ctrl-C/SIGTERM (nothing half-written is left behind).
+Exit codes: 0 ok, 1 parity over tolerance (fit: does not fit), 2 bad input (also: an export this
+machine has too little memory or disk for, refused before the model loads), 3 internal error, ran out
+of memory mid-way, or a failed bench run, 4 the runtime cannot execute here (Core ML off macOS),
+130/143 interrupted by Ctrl-C/SIGTERM (nothing half-written is left behind).
 """
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="export without the model's tokenizer (a model without tokenizer files is refused otherwise); "
                         "generate then cannot run, verify and bench use random token ids")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="export even where the estimated peak memory (see `slm-export fit`) exceeds what this "
+                        "machine has (free memory, cgroup limit, ulimit -v); it may then be killed")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +189,8 @@ def _spec_kwargs(a) -> dict:
     return dict(target=a.target, **q, quantize_embeddings=not a.no_quantize_embeddings,
                 quantize_lm_head=not a.no_quantize_lm_head, palettize=a.palettize,
                 compute_precision=a.compute_precision, kv_bits=a.kv_bits, calibration_text=a.calibration_text, out=a.out, force=a.force, max_context=a.max_context,
-                no_tokenizer=a.no_tokenizer, trust_remote_code=a.trust_remote_code)
+                no_tokenizer=a.no_tokenizer, trust_remote_code=a.trust_remote_code,
+                skip_memory_check=a.skip_memory_check)
 
 
 def cmd_export(a):
@@ -419,6 +424,13 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # a bug of ours: say so in one line, keep the traceback one flag away
         if debug:
             raise
+        from .memory import is_out_of_memory
+
+        if is_out_of_memory(e):  # a MemoryError, or a failed allocation or mapping, outside an export
+            print(f"slm-export: error: `slm-export {command}` ran out of memory ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'}); free memory or "
+                  "raise the limit", file=sys.stderr)
+            return 3
         print(f"slm-export: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 3
 

@@ -17,6 +17,13 @@ class ParityFailure(SlmExportError):
     exit_code = 1
 
 
+class OutOfMemory(SlmExportError):
+    """An export ran out of memory mid-way (a MemoryError, a failed allocation or mapping). CLI exit
+    code 3: not bad input (a refusal before anything ran is exit 2), a run that could not finish."""
+
+    exit_code = 3
+
+
 class RuntimeUnavailable(SlmExportError):
     """The runtime cannot execute on this machine (Core ML off macOS). CLI exit code 4."""
 

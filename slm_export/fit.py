@@ -13,6 +13,7 @@ synchronising kernels, dequantizing), STEP_CYCLES_PER_LAYER, scaled by the devic
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,15 +66,33 @@ def shape_from_manifest(m: dict, weights: list[dict]) -> Shape:
                  weights=[(w["name"], w["shape"]) for w in weights])
 
 
+def shape_before_loading(model, trust_remote_code: bool = False) -> Shape | None:
+    """The model's shapes without loading its weights (its config only), or None where they cannot be
+    read before loading (loading then says why, or the weights themselves are counted): a path, a
+    .gguf, a hub id, None (bundled), or a model already in memory."""
+    from .loading import LoadedModel
+
+    obj = model.model if isinstance(model, LoadedModel) else model
+    try:
+        if obj is None or isinstance(obj, (str, os.PathLike)):
+            return shape_of(load_config(obj, trust_remote_code))
+        config = getattr(obj, "config", None)
+        return shape_of(config) if config is not None else None
+    except Exception:  # noqa: BLE001 - a config that cannot be read here is for loading to report
+        return None
+
+
 def load_config(source, trust_remote_code: bool = False):
     """The model's config only (seconds, not the weights): a path, a .gguf, a hub id, or None (bundled)."""
     from transformers import AutoConfig
 
-    from .loading import DEFAULT_MODEL, default_gguf_path
+    from .loading import DEFAULT_MODEL, default_gguf_path, hub_timeouts
 
     if source is None or str(source) == DEFAULT_MODEL:
         source = default_gguf_path()
     path = Path(str(source)).expanduser()
+    if not path.exists():
+        hub_timeouts()
     try:
         if path.is_file() and path.suffix == ".gguf":
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -136,6 +155,7 @@ class FitReport:
     expected_decode_tok_s: float
     expected_decode_tok_s_full_context: float
     bound: str  # "memory bandwidth" or "compute"
+    export_peak_mb: float  # what exporting it needs in memory at its peak, on the machine that exports (memory.py)
     notes: list[str] = field(default_factory=list)
     weights: list = field(default_factory=list)
 
@@ -153,7 +173,9 @@ class FitReport:
                  f"  decode: ~{self.expected_decode_tok_s:.0f} tok/s expected at a short context, "
                  f"~{self.expected_decode_tok_s_full_context:.0f} at {self.context} "
                  f"(roofline ceilings {self.roofline_tok_s:.0f} / {self.roofline_tok_s_full_context:.0f}; "
-                 f"{self.bound}-bound; {self.decode_bytes_per_token_mb:.1f} MB read per token)"]
+                 f"{self.bound}-bound; {self.decode_bytes_per_token_mb:.1f} MB read per token)",
+                 f"  export: about {self.export_peak_mb / 1024:.1f} GiB of memory at its peak, on the machine that "
+                 "runs slm-export (refused up front where it has less)"]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -194,6 +216,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         model=None, artifact=None, compute_precision: str | None = None, kv_bits: int | None = None,
         trust_remote_code: bool = False) -> FitReport:
     from .exporters import TARGETS
+    from .memory import estimate_export, fp32_weight_bytes
     from .quantize.spec import quant_label, resolve_spec
     from .quantize import QuantSpec
 
@@ -216,6 +239,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
                                  "fit uses what the artifact was exported with (drop them)")
         extra = m.get("target_extra", {})
         compute_precision, kv_bits = extra.get("compute_precision"), extra.get("kv_bits")
+        fp32_bytes = 4 * m["model"].get("parameters", 0)
     exporter = TARGETS.get(target)()
     precision, kv_bits = exporter.resolve_precision(compute_precision, kv_bits)
     if artifact is None:
@@ -225,6 +249,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         shape = shape_of(config)
         exporter.check_model(shape, precision)  # a model the export would refuse, refused here too
         weights = estimate_weight_bytes(shape, spec, exporter, precision)
+        fp32_bytes = fp32_weight_bytes(shape)
         source = "estimated from the model's shapes and the spec"
         quant = quant_label(spec, precision)
         limit = getattr(config, "max_position_embeddings", None)
@@ -242,6 +267,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     full, _ = decode_roofline(profile, per_token_weights, kv_per_token * context, ops, int8)
     mb = 2**20
     total = weights_total + kv_per_token * context + act + exporter.runtime_overhead_mb * mb
+    export_peak = estimate_export(exporter, spec, kv_bits, fp32_bytes or fp32_weight_bytes(shape), target).peak_bytes
     return FitReport(
         device=profile.name, target=target, quant=quant, context=context, weights_source=source,
         weights_mb=round(weights_total / mb, 1), kv_cache_mb=round(kv_per_token * context / mb, 1), kv_bits=kv_bits,
@@ -251,5 +277,6 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
         roofline_tok_s=round(short, 1), roofline_tok_s_full_context=round(full, 1),
         expected_decode_tok_s=round(expected_tok_s(short, shape.layers, profile), 1),
         expected_decode_tok_s_full_context=round(expected_tok_s(full, shape.layers, profile), 1), bound=bound,
+        export_peak_mb=round(export_peak / mb, 1),
         notes=notes,
         weights=[{"name": w["name"], "mb": round(w["stored_bytes"] / mb, 3), "bits": w["bits"]} for w in weights])

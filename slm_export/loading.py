@@ -107,18 +107,21 @@ def _from_pretrained(where: str, trust_remote_code: bool, what: str, tokenizer: 
             where, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs
         )
     except ValueError as e:
+        _reraise_if_out_of_memory(e)
         if "trust_remote_code" in str(e):
             raise SlmExportError(
                 f"{what} needs custom code from its repository; rerun with --trust-remote-code if you trust it"
             ) from None
         raise SlmExportError(f"could not load {what}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse a user's file is a problem with that file
+        _reraise_if_out_of_memory(e)  # but running out of memory is not (a MemoryError, an mmap's ENOMEM)
         raise SlmExportError(f"could not load {what}: {type(e).__name__}: {_first_line(e)}") from None
     if not tokenizer:
         return LoadedModel(model.eval(), None)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # noqa: BLE001
+        _reraise_if_out_of_memory(e)
         raise SlmExportError(f"could not load the tokenizer of {what}: {_one_line(e)}; {NO_TOKENIZER_HINT}") from None
     check_tokenizer(tok, what)
     return LoadedModel(model.eval(), tok)
@@ -131,7 +134,7 @@ def _load_gguf(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> L
         if f.read(4) != b"GGUF":
             raise SlmExportError(f"{path} is not a GGUF file (bad magic bytes); check the file or re-download it")
     # transformers draws a bar per tensor while it dequantizes (its disable_progress_bar() does not reach it)
-    with _gguf_parsed_once(), no_progress_bars([("transformers.modeling_gguf_pytorch_utils", "tqdm")]):
+    with gguf_parsed_once(), no_progress_bars([("transformers.modeling_gguf_pytorch_utils", "tqdm")]):
         loaded = _from_pretrained(str(path.parent), trust_remote_code, f"GGUF file {path}", tokenizer,
                                   gguf_file=path.name)
     loaded.source = {"kind": "gguf", "path": str(path.resolve())}
@@ -139,9 +142,10 @@ def _load_gguf(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> L
 
 
 @contextlib.contextmanager
-def _gguf_parsed_once():
+def gguf_parsed_once():
     """Within this block, `gguf.GGUFReader` parses each file once and the GGUF tensor-name map is
-    built once per (architecture, layers).
+    built once per (architecture, layers). Blocks nest: an inner one shares the outer one's parses (the
+    export's config read, for its memory estimate, and its load parse the file once between them).
 
     Why: transformers parses the whole file (every vocabulary string as a numpy slice) for the config,
     again for the weights, and sometimes for the tokenizer, and rebuilds the name map for every
@@ -199,10 +203,14 @@ def _check_model_type(config_file: Path) -> None:
         check_supported(model_type)
 
 
-def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
-    # Fail fast instead of hanging when the hub is slow or unreachable.
+def hub_timeouts() -> None:
+    """Fail fast instead of hanging when the hub is slow or unreachable."""
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+
+
+def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
+    hub_timeouts()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -221,6 +229,14 @@ def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True) -> 
     loaded = _load_dir(Path(local), trust_remote_code, tokenizer)
     loaded.source = {"kind": "hub", "id": repo_id, "path": local}
     return loaded
+
+
+def _reraise_if_out_of_memory(e: BaseException) -> None:
+    """A load that ran out of memory is not a bad file: let it reach the export's (or the CLI's) memory message."""
+    from .memory import is_out_of_memory
+
+    if is_out_of_memory(e):
+        raise e
 
 
 def _first_line(e: BaseException) -> str:

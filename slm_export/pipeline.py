@@ -5,6 +5,7 @@ the end, so an interrupted export never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -12,14 +13,17 @@ from pathlib import Path
 
 from . import manifest as mf
 from .architectures import to_decoder
-from .errors import SlmExportError
+from .errors import OutOfMemory, SlmExportError
 from .exporters import TARGETS, ExportOptions
-from .loading import LoadedModel, check_tokenizer, from_object, load
+from .fit import shape_before_loading
+from .loading import DEFAULT_MODEL, LoadedModel, check_tokenizer, from_object, gguf_parsed_once, load
+from .memory import (available_memory, check_memory, estimate_export, estimate_for_target,
+                     fp32_weight_bytes, is_out_of_memory, out_of_memory)
 from .quantize import QuantSpec
 from .quantize.calibration import MAX_TOKENS
 from .quantize.spec import quant_label, resolve_spec
 from .quantize.methods import CALIBRATED
-from .staging import check_destination, staged_folder
+from .staging import check_destination, check_free_space, drop_note, staged_folder, write_note
 
 REPORT_FILE = "quant_report.json"
 
@@ -27,12 +31,15 @@ REPORT_FILE = "quant_report.json"
 def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, out: str | Path | None = None,
                force: bool = False, max_context: int | None = None, compute_precision: str | None = None,
                kv_bits: int | None = None, calibration_text: str | Path | None = None, tokenizer=None,
-               no_tokenizer: bool = False, trust_remote_code: bool = False, log=print):
+               no_tokenizer: bool = False, trust_remote_code: bool = False, skip_memory_check: bool = False,
+               log=print):
     """Export `model` (a path, hub id, None for the default, or an nn.Module); returns the folder written.
 
     no_tokenizer: export without the model's tokenizer (a model folder without tokenizer files is
-    refused otherwise); generate then cannot run, verify and bench use random token ids."""
+    refused otherwise); generate then cannot run, verify and bench use random token ids.
+    skip_memory_check: export even where the estimated peak memory exceeds what this machine has."""
     exporter = TARGETS.get(target)()
+    asked = spec or QuantSpec()
     spec = resolve_spec(exporter, spec)
     precision, kv_bits = exporter.resolve_precision(compute_precision, kv_bits)
     if spec.quantized and spec.activations == "int8" and not exporter.quantizes_activations:
@@ -46,14 +53,43 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     check_destination(out, force)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
     method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
-    reads_text = method in CALIBRATED or bool(spec.mixed_precision) or exporter.calibrates(kv_bits)
+    reads_text = calibrates(exporter, spec, kv_bits)
     user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
     _check_tokenizer_options(tokenizer, no_tokenizer, calibration_text)
 
+    # Memory and disk, before the model loads: from its config where it can be read without the weights
+    budget = _Budget(f"exporting {_model_name(model)} to {target} {_short_quant(spec, precision)}",
+                     exporter, asked, spec, kv_bits, skip_memory_check)
+    try:
+        with contextlib.ExitStack() as parse:
+            parse.enter_context(gguf_parsed_once())  # a GGUF's config (read here) and its load share one parse
+            shape = shape_before_loading(model, trust_remote_code)
+            if shape is not None:
+                check_free_space(out, _artifact_bytes(shape, spec, exporter, precision), budget.what)
+                budget.check(fp32_weight_bytes(shape))
+            t0 = time.perf_counter()
+            with staged_folder(out, log=log, note=budget.note()) as tmp:
+                summary = _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_context,
+                                       calibration_text, user_text, reads_text, tokenizer, no_tokenizer,
+                                       trust_remote_code, budget, parse.close, log)
+    except BaseException as e:
+        if not isinstance(e, OutOfMemory) and is_out_of_memory(e):
+            raise out_of_memory(budget.estimate, budget.have) from None
+        raise
+    log(summary)
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_context, calibration_text,
+                 user_text, reads_text, tokenizer, no_tokenizer, trust_remote_code, budget, loaded_hook, log) -> str:
+    """Load, quantize and write into the staged folder `tmp` (renamed into place after this returns);
+    returns the quant report's summary. `loaded_hook()` runs once the model is loaded."""
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else (
         load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
         if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
+    loaded_hook()  # the parsed GGUF is not needed past here
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
     if no_tokenizer:
@@ -62,6 +98,9 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     log(f"loaded {mf.source_label(loaded.source)} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
         f"in {time.perf_counter() - t0:.1f}s")
+    if budget.estimate is None:  # its config could not be read before loading: its weights are counted now
+        budget.check(4 * sum(p.numel() for p in loaded.model.parameters()))
+        write_note(tmp, budget.note())
     if max_context is None:
         limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
         max_context = min(2048, limit)
@@ -79,39 +118,98 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     if codes:
         log(f"quantized {len(codes)} weights in {time.perf_counter() - t1:.1f}s"
             + (f" (calibrated on {plan.calibration['text']})" if plan.calibration else ""))
-    with staged_folder(out, log=log) as tmp:
-        result = exporter.write(decoder, spec, tmp, options, plan, codes)
-        export_s = time.perf_counter() - t1
-        result.report.write(tmp / REPORT_FILE)
-        tok_info = _save_tokenizer(loaded, tmp)
-        manifest = {
-            "target": exporter.name,
-            "runtime": result.runtime or exporter.runtime,
-            "model_file": result.model_file,
-            "target_extra": result.extra,
-            "source": loaded.source,
-            "architecture": decoder.architecture,
-            "model": {
-                "layers": decoder.num_layers, "hidden_size": decoder.hidden_size, "heads": decoder.num_heads,
-                "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim, "vocab_size": decoder.vocab_size,
-                "tied_embeddings": decoder.tied_embeddings,
-                "parameters": int(sum(e.float_bytes for e in result.report.entries) // 4),
-            },
-            "max_context": max_context,
-            "quant": {"spec": spec.to_dict(), "label": label, "report": REPORT_FILE,
-                      "methods": sorted({w.method for w in plan.weights if w.quantized}),
-                      "calibration": plan.calibration or None,
-                      "summary": result.report.summary()},
-            "io": result.io,
-            "tokenizer": tok_info,
-            "export_seconds": round(export_s, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": mf.library_versions("torch", "transformers", *exporter.packages),
-        }
-        mf.write(tmp, manifest)
-    log(result.report.format_summary())
-    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
-    return out
+    result = exporter.write(decoder, spec, tmp, options, plan, codes)
+    export_s = time.perf_counter() - t1
+    result.report.write(tmp / REPORT_FILE)
+    tok_info = _save_tokenizer(loaded, tmp)
+    manifest = {
+        "target": exporter.name,
+        "runtime": result.runtime or exporter.runtime,
+        "model_file": result.model_file,
+        "target_extra": result.extra,
+        "source": loaded.source,
+        "architecture": decoder.architecture,
+        "model": {
+            "layers": decoder.num_layers, "hidden_size": decoder.hidden_size, "heads": decoder.num_heads,
+            "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim, "vocab_size": decoder.vocab_size,
+            "tied_embeddings": decoder.tied_embeddings,
+            "parameters": int(sum(e.float_bytes for e in result.report.entries) // 4),
+        },
+        "max_context": max_context,
+        "quant": {"spec": spec.to_dict(), "label": label, "report": REPORT_FILE,
+                  "methods": sorted({w.method for w in plan.weights if w.quantized}),
+                  "calibration": plan.calibration or None,
+                  "summary": result.report.summary()},
+        "io": result.io,
+        "tokenizer": tok_info,
+        "export_seconds": round(export_s, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": mf.library_versions("torch", "transformers", *exporter.packages),
+    }
+    drop_note(tmp)  # before the manifest lists the folder's files
+    mf.write(tmp, manifest)
+    return result.report.format_summary()
+
+
+def calibrates(exporter, spec: QuantSpec, kv_bits: int) -> bool:
+    """Whether exporting under the resolved `spec` runs text through the model (GPTQ, mixed precision,
+    static KV-cache scales)."""
+    method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
+    return method in CALIBRATED or bool(spec.mixed_precision) or exporter.calibrates(kv_bits)
+
+
+# ---------------------------------------------------------------- memory and disk, before the work
+
+def _model_name(model) -> str:
+    if isinstance(model, LoadedModel):
+        return mf.source_label(model.source)
+    if model is None:
+        return DEFAULT_MODEL
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+
+
+def _short_quant(spec: QuantSpec, precision: str) -> str:
+    return f"int{spec.bits}" if spec.quantized else ("float16" if precision == "float16" else "float")
+
+
+def _artifact_bytes(shape, spec: QuantSpec, exporter, precision: str) -> int:
+    """At least what the artifact's weights take on disk (without mixed precision's extra int8: a
+    lower bound, so a refusal on it is never wrong)."""
+    from .fit import estimate_weight_bytes
+
+    try:
+        return sum(w["stored_bytes"] for w in
+                   estimate_weight_bytes(shape, dataclasses.replace(spec, mixed_precision=0.0), exporter, precision))
+    except Exception:  # noqa: BLE001 - shapes the exporter would refuse (an unsupported family): loading says so
+        return 0
+
+
+@dataclasses.dataclass
+class _Budget:
+    """An export's memory: its estimate, what the machine had, and the refusal when it cannot hold it."""
+
+    what: str  # "exporting MODEL to TARGET int4"
+    exporter: object
+    asked: QuantSpec  # the spec as given (other targets resolve it with their own defaults)
+    spec: QuantSpec
+    kv_bits: int
+    skip: bool
+    estimate: object = None  # memory.ExportEstimate, once the model's size is known
+    have: object = None  # memory.Available when it was checked
+
+    def check(self, fp32_bytes: int) -> None:
+        """Refuse (one line, exit 2) when this machine cannot hold the export's peak, unless skipped."""
+        self.estimate = estimate_export(self.exporter, self.spec, self.kv_bits, fp32_bytes, self.what)
+        self.have = available_memory() if self.skip else check_memory(
+            self.estimate, lambda name: estimate_for_target(name, self.asked, fp32_bytes))
+
+    def note(self) -> dict | None:
+        """What a killed export's partial folder tells the run that sweeps it (staging.RUN_NOTE)."""
+        if self.estimate is None:
+            return None
+        return {"what": self.what, "peak_bytes": self.estimate.peak_bytes, "available": self.have.describe()}
 
 
 MIN_CALIBRATION_TOKENS = 32

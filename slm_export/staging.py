@@ -4,12 +4,15 @@ An interrupted or failed write leaves nothing that looks complete; with `force`,
 moved aside before the rename, so a crash keeps one of the two. A process killed outright (SIGKILL,
 a power cut) cannot clean up: its sibling, `.NAME.partial-PID-XXXXXXXX`, is swept by the next write
 into the same parent folder. While a sibling is being written its writer holds a lock on it, so a
-live writer's folder is never taken for a dead one's.
+live writer's folder is never taken for a dead one's. A writer may leave a note in its sibling
+(`RUN_NOTE`: what it was doing and how much memory it was expected to need), so the run that sweeps
+it can say why it was likely killed.
 """
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import re
 import shutil
@@ -31,6 +34,7 @@ _PROBE = ".slm-export-probe-"
 _PARTIAL = re.compile(r"^\..+\.partial-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}$|^\..+\.zip\.partial$"
                       rf"|^{re.escape(_PROBE)}[a-z0-9_]{{8}}$")
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+RUN_NOTE = ".slm-export-run.json"  # in a partial folder: {"what", "peak_bytes", "available"} of its writer
 
 
 def user_cache_dir() -> Path:
@@ -49,6 +53,18 @@ def check_destination(out: Path, force: bool) -> None:
     if not out.parent.exists():
         raise SlmExportError(f"the parent folder of --out ({out.parent}) does not exist")
     check_writable(out.parent, "--out")
+
+
+def check_free_space(out: Path, need: int, what: str) -> None:
+    """Refuse, before anything loads, an --out whose file system has less free space than `need`
+    bytes (at least what the artifact will take: a refusal is never wrong)."""
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if need > free:
+        raise SlmExportError(f"{what} writes at least {need / 1e6:.1f} MB into {out.parent} and its disk has "
+                             f"{free / 1e6:.1f} MB free; free some space there or choose another --out")
 
 
 def check_output_file(path: str | Path, flag: str) -> None:
@@ -78,17 +94,21 @@ def share_modes(folder: Path) -> None:
 
 
 @contextmanager
-def staged_folder(out: Path, share: bool = True, log=None):
+def staged_folder(out: Path, share: bool = True, log=None, note: dict | None = None):
     """Yield a temporary folder beside `out`; on success it becomes `out`.
 
     share: make everything readable by all (an artifact, shared like any build output). Off for
     trees whose own modes matter (the emulated ARM userland: executables, links into itself).
-    log: where to say which stale partial folders of killed runs were swept (None: silently)."""
+    log: where to say which stale partial folders of killed runs were swept (None: silently).
+    note: written as RUN_NOTE into the folder until it is complete (`drop_note` removes it earlier,
+    before the folder's files are listed), for the sweeper of a killed run to read."""
     sweep_stale(out.parent, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     lock = _hold(tmp)
     try:
+        write_note(tmp, note)
         yield tmp
+        drop_note(tmp)
         if share:
             share_modes(tmp)
         else:
@@ -112,6 +132,17 @@ def replace_folder(tmp: Path, out: Path, old_name: str | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def write_note(folder: Path, note: dict | None) -> None:
+    """Say in a staged folder what it is being written for (RUN_NOTE), for the sweeper of a killed run."""
+    if note:
+        (Path(folder) / RUN_NOTE).write_text(json.dumps(note))
+
+
+def drop_note(folder: Path) -> None:
+    """Remove a staged folder's RUN_NOTE (before a manifest lists the folder's files)."""
+    (Path(folder) / RUN_NOTE).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -155,11 +186,32 @@ def sweep_stale(parent: Path, log=None) -> list[Path]:
     except OSError:
         return removed
     for p in sorted(candidates):
+        note = _read_note(p)
         if _remove_if_stale(p, started):
             removed.append(p)
             if log:
-                log(f"removed {p}: left by an earlier run that was killed before it could clean up")
+                log(f"removed {p}: left by an earlier run that was killed before it could clean up{_why(note)}")
     return removed
+
+
+def _read_note(p: Path) -> dict | None:
+    try:
+        if p.is_symlink() or not p.is_dir():
+            return None
+        note = json.loads((p / RUN_NOTE).read_text())
+        return note if isinstance(note, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _why(note: dict | None) -> str:
+    """What a killed run's note says about its likely cause: memory, for an export."""
+    try:
+        what, peak, have = str(note["what"]), float(note["peak_bytes"]), str(note["available"])
+    except (TypeError, KeyError, ValueError):
+        return ""
+    return (f" ({what}, possibly killed for lack of memory: it was estimated to need about {peak / 2**30:.1f} GiB "
+            f"at its peak, and {have} when it started)")
 
 
 def _remove_if_stale(p: Path, started: float) -> bool:

@@ -19,6 +19,13 @@ import numpy as np
 CHUNK = 512  # tokens per calibration sequence (attention is causal within a chunk)
 MAX_TOKENS = 2048  # calibration tokens used at most (measured on SmolLM2-135M: 4096 gave GPTQ no better KL)
 MIN_TOKENS = 256
+# Resident bytes per fp32 weight byte of the model while an export calibrates (GPTQ, mixed precision,
+# ONNX --kv-bits 8 scales): the loaded model, the float32 copies this forward runs on, the dequantized
+# weights put back into it and the codes made so far (slm_export/memory.py). Fitted to the default
+# (GPTQ) int4 exports' peak RSS measured by benchmarks/export_memory.py on a 2-core AMD EPYC / 23.5 GiB
+# Linux machine: ONNX 3125 and ExecuTorch 3179 MiB for SmolLM2-135M (513 MiB fp32), 9687 and 9924 for
+# the Qwen2.5-0.5B shape (1884 MiB); estimates +0.3% and +5..7% over them.
+CALIBRATION_PEAK = 5.25
 
 
 def calibration_text() -> str:
