@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import manifest as mf
+from . import progress
 from .architectures import to_decoder
 from .errors import OutOfMemory, SlmExportError
 from .exporters import TARGETS, ExportOptions
@@ -86,9 +87,10 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     """Load, quantize and write into the staged folder `tmp` (renamed into place after this returns);
     returns the quant report's summary. `loaded_hook()` runs once the model is loaded."""
     t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else (
-        load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
-        if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
+    with progress.stage(f"loading {_model_name(model)}"):
+        loaded = model if isinstance(model, LoadedModel) else (
+            load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
+            if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
     loaded_hook()  # the parsed GGUF is not needed past here
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
@@ -118,7 +120,8 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     if codes:
         log(f"quantized {len(codes)} weights in {time.perf_counter() - t1:.1f}s"
             + (f" (calibrated on {plan.calibration['text']})" if plan.calibration else ""))
-    result = exporter.write(decoder, spec, tmp, options, plan, codes)
+    with progress.stage(f"writing the {exporter.name} program ({exporter.runtime})"):
+        result = exporter.write(decoder, spec, tmp, options, plan, codes)
     export_s = time.perf_counter() - t1
     result.report.write(tmp / REPORT_FILE)
     tok_info = _save_tokenizer(loaded, tmp)

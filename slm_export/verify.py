@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import progress
 from .errors import ParityFailure, SlmExportError
 from .text import passage_ids
 
@@ -440,31 +441,38 @@ def _verify(artifact, reference, *, prompt_tokens, decode_steps, perplexity, per
         runner = exporter.stand_in_runner(model, artifact.path, artifact.manifest, threads)
         executed_by = runner.description
     bits = artifact.manifest["quant"]["spec"]["bits"]
+    with progress.stage("checking the stored weights against the reference quantized again"):
+        checks = exporter.package_checks(artifact.path, artifact.manifest, model)
     report = ParityReport(str(artifact.path), artifact.target, artifact.manifest["quant"]["label"], prompt_tokens,
                           decode_steps, executed_by=executed_by, not_executed=not_executed,
-                          checks=exporter.package_checks(artifact.path, artifact.manifest, model),
+                          checks=checks,
                           prompt="the shipped passage" if codec is not None else RANDOM_PROMPT)
 
-    forced = _torch_greedy(model, ids, decode_steps)
+    with progress.stage("PyTorch's greedy run"):
+        forced = _torch_greedy(model, ids, decode_steps)
     steps = logits_steps(ids, forced)
     text_ids = []
     if perplexity and codec is not None:
         text_ids = passage_ids(codec)[:min(perplexity_tokens, artifact.manifest["max_context"])]
-    here = np.concatenate(run_steps(runner, steps))
+    with progress.stage(f"running the artifact ({executed_by})"):
+        here = np.concatenate(run_steps(runner, steps))
     # Perplexity runs here even with a device: 2048 positions under QEMU take many minutes (its float math
     # is software-emulated), and the device's divergence from this run is measured directly below.
-    text_logits = run_steps(runner, perplexity_steps(text_ids)) if text_ids else []
+    with progress.stage(f"the artifact's perplexity over {len(text_ids)} tokens"):
+        text_logits = run_steps(runner, perplexity_steps(text_ids)) if text_ids else []
     if dev is None:
         art = here
     else:
-        art = np.concatenate(dev.replay(artifact.path, steps, threads=threads))
+        with progress.stage(f"running the artifact on {dev.name}"):
+            art = np.concatenate(dev.replay(artifact.path, steps, threads=threads))
         report.device = dev.name
         report.executed_by = f"{executed_by} on {dev.name}" + (f" ({dev.emulated})" if dev.emulated else "")
     full = ids + forced[:-1]
     arm = bool(dev and dev.emulated)  # the device runs the runtime's aarch64 build
     for name, tol in {**artifact_tolerances(artifact.manifest, arm), **(tolerances or {})}.items():
-        ref_model = model if name == "fp32" else same_quant_model(model, artifact)
-        report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
+        with progress.stage(f"PyTorch {name} reference"):
+            ref_model = model if name == "fp32" else same_quant_model(model, artifact)
+            report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
     if arm:  # the ARM build's kernels against this machine's
         activations = artifact.manifest["quant"]["spec"].get("activations", "int8")
         tol = (tolerances or {}).get("host", host_tolerance(bits, activations))
@@ -472,7 +480,9 @@ def _verify(artifact, reference, *, prompt_tokens, decode_steps, perplexity, per
 
     if text_ids:
         report.perplexity = {"tokens": len(text_ids), "artifact": perplexity_from(text_logits, text_ids),
-                             "pytorch_fp32": _perplexity_torch(model, text_ids), "artifact_run": "local"}
+                             "pytorch_fp32": None, "artifact_run": "local"}
+        with progress.stage(f"PyTorch's perplexity over {len(text_ids)} tokens"):
+            report.perplexity["pytorch_fp32"] = _perplexity_torch(model, text_ids)
     return report
 
 

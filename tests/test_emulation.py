@@ -197,8 +197,8 @@ def test_cli_verify_and_prepare_on_the_emulated_device(tiny_dir, tmp_path):
     code, out, err = run_cli("devices", "prepare", "sim:raspberry-pi-5")
     assert code == 0, err
     assert "onnxruntime" in out and "on aarch64 Python 3.11" in out and "-cpu cortex-a76" in out
-    code, out, err = run_cli("devices", "prepare", "sim:laptop")
-    assert code == 2 and "nothing to prepare for 'sim:laptop'" in err
+    code, out, err = run_cli("devices", "prepare", "sim:local")
+    assert code == 2 and "nothing to prepare for 'sim:local'" in err
     code, out, err = run_cli("devices", "prepare")
     assert code == 2 and "`devices prepare` needs a device" in err
 
@@ -235,5 +235,5 @@ def test_a_runtime_without_an_emulated_build_says_so(tmp_path):
     with pytest.raises(SlmExportError, match="qemu_cpu 'cortex-x4': no such ARM core model"):
         emulation._cpuinfo("qemu-aarch64-static", "cortex-x4", tmp_path, 1)
     with pytest.raises(SlmExportError, match="has no qemu_cpu"):
-        emulation.prepare(load_profile("laptop"), "onnxruntime")
-    assert not open_device("sim:laptop").emulates and open_device("sim:raspberry-pi-5").emulates
+        emulation.prepare(load_profile("local"), "onnxruntime")
+    assert not open_device("sim:local").emulates and open_device("sim:raspberry-pi-5").emulates
