@@ -92,7 +92,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "Q4_0, whose output tensor is Q8_0): lower KL, slower decode on large vocabularies")
     p.add_argument("--quant-method", default=None, metavar="NAME",
                    help="how codes and scales are chosen: rtn, mse, hqq, gptq (calibrated on text; see "
-                        "README 'Quantization'); default: the target's")
+                        "docs/quantization.md); default: the target's")
     p.add_argument("--mixed-precision", type=float, default=None, metavar="FRACTION",
                    help="at --bits 4, up to FRACTION more size for int8 on the weights whose int4 rounding costs "
                         "the most (measured on the calibration text), like llama.cpp's Q4_K_M; 0 = off; "

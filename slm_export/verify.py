@@ -75,7 +75,7 @@ class Tolerance:
 
 
 # Why these numbers (measured on SmolLM2-135M-Instruct, 128 prompt + 32 decode positions of the
-# shipped passage, and on tiny random models; README "Parity tolerances"):
+# shipped passage, and on tiny random models; docs/parity.md "Parity tolerances"):
 #  - bits 16: the same math in fp32, only summation order differs (measured max |dlogit| 1e-4, so KL
 #    about 1e-9). The KL bound is set so that it alone fails a 1% change of any one weight tensor: on
 #    SmolLM2-135M, every layer's q/k/v/o/gate/up/down and both norms x1.01 in turn (270 changes) gave
@@ -95,7 +95,7 @@ TOLERANCES: dict[int, dict[str, Tolerance]] = {
 # Kernels that quantize activations per token (one int8 scale per row of `hidden` values: XNNPACK's
 # 8da4w / 8da8w, and onnxruntime's KleidiAI kernels on ARM) round more than onnxruntime's x86 kernels,
 # which use one scale per block of 32, so against same-quant (float activations) they carry more
-# activation rounding. Measured on SmolLM2-135M-Instruct (README "Parity tolerances"): a .pte's same-quant
+# activation rounding. Measured on SmolLM2-135M-Instruct (docs/parity.md "Parity tolerances"): a .pte's same-quant
 # KL 0.022 / top-1 0.92 (int8), 0.036 / 0.87 (int4); the same .onnx on ARM under QEMU, int4 same-quant KL
 # 0.031 / top-1 0.87 (x86: 0.004 / 0.96); against fp32 at int8, KL 0.028 / top-1 0.90 (over half of the
 # shared bound, so widened). Keyed by the kernels' declared `activation_rounding` (quantize/limits.py).
@@ -107,7 +107,7 @@ ACTIVATION_ROUNDING_TOLERANCES: dict[str, dict[int, dict[str, Tolerance]]] = {
 # A float16 program (Core ML's default compute precision; ExecuTorch --compute-precision float16):
 # float16 activations and KV cache against fp32 PyTorch is what remains at bits 16. Measured on
 # SmolLM2-135M-Instruct: ExecuTorch fp16 KL 0.00003, top-1 0.994, max |dlogit| 0.15, perplexity equal
-# to fp32's; Core ML's converted program alike (README "Parity tolerances").
+# to fp32's; Core ML's converted program alike (docs/parity.md "Parity tolerances").
 FLOAT16_TOLERANCES: dict[int, dict[str, Tolerance]] = {16: {"fp32": Tolerance(mean_kl=1e-3, top1=0.95)}}
 
 # A float16 KV cache in an fp32 program (Core ML's cache at --compute-precision float32; ExecuTorch --kv-bits 16)
@@ -128,7 +128,7 @@ def host_tolerance(bits: int, activations: str) -> Tolerance:
 
 # An int8 KV cache (--kv-bits 8) rounds every cached key and value: its error adds to whatever the
 # weights cost, so it is an allowance on top of each bound (more KL, fewer top-1 matches, and no
-# max |dlogit| bound: nothing is exact any more). Measured on SmolLM2-135M-Instruct (README
+# max |dlogit| bound: nothing is exact any more). Measured on SmolLM2-135M-Instruct (docs/parity.md
 # "Parity tolerances"): ONNX's static per-channel scales against the same weights with an fp32 cache
 # KL 0.0066 / top-1 0.95 (first 512 tokens); ExecuTorch's per-row scales lose less.
 KV_CACHE_ALLOWANCE: dict[int, tuple[float, float]] = {8: (0.02, 0.06)}  # bits: (added mean KL, top-1 drop)

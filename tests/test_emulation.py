@@ -132,9 +132,9 @@ def test_missing_cross_compiler_is_one_sentence(monkeypatch, tmp_path):
 def test_arm_and_x86_differ_only_where_documented(pi5, tmp_path):
     """MatMulNBits int4 on the same 256x256 weights: accuracy_level 0 (float activations) is bit-identical
     on x86 and aarch64 onnxruntime; accuracy_level 4 (int8 activations, our int4/int8 default) is not, because
-    ARM's KleidiAI kernels quantize activations their own way. README "ARM without a board" documents
+    ARM's KleidiAI kernels quantize activations their own way. docs/devices.md "ARM without a board" documents
     the bound: max |ARM - x86| <= 2% of the largest output (measured 0.9%). This fails if they ever
-    diverge further, or if they stop differing (then the README is out of date)."""
+    diverge further, or if they stop differing (then docs/devices.md is out of date)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -168,7 +168,7 @@ def test_arm_and_x86_differ_only_where_documented(pi5, tmp_path):
     diff = float(np.abs(y[4, "x86"] - y[4, "arm"]).max())
     scale = float(np.abs(y[0, "x86"]).max())
     assert diff <= 0.02 * scale, f"accuracy_level 4: ARM and x86 differ by {diff:.4f} (> 2% of {scale:.2f})"
-    assert diff > 0, "accuracy_level 4 now agrees exactly on ARM and x86: update README 'ARM without a board'"
+    assert diff > 0, "accuracy_level 4 now agrees exactly on ARM and x86: update docs/devices.md 'ARM without a board'"
 
 
 def test_emulated_bench_reports_memory_and_the_prediction_never_timings(tiny_artifacts):

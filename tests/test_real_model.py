@@ -90,8 +90,8 @@ def test_int4_with_int8_kv_cache_calibrated_on_the_passage(int4_dir, tmp_path):
 
 def test_int4_on_the_emulated_pi_passes_with_the_arm_bounds(int4_dir, tmp_path):
     """The same .onnx on onnxruntime's aarch64 build (QEMU -cpu cortex-a76): ~70 s. ARM's int4 kernels
-    quantize activations per row, so the ARM run is further from same-quant than x86's (README "ARM
-    without a board"): the ARM bound passes it, and the x86 run shows the gap the x86 bound would miss."""
+    quantize activations per row, so the ARM run is further from same-quant than x86's (docs/devices.md
+    "ARM without a board"): the ARM bound passes it, and the x86 run shows the gap the x86 bound would miss."""
     from conftest import require_qemu
 
     require_qemu()
@@ -104,5 +104,5 @@ def test_int4_on_the_emulated_pi_passes_with_the_arm_bounds(int4_dir, tmp_path):
     assert set(arm) == {"same-quant", "fp32", "x86_64 run"}
     # smaller than with plain int4 (0.031 against 0.004) now that the default keeps the lm_head and the most
     # sensitive weights int8 (mixed precision 0.15: ARM 0.0072, x86 0.0039), but still there
-    assert arm["same-quant"]["mean_kl"] > 1.1 * x86["same-quant"]["mean_kl"], "ARM int4 now matches x86: update README"
+    assert arm["same-quant"]["mean_kl"] > 1.1 * x86["same-quant"]["mean_kl"], "ARM int4 now matches x86: update docs/devices.md 'ARM without a board'"
     assert arm["x86_64 run"]["mean_kl"] > 0.005
