@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from . import progress
-from .architectures import to_decoder
+from .architectures import check_min_context, to_decoder
 from .errors import OutOfMemory, SlmExportError
 from .exporters import TARGETS, ExportOptions
 from .fit import shape_before_loading
@@ -52,6 +52,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     suffix = f"-{precision}" if precision != exporter.compute_precisions[0] and spec.quantized else ""
     out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)
+    check_min_context(max_context)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
     method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
     reads_text = calibrates(exporter, spec, kv_bits)
