@@ -121,7 +121,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     result = exporter.write(decoder, spec, tmp, options, plan, codes)
     export_s = time.perf_counter() - t1
     result.report.write(tmp / REPORT_FILE)
-    tok_info = _save_tokenizer(loaded, tmp)
+    tok_info, generation = _save_tokenizer(loaded, tmp)
     manifest = {
         "target": exporter.name,
         "runtime": result.runtime or exporter.runtime,
@@ -142,10 +142,12 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
                   "summary": result.report.summary()},
         "io": result.io,
         "tokenizer": tok_info,
+        "generation": generation,
         "export_seconds": round(export_s, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": mf.library_versions("torch", "transformers", *exporter.packages),
     }
+    manifest["app_runtimes"] = exporter.app_runtime_files(tmp, manifest)  # e.g. onnxruntime-genai's config
     drop_note(tmp)  # before the manifest lists the folder's files
     mf.write(tmp, manifest)
     return result.report.format_summary()
@@ -265,21 +267,33 @@ def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
     return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)", "text_record": record}
 
 
-def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
+# Decoding settings a model's generation_config may suggest that `generate` (greedy unless asked) and
+# `verify` do not apply: left out of the exported generation_config.json, so an app reading it decodes
+# as the export was checked; kept in the manifest (generation.model_suggests).
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff",
+                 "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "num_beams")
+
+
+def _save_tokenizer(loaded: LoadedModel, folder: Path) -> tuple[dict, dict]:
+    """(the manifest's tokenizer record, its generation record); writes the tokenizer files and
+    generation_config.json (without sampling defaults) into `folder`."""
     tok = loaded.tokenizer
     gen = getattr(loaded.model, "generation_config", None)
     eos = set()
+    generation = {"defaults": "greedy (no sampling settings in generation_config.json)", "model_suggests": {}}
     if gen is not None:
-        gen.save_pretrained(folder)
+        generation["model_suggests"] = _save_generation_config(gen, folder)
         e = gen.eos_token_id
         eos.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
     if tok is None:
-        return {"present": False, "eos_token_ids": sorted(eos)}
+        return {"present": False, "eos_token_ids": sorted(eos)}, generation
     tok.save_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():
         raise SlmExportError("the tokenizer has no fast (tokenizer.json) form; slm-export needs a fast tokenizer")
     if tok.eos_token_id is not None:
         eos.add(tok.eos_token_id)
+    bos_id = tok.bos_token_id if tok.bos_token_id is not None else getattr(gen, "bos_token_id", None)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else getattr(gen, "pad_token_id", None)
     return {
         "present": True,
         "file": "tokenizer.json",
@@ -287,4 +301,23 @@ def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "eos_token_ids": sorted(eos),
-    }
+        "bos_token_id": bos_id,
+        "pad_token_id": pad_id if isinstance(pad_id, int) else None,
+    }, generation
+
+
+def _save_generation_config(gen, folder: Path) -> dict:
+    """Write `gen` without its sampling defaults; returns the ones it had ({name: value})."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    plain, gen = GenerationConfig(), copy.deepcopy(gen)
+    suggests = {}
+    for key in SAMPLING_KEYS:
+        value = getattr(gen, key, None)
+        if value is not None and value != getattr(plain, key, None):
+            suggests[key] = value
+            setattr(gen, key, getattr(plain, key, None))  # the default: save_pretrained leaves it out
+    gen.save_pretrained(folder)
+    return suggests

@@ -35,6 +35,53 @@ def test_int4_answers_paris(int4_dir):
     assert "Paris" in stdout
 
 
+def test_int4_bundle_answers_paris_in_onnxruntime_genai(int4_dir, tmp_path):
+    """onnxruntime-genai, given only the bundle folder (genai_config.json, tokenizer files, chat template),
+    answers "Paris" with exactly the greedy tokens of `slm-export generate`; the bundle README's Python
+    program, run as written, prints the same answer."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import require_extra
+
+    require_extra("onnxruntime_genai", "test")
+    import onnxruntime_genai as og
+
+    import slm_export
+    from slm_export.runtimes.base import generate
+
+    question = "What is the capital of France?"
+    bundle = tmp_path / "bundle"
+    code, _, err = run_cli("bundle", int4_dir, "--out", bundle)
+    assert code == 0, err
+    model = og.Model(str(bundle))
+    tokenizer = og.Tokenizer(model)
+    prompt = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": question}]), add_generation_prompt=True)
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    art = slm_export.open_artifact(bundle)
+    codec = art.codec()
+    assert ids == codec.encode_chat(question)  # genai applies the chat template as `generate` does
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 64)  # greedy: the bundle's default
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    ours = generate(art.runner(), ids, 64, eos_ids=codec.eos_ids)  # what `slm-export generate` runs
+    assert got[:len(ours)] == ours and (len(ours) == 64 or got[len(ours)] in codec.eos_ids), (got, ours)
+    assert "Paris" in tokenizer.decode(ours)
+    readme = (bundle / "README.md").read_text()
+    program = re.search(r"### Python \(tested\)\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    p = subprocess.run([sys.executable, "-c", program], cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    code, stdout, err = run_cli("generate", bundle, "--prompt", question)
+    assert code == 0, err
+    assert p.stdout.strip() == stdout.strip() and "Paris" in p.stdout
+
+
 def test_int4_parity_within_tolerance(int4_dir, tmp_path):
     code, stdout, err = run_cli("verify", int4_dir, "--json", tmp_path / "v.json")
     report = json.loads((tmp_path / "v.json").read_text())
