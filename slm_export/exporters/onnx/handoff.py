@@ -48,7 +48,7 @@ Every file's sha256 is in `manifest.json`; `slm-export inspect .` checks them.
 
 - `input_ids` int64 `[1, n]`: the new tokens (the whole prompt first, then one token per step)
 - `attention_mask` int64 `[1, past + n]`: all ones
-- `logits_to_keep` int64 `[1]`: `1` = logits of the last position only (use this to generate)
+- `logits_to_keep` int64 `[1]`: `1` = logits of the last position only (use this to generate); optional, `0` (every position) when not fed
 - `past_key_values.{{i}}.key` / `.value` {kv_type} `[1, {kv['kv_heads']}, past, {kv['head_dim']}]`, i = 0..{kv['layers'] - 1}: start with `past = 0`
 - outputs: `logits` float32 `[1, kept, {m['vocab_size']}]`, `present.{{i}}.key` / `.value`: feed them back as the next step's past.
   To avoid a copy per token, bind one buffer `[1, {kv['kv_heads']}, capacity, {kv['head_dim']}]` per tensor as both past and
