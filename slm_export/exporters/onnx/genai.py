@@ -37,10 +37,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def genai_config(manifest: dict) -> dict:
     """genai_config.json for an export whose manifest is `manifest` (model, io, max_context, tokenizer)."""
     m, kv, tok = manifest["model"], manifest["io"]["kv_layout"], manifest.get("tokenizer") or {}
-    eos = list(tok.get("eos_token_ids") or [])
+    # genai refuses an id outside the vocabulary (a config's default eos of another tokenizer); the model
+    # cannot produce one anyway
+    in_vocab = lambda i: isinstance(i, int) and 0 <= i < m["vocab_size"]  # noqa: E731
+    eos = [i for i in tok.get("eos_token_ids") or [] if in_vocab(i)]
     if not eos:
-        raise ValueError("no end-of-sequence token id: onnxruntime-genai would never stop before max_length")
-    pad = tok.get("pad_token_id")
+        raise ValueError("no end-of-sequence token id in the vocabulary: onnxruntime-genai would never stop "
+                         "before max_length")
+    pad = tok.get("pad_token_id") if in_vocab(tok.get("pad_token_id")) else None
     model = {
         "type": "decoder",
         "context_length": manifest["max_context"],
@@ -62,7 +66,7 @@ def genai_config(manifest: dict) -> dict:
                         "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
         },
     }
-    if tok.get("bos_token_id") is not None:
+    if in_vocab(tok.get("bos_token_id")):
         model["bos_token_id"] = tok["bos_token_id"]
     search = {
         "do_sample": False, "num_beams": 1, "num_return_sequences": 1,
