@@ -125,7 +125,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
         result = exporter.write(decoder, spec, tmp, options, plan, codes)
     export_s = time.perf_counter() - t1
     result.report.write(tmp / REPORT_FILE)
-    tok_info = _save_tokenizer(loaded, tmp)
+    tok_info, generation = _save_tokenizer(loaded, tmp)
     manifest = {
         "target": exporter.name,
         "runtime": result.runtime or exporter.runtime,
@@ -146,10 +146,12 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
                   "summary": result.report.summary()},
         "io": result.io,
         "tokenizer": tok_info,
+        "generation": generation,
         "export_seconds": round(export_s, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": mf.library_versions("torch", "transformers", *exporter.packages),
     }
+    manifest["app_runtimes"] = exporter.app_runtime_files(tmp, manifest)  # e.g. onnxruntime-genai's config
     drop_note(tmp)  # before the manifest lists the folder's files
     mf.write(tmp, manifest)
     return result.report.format_summary()
@@ -269,21 +271,31 @@ def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
     return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)", "text_record": record}
 
 
-def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
+# The sampling settings generation_config.json always states, so an app reading it needs no library's
+# defaults: the model's own where it suggests them, else these (greedy, as `generate` and `verify` run).
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def _save_tokenizer(loaded: LoadedModel, folder: Path) -> tuple[dict, dict]:
+    """(the manifest's tokenizer record, its generation record); writes the tokenizer files and
+    generation_config.json (without sampling defaults) into `folder`."""
     tok = loaded.tokenizer
     gen = getattr(loaded.model, "generation_config", None)
     eos = set()
+    generation = {}
     if gen is not None:
-        gen.save_pretrained(folder)
+        generation = _save_generation_config(gen, folder)
         e = gen.eos_token_id
         eos.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
     if tok is None:
-        return {"present": False, "eos_token_ids": sorted(eos)}
+        return {"present": False, "eos_token_ids": sorted(eos)}, generation
     tok.save_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():
         raise SlmExportError("the tokenizer has no fast (tokenizer.json) form; slm-export needs a fast tokenizer")
     if tok.eos_token_id is not None:
         eos.add(tok.eos_token_id)
+    bos_id = tok.bos_token_id if tok.bos_token_id is not None else getattr(gen, "bos_token_id", None)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else getattr(gen, "pad_token_id", None)
     return {
         "present": True,
         "file": "tokenizer.json",
@@ -291,4 +303,17 @@ def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "eos_token_ids": sorted(eos),
-    }
+        "bos_token_id": bos_id,
+        "pad_token_id": pad_id if isinstance(pad_id, int) else None,
+    }, generation
+
+
+def _save_generation_config(gen, folder: Path) -> dict:
+    """Write `gen` with every sampling setting stated (the model's, else SAMPLING_DEFAULTS); returns them."""
+    import json
+
+    saved = gen.to_diff_dict()  # what the model sets, as transformers writes it
+    sampling = {k: saved.get(k, default) for k, default in SAMPLING_DEFAULTS.items()}
+    saved.update(sampling)
+    (folder / "generation_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return {"sampling": sampling, "from_model": sorted(k for k in SAMPLING_DEFAULTS if k in gen.to_diff_dict())}

@@ -75,6 +75,28 @@ def tiny_tokenizer():
     return fast
 
 
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer (the GPT-2 / SmolLM2 kind) of VOCAB entries trained on the shipped passage,
+    with ChatML special tokens and template: one onnxruntime-genai's tokenizer reads (it cannot read the
+    word-level one above)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slm_export.text import passage_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([passage_text()], trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
 @pytest.fixture
 def tiny_dir(tmp_path) -> Path:
     """A local Hugging Face folder (safetensors + tokenizer) of a tiny Llama."""
