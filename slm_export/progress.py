@@ -5,10 +5,10 @@
     for layer in progress.steps(layers, "calibrating layers"):   # "calibrating layers 12/30, 21s, about 32s left"
         ...
 
-A stage says nothing until it has run for SHOW_AFTER_S, so quick work (and a bad input refused at once,
-whose one-line error must stand alone) prints no progress at all. On a terminal a stage or a count keeps
-to one line, rewritten in place; elsewhere (CI logs, pipes) it prints plain lines, a count at most one
-every PLAIN_EVERY_S seconds. Results go to stdout; this only ever writes to stderr. `set_quiet(True)`
+A stage says nothing until it has run for SHOW_AFTER_S on a terminal (PLAIN_EVERY_S elsewhere), so quick
+work (and a bad input refused at once, whose one-line error must stand alone) prints no progress at all.
+On a terminal a stage or a count keeps to one line, rewritten in place; elsewhere (CI logs, pipes) it
+prints plain lines, a count at most one every PLAIN_EVERY_S seconds. Results go to stdout; this only ever writes to stderr. `set_quiet(True)`
 (the CLI's --quiet) silences it; so does SLM_EXPORT_QUIET=1.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def stage(what: str):
         shown.set()
         _write(f"{what} ...", rewrite=tty) if tty else _write(f"{what} ...")
 
-    timer = threading.Timer(SHOW_AFTER_S, show)
+    timer = threading.Timer(SHOW_AFTER_S if tty else PLAIN_EVERY_S, show)
     timer.daemon = True
     timer.start()
     ok = False
