@@ -196,10 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     return root
 
 
-def _export_args(p):
-    _add_export_args(p)
-
-
 def _demo_args(p):
     _add_export_args(p)
     _add_bench_args(p)
@@ -249,7 +245,7 @@ def _devices_args(p):
     p.add_argument("device", nargs="?", help="with prepare: sim:PROFILE, the emulated ARM device to build once")
 
 
-_COMMAND_ARGS = {"export": _export_args, "demo": _demo_args, "generate": _generate_args, "verify": _verify_args,
+_COMMAND_ARGS = {"export": _add_export_args, "demo": _demo_args, "generate": _generate_args, "verify": _verify_args,
                  "bench": _bench_args, "fit": _add_fit_args, "devices": _devices_args, "bundle": _bundle_args,
                  "inspect": _inspect_args, "targets": lambda p: None}
 

@@ -313,7 +313,8 @@ def _save_generation_config(gen, folder: Path) -> dict:
     import json
 
     saved = gen.to_diff_dict()  # what the model sets, as transformers writes it
+    from_model = sorted(k for k in SAMPLING_DEFAULTS if k in saved)
     sampling = {k: saved.get(k, default) for k, default in SAMPLING_DEFAULTS.items()}
     saved.update(sampling)
     (folder / "generation_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    return {"sampling": sampling, "from_model": sorted(k for k in SAMPLING_DEFAULTS if k in gen.to_diff_dict())}
+    return {"sampling": sampling, "from_model": from_model}

@@ -143,7 +143,7 @@ def require_qemu() -> None:
     import shutil
 
     if not shutil.which("qemu-aarch64-static"):
-        why = "qemu-aarch64-static is not installed (apt install qemu-user-static; scripts/setup.sh does it as root)"
+        why = "qemu-aarch64-static is not installed (apt install qemu-user-static; scripts/setup-test-system.sh, run by scripts/test.sh, does it as root)"
         if os.environ.get("SLM_EXPORT_REQUIRE_QEMU"):
             pytest.fail(f"SLM_EXPORT_REQUIRE_QEMU is set but {why}")
         pytest.skip(why)
@@ -177,7 +177,7 @@ def run_cpp_example(folder: Path, prompt: str | None = None) -> str:
     from slm_export.runtimes.base import generate
 
     if not shutil.which("g++"):
-        why = "no g++ here to build the C++ example (apt install g++; scripts/setup.sh does it as root)"
+        why = "no g++ here to build the C++ example (apt install g++; scripts/setup-test-system.sh, run by scripts/test.sh, does it as root)"
         if os.environ.get("SLM_EXPORT_REQUIRE_SDKS"):  # CI installs it: a skip there would hide a broken setup
             pytest.fail(f"SLM_EXPORT_REQUIRE_SDKS is set but {why}", pytrace=False)
         pytest.skip(why)

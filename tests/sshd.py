@@ -22,7 +22,7 @@ SSHD = "/usr/sbin/sshd"
 
 def require_sshd() -> None:
     if not os.access(SSHD, os.X_OK):
-        why = f"{SSHD} is not installed (apt install openssh-server; scripts/setup.sh does it as root)"
+        why = f"{SSHD} is not installed (apt install openssh-server; scripts/setup-test-system.sh, run by scripts/test.sh, does it as root)"
         if os.environ.get("SLM_EXPORT_REQUIRE_SSHD"):
             pytest.fail(f"SLM_EXPORT_REQUIRE_SSHD is set but {why}")
         pytest.skip(why)

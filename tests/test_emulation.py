@@ -38,7 +38,7 @@ def tiny_ptes(tmp_path_factory):
     import shutil
 
     if not shutil.which(emulation.CROSS_CXX):
-        why = f"{emulation.CROSS_CXX} is not installed (apt install g++-aarch64-linux-gnu; scripts/setup.sh does it as root)"
+        why = f"{emulation.CROSS_CXX} is not installed (apt install g++-aarch64-linux-gnu; scripts/setup-test-system.sh, run by scripts/test.sh, does it as root)"
         if os.environ.get("SLM_EXPORT_REQUIRE_QEMU"):
             pytest.fail(f"SLM_EXPORT_REQUIRE_QEMU is set but {why}")
         pytest.skip(why)
