@@ -35,7 +35,7 @@ def read(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise SlmExportError(f"artifact folder {folder} does not exist; export one first with `slm-export --target onnx`")
+        raise SlmExportError(f"artifact folder {folder} does not exist; export one first with `slm-export export --target onnx`")
     if not path.is_file():
         raise SlmExportError(f"{folder} has no {MANIFEST}; it is not an slm-export artifact (or the export did not finish)")
     try:

@@ -266,5 +266,5 @@ Console.WriteLine();
 
 No Swift program: the source of onnxruntime-genai {API_SOURCE} has no Swift or Objective-C binding (its iOS
 build is an xcframework of the C API), so there is no Swift API to state a version of; on iOS the Core ML
-export (`slm-export --target coreml`) is the native path.
+export (`slm-export export --target coreml`) is the native path.
 """
