@@ -171,6 +171,7 @@ def test_progress_goes_to_stderr_and_only_for_work_that_takes_a_while(capsys, mo
         progress.set_quiet(os.environ.get("SLM_EXPORT_QUIET", "") not in ("", "0"))
     # quick work says nothing (a refused input's one line stands alone)
     monkeypatch.setattr(progress, "SHOW_AFTER_S", 5.0)
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 5.0)  # off a terminal (as here) a stage waits PLAIN_EVERY_S
     progress.set_quiet(False)
     with progress.stage("loading"):
         pass
