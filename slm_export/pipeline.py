@@ -108,7 +108,9 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     exporter.check_model(decoder, precision)  # what this target's runtime cannot run, before any quantization
     # only an export that calibrates (GPTQ, static KV scales) reads text: tokenizing is wasted work elsewhere
     text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
-    options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
+    bos, eos = _special_ids(loaded)
+    options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits,
+                            bos_token_id=bos, eos_token_ids=tuple(eos), **text)
 
     t1 = time.perf_counter()
     ids = options.calibration(MAX_TOKENS, decoder.vocab_size) if reads_text else None
@@ -265,26 +267,38 @@ def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
     return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)", "text_record": record}
 
 
-def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
+def _special_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
+    """(the BOS id or None, the sorted stop ids): the generation config's EOS ids and the tokenizer's."""
     tok = loaded.tokenizer
     gen = getattr(loaded.model, "generation_config", None)
     eos = set()
     if gen is not None:
-        gen.save_pretrained(folder)
         e = gen.eos_token_id
         eos.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+    if tok is not None and tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(gen, "bos_token_id", None)
+    return (int(bos) if bos is not None else None), sorted(int(i) for i in eos)
+
+
+def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
+    tok = loaded.tokenizer
+    gen = getattr(loaded.model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    _, eos = _special_ids(loaded)
     if tok is None:
-        return {"present": False, "eos_token_ids": sorted(eos)}
+        return {"present": False, "eos_token_ids": eos}
     tok.save_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():
         raise SlmExportError("the tokenizer has no fast (tokenizer.json) form; slm-export needs a fast tokenizer")
-    if tok.eos_token_id is not None:
-        eos.add(tok.eos_token_id)
     return {
         "present": True,
         "file": "tokenizer.json",
         "chat_template": getattr(tok, "chat_template", None),
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
-        "eos_token_ids": sorted(eos),
+        "eos_token_ids": eos,
     }
