@@ -1,10 +1,10 @@
-"""How good is `slm-export fit`? Its predictions against measurements on this machine (profile `laptop`).
+"""How good is `slm-export fit`? Its predictions against measurements on this machine (profile `local`).
 
     .venv/bin/python benchmarks/fit_check.py                       # ONNX fp32/int8/int4 (~8 min on 2 cores)
     .venv/bin/python benchmarks/fit_check.py --targets onnx,executorch   # + ExecuTorch (~15 min more)
 
 For each export of the bundled SmolLM2-135M-Instruct: fit's decode tok/s and memory (from the artifact's
-real per-weight sizes, at the context the bench uses) against `bench` on the `laptop` device
+real per-weight sizes, at the context the bench uses) against `bench` on the `local` device
 (prompts of 32 and 512 tokens). Writes benchmarks/fit_check.json and benchmarks/FIT_CHECK.md.
 Exports are kept in benchmarks/.cache/fit and reused.
 """
@@ -37,7 +37,7 @@ def main() -> int:
     quiet_third_party()
     cache = HERE / ".cache" / "fit"
     cache.mkdir(parents=True, exist_ok=True)
-    laptop = load_profile("laptop")
+    laptop = load_profile("local")
     rows = []
     for target in args.targets:
         for bits in args.bits:
@@ -62,7 +62,7 @@ def main() -> int:
     machine = describe()
     (HERE / "fit_check.json").write_text(json.dumps({"machine": machine, "profile": laptop.summary(), "rows": rows}, indent=1))
     lines = [f"# `slm-export fit` against measurements on this machine\n",
-             f"{time.strftime('%Y-%m-%d')}, {machine['cores']}x {machine['cpu']}, profile `laptop` "
+             f"{time.strftime('%Y-%m-%d')}, {machine['cores']}x {machine['cpu']}, profile `local` "
              f"(measured copy bandwidth {laptop.sustained_bandwidth_gb_s} GB/s), SmolLM2-135M-Instruct, "
              f"{WARMUP} warm-up + {DECODE} timed decode steps. Command: `.venv/bin/python benchmarks/fit_check.py "
              f"--targets {','.join(args.targets)}`.\n",

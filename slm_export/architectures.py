@@ -152,9 +152,16 @@ def _rope_tables(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
     return _np(cos[0, :, :half]), _np(sin[0, :, :half])
 
 
+MIN_CONTEXT = 16  # the smallest KV cache an export makes (tokens)
+
+
+def check_min_context(max_context: int | None) -> None:
+    if max_context is not None and max_context < MIN_CONTEXT:
+        raise SlmExportError(f"--max-context {max_context} is too small; use at least {MIN_CONTEXT}")
+
+
 def _check_context(config, max_context: int) -> None:
-    if max_context < 16:
-        raise SlmExportError(f"--max-context {max_context} is too small; use at least 16")
+    check_min_context(max_context)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and max_context > limit:
         raise SlmExportError(

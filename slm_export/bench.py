@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from . import manifest as mf
+from . import progress
 from .devices import open_device
 from .fit import fit
 from .results import BenchResult
@@ -58,8 +59,10 @@ def bench(artifact, *, device: str = "local", prompt_tokens=(32,), decode_tokens
         row = dict(base, prompt_tokens=p,
                    predicted_decode_tok_s=predicted.expected_decode_tok_s_full_context if predicted else None)
         try:
-            (r,) = dev.measure(artifact.path, prompts=[prompt_ids(artifact, p)], decode_tokens=decode_tokens,
-                               warmup=warmup, repeats=repeats, threads=threads)
+            with progress.stage(f"{dev.name}: prompt {p} + {decode_tokens} decoded tokens, {repeats} timed run"
+                                + ("s" if repeats != 1 else "")):
+                (r,) = dev.measure(artifact.path, prompts=[prompt_ids(artifact, p)], decode_tokens=decode_tokens,
+                                   warmup=warmup, repeats=repeats, threads=threads)
         except RuntimeError as e:  # a failed run is a row with its error, not a missing row
             results.append(BenchResult(**row, machine=dev.describe(), error=str(e)))
             continue

@@ -126,6 +126,7 @@ def inspect(path: str | Path) -> dict:
         "quant_summary": manifest["quant"]["summary"], "model_mb": round(mf.model_size_bytes(manifest) / 1e6, 2),
         "files": len(manifest["files"]), "total_mb": round(sum(f["bytes"] for f in manifest["files"].values()) / 1e6, 2),
         "checksums": checksums, "max_context": manifest["max_context"], "io": manifest["io"],
+        "app_runtimes": manifest.get("app_runtimes") or {},
         "parity": manifest.get("bundle", {}).get("parity") or _summary_parity(_latest(folder, PARITY_FILE)),
         "bench": manifest.get("bundle", {}).get("bench") or _summary_bench(_latest(folder, BENCH_FILE)),
     }
@@ -153,6 +154,9 @@ def format_inspect(info: dict) -> str:
         *_format_io(info["io"]),
         f"  kv cache      {kv['layers']} layers x {kv['kv_heads']} kv heads x {kv['head_dim']} ({kv['dtype']}), max context {info['max_context']}",
     ]
+    for runtime, app in info.get("app_runtimes", {}).items():
+        lines.append(f"  also runs in  {app.get('tested_with', runtime)} ({app['config']})" if app.get("config")
+                     else f"  not for       {runtime}: {app.get('why')}")
     p = info["parity"]
     if p:
         comp = "; ".join(f"{c['reference']}: KL {c['mean_kl']:.4f}, top-1 {_top1(c)} {'PASS' if c['passed'] else 'FAIL'}"

@@ -1,19 +1,17 @@
-"""The `slm-export` command: a thin layer over the Python API.
+"""The `slm-export` command: a thin layer over the Python API, with argparse subcommands.
 
-  slm-export --target onnx --bits 4 [--model ID|DIR|FILE.gguf] [--out DIR]   export (the default command)
-  slm-export verify DIR        parity against PyTorch (exit 1 when over tolerance)
-  slm-export bench DIR         latency and memory here, on a board over SSH, or simulated (--device)
-  slm-export fit --device D    will it fit on device D, and roughly how fast (before exporting)
-  slm-export devices           the device profiles (built in and yours)
-  slm-export generate DIR --prompt "..."
-  slm-export bundle DIR [--zip] a self-describing folder for the app developer (and a zip)
-  slm-export inspect DIR|ZIP   what a bundle holds, checksum status, last parity and bench
-  slm-export demo              export the bundled model to ONNX int4, verify, bench, print a table
+argparse (the standard library) rather than click or typer: nothing to install, and its subparsers give
+each command its own --help. `slm-export` alone, or `--help`, lists the commands (COMMANDS) and exits.
+`slm-export --target onnx ...` (options without a command) is shorthand for `slm-export export ...`.
+
+Output: results go to stdout (`--format` chooses how: a table or text, or json; bench also markdown, csv,
+jsonl); `--json FILE` writes the same results as JSON to FILE as well, on every command that has results;
+progress goes to stderr (`--quiet` silences it).
 
 Exit codes: 0 ok, 1 parity over tolerance (fit: does not fit), 2 bad input (also: an export this
-machine has too little memory or disk for, refused before the model loads), 3 internal error, ran out
-of memory mid-way, or a failed bench run, 4 the runtime cannot execute here (Core ML off macOS),
-130/143 interrupted by Ctrl-C/SIGTERM (nothing half-written is left behind).
+machine has too little memory or disk for, refused before the model loads; a missing package), 3
+internal error, ran out of memory mid-way, or a failed bench run, 4 the runtime cannot execute here
+(Core ML off macOS), 130/143 interrupted by Ctrl-C/SIGTERM (nothing half-written is left behind).
 """
 from __future__ import annotations
 
@@ -28,7 +26,29 @@ from pathlib import Path
 from .argtypes import float_in, int_list_at_least, non_negative_int, positive_int
 from .errors import SlmExportError
 
-COMMANDS = ("export", "verify", "bench", "generate", "bundle", "inspect", "demo", "targets", "fit", "devices")
+# Each command and the one line `slm-export --help` says about it, in the order a newcomer meets them.
+COMMANDS = {
+    "demo": "export the bundled model to ONNX int4, answer a question, verify and bench it",
+    "export": "quantize a model and write an ONNX, ExecuTorch or Core ML folder",
+    "generate": "answer a prompt with an exported folder",
+    "verify": "parity of an exported folder against PyTorch (exit 1 when over tolerance)",
+    "bench": "latency and memory: here, on a board over SSH, or simulated",
+    "fit": "will a model fit on a device, and how fast, before exporting (exit 1 when not)",
+    "devices": "the device profiles, built in and yours",
+    "bundle": "a folder (and a zip) for the app developer",
+    "inspect": "what a bundle holds, checksum status, its last parity and bench",
+    "targets": "the export targets",
+}
+EPILOG = """\
+`slm-export COMMAND --help` shows a command's options. `slm-export --target onnx ...` (options, no command)
+is short for `slm-export export ...`. Results print on stdout (`--format`); `--json FILE` also writes them
+as JSON; progress goes to stderr (`--quiet` silences it).
+
+Exit codes: 0 ok; 1 parity over tolerance, or fit: does not fit; 2 bad input, a missing package, or an
+export this machine has too little memory or disk for; 3 internal error, out of memory mid-way, or a failed
+bench run; 4 the runtime cannot execute here (Core ML off macOS); 130/143 interrupted (Ctrl-C/SIGTERM).
+"""
+THIS_MACHINE = "local"  # the name of this machine as a --device, in bench, verify and fit alike
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,11 +56,26 @@ class _Parser(argparse.ArgumentParser):
         raise SlmExportError(f"{message} (see `{self.prog} --help`)")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr (results still print)")
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     """The target, the quantization spec, compute precision and KV-cache bits: shared by export and fit."""
-    p.add_argument("--target", default="onnx", help="export target (see `slm-export targets`); default onnx")
-    p.add_argument("--bits", type=int, default=4, help="weight bits: 4, 8 or 16 (= no quantization); default 4")
-    p.add_argument("--group-size", type=int, default=32, help="quantization group (block) size, a power of two; default 32")
+    p.add_argument("-t", "--target", default="onnx", help="export target: onnx, executorch or coreml (see `slm-export targets`)")
+    p.add_argument("--bits", type=int, default=4, help="weight bits: 4, 8 or 16 (= no quantization)")
+    p.add_argument("--group-size", type=int, default=32, help="quantization group (block) size, a power of two")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
     p.add_argument("--weight-only", action="store_true",
                    help="keep activations float (= --activations float)")
@@ -57,7 +92,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                         "Q4_0, whose output tensor is Q8_0): lower KL, slower decode on large vocabularies")
     p.add_argument("--quant-method", default=None, metavar="NAME",
                    help="how codes and scales are chosen: rtn, mse, hqq, gptq (calibrated on text; see "
-                        "README 'Quantization'); default: the target's")
+                        "docs/quantization.md); default: the target's")
     p.add_argument("--mixed-precision", type=float, default=None, metavar="FRACTION",
                    help="at --bits 4, up to FRACTION more size for int8 on the weights whose int4 rounding costs "
                         "the most (measured on the calibration text), like llama.cpp's Q4_K_M; 0 = off; "
@@ -76,8 +111,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     _add_quant_args(p)
     p.add_argument("--palettize", action="store_true",
                    help="Core ML: k-means palettes of 2**bits entries per 16 output channels instead of int scales")
-    p.add_argument("--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
-    p.add_argument("--out", default=None, help="output folder (default: ./<target>-<quant>)")
+    p.add_argument("-m", "--model", default=None, help="hub id, local HF folder or .gguf file; default: bundled SmolLM2-135M-Instruct")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: ./<target>-<quant label>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-context", type=int, default=None,
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
@@ -96,12 +131,12 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int_list_at_least(1), default="32,512",
                    help="comma-separated prompt lengths; default 32,512")
-    p.add_argument("--decode-tokens", type=positive_int, default=128)
-    p.add_argument("--warmup", type=non_negative_int, default=8)
-    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--decode-tokens", type=positive_int, default=128, help="tokens generated (and timed) per run")
+    p.add_argument("--warmup", type=non_negative_int, default=8, help="decode steps run before timing starts")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per prompt length (medians are reported)")
     p.add_argument("--threads", type=positive_int, default=None, help="runtime threads; default: all cores")
-    p.add_argument("--device", default="local",
-                   help="local (default), ssh://user@host[:port], sim:PROFILE (ARM profiles: the real ARM runtime "
+    p.add_argument("-d", "--device", default=THIS_MACHINE,
+                   help="local (this machine, default), ssh://user@host[:port], sim:PROFILE (ARM profiles: the real ARM runtime "
                         "under QEMU, no timings), limits:PROFILE (this machine's runtime under the profile's threads and "
                         "memory), adb[:SERIAL], simctl[:UDID], or a profile with an address (see `slm-export devices`)")
     p.add_argument("--identity", default=None, help="SSH: private key file (default: the agent, then ~/.ssh keys)")
@@ -111,8 +146,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provision", action="store_true",
                    help="SSH: install numpy and the artifact's runtime into a venv on the device first")
     p.add_argument("--remote-python", default=None, help="SSH/adb: the Python to run on the device")
-    p.add_argument("--format", default="table", choices=["table", "markdown", "json"])
-    p.add_argument("--json", dest="json_out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--format", default="table", choices=["table", "markdown", "json", "csv", "jsonl"],
+                   help="how the results print on stdout")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the results as JSON to FILE")
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -120,61 +156,102 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=non_negative_int, default=32,
                    help="decode steps through the KV cache after the prompt; default 32")
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the shipped passage")
-    p.add_argument("--json", dest="json_out", default=None, help="write the parity report as JSON to this file")
+    p.add_argument("--format", default="text", choices=["text", "json"], help="how the report prints on stdout")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the parity report as JSON to FILE")
     p.add_argument("--junit-xml", default=None, help="write the result as JUnit XML (one test case per reference)")
-    p.add_argument("--device", default="local",
-                   help="local (default), or sim:PROFILE: run on that device's real ARM runtime under QEMU emulation "
+    p.add_argument("-d", "--device", default=THIS_MACHINE,
+                   help="local (this machine, default), or sim:PROFILE: run on that device's real ARM runtime under QEMU emulation "
                         "and also compare with this machine's run; limits:PROFILE: this machine's runtime under its limits")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="runtime threads; default: all cores (capped by a device profile)")
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", required=True, help="a device profile (see `slm-export devices`); sim:NAME and limits:NAME also accepted")
+    p.add_argument("-d", "--device", required=True,
+                   help="a device profile (see `slm-export devices`; `local` is this machine); sim:NAME and limits:NAME also accepted")
     _add_quant_args(p)
     p.add_argument("--context", type=positive_int, default=2048, help="tokens of KV cache to plan for; default 2048")
     p.add_argument("--prompt-tokens", type=positive_int, default=128, help="longest prompt prefilled in one pass; default 128")
-    p.add_argument("--model", default=None, help="hub id, local folder or .gguf; default: bundled SmolLM2-135M-Instruct")
+    p.add_argument("-m", "--model", default=None, help="hub id, local folder or .gguf; default: bundled SmolLM2-135M-Instruct")
     p.add_argument("--artifact", default=None, help="an exported folder: use its real per-weight sizes")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--format", default="text", choices=["text", "json"], help="how the report prints on stdout")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model's repository")
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"slm-export {command}" if command != "export" else "slm-export",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if command == "export":
-        _add_export_args(p)
-    elif command == "demo":
-        _add_export_args(p)
-        _add_bench_args(p)
-        p.set_defaults(out="smollm2-onnx-int4")
-    elif command == "fit":
-        _add_fit_args(p)
-    elif command == "devices":
-        p.add_argument("name", nargs="?", help="show one profile in full; or `prepare` with a device")
-        p.add_argument("device", nargs="?", help="with prepare: sim:PROFILE, the emulated ARM device to build once")
-    elif command in ("verify", "bench", "generate", "bundle", "inspect"):
-        p.add_argument("artifact", help="an exported folder, a bundle folder or a bundle .zip")
-        if command == "bundle":
-            p.add_argument("--out", default=None, help="bundle folder (default: <artifact>-bundle)")
-            p.add_argument("--zip", action="store_true", help="also write <bundle>.zip")
-            p.add_argument("--force", action="store_true", help="replace an existing bundle")
-        elif command == "inspect":
-            p.add_argument("--json", action="store_true", help="print JSON instead of text")
-        elif command == "verify":
-            _add_verify_args(p)
-        elif command == "bench":
-            _add_bench_args(p)
-        else:
-            p.add_argument("--prompt", required=True)
-            p.add_argument("--max-new-tokens", type=positive_int, default=64)
-            p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
-            p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k cut (default)")
-            p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]; default 1")
-            p.add_argument("--seed", type=non_negative_int, default=None)
-            p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    return p
+def build_parser() -> argparse.ArgumentParser:
+    """`slm-export` with one subcommand per COMMANDS entry."""
+    from . import __version__
+
+    root = _Parser(prog="slm-export", formatter_class=_Formatter,
+                   description="Quantize a small language model, export it to ONNX, ExecuTorch or Core ML, prove "
+                               "parity with PyTorch, measure it, and hand it to app developers.",
+                   epilog=EPILOG)
+    root.add_argument("--version", action="version", version=f"slm-export {__version__}")
+    sub = root.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+    for name, line in COMMANDS.items():
+        p = sub.add_parser(name, help=line, description=line[0].upper() + line[1:] + ".", formatter_class=_Formatter)
+        _add_common_args(p)
+        _COMMAND_ARGS[name](p)
+    return root
+
+
+def _export_args(p):
+    _add_export_args(p)
+
+
+def _demo_args(p):
+    _add_export_args(p)
+    _add_bench_args(p)
+    p.set_defaults(out="smollm2-onnx-int4")
+
+
+def _artifact_arg(p):
+    p.add_argument("artifact", help="an exported folder, a bundle folder or a bundle .zip")
+
+
+def _bundle_args(p):
+    _artifact_arg(p)
+    p.add_argument("-o", "--out", default=None, help="bundle folder (default: <artifact>-bundle)")
+    p.add_argument("--zip", action="store_true", help="also write <bundle>.zip")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+
+
+def _inspect_args(p):
+    _artifact_arg(p)
+    p.add_argument("--format", default="text", choices=["text", "json"], help="how the report prints on stdout")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+
+
+def _verify_args(p):
+    _artifact_arg(p)
+    _add_verify_args(p)
+
+
+def _bench_args(p):
+    _artifact_arg(p)
+    _add_bench_args(p)
+
+
+def _generate_args(p):
+    _artifact_arg(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt (wrapped in the model's chat template unless --raw)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k cut (default)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="seed for sampling (temperature > 0)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+
+
+def _devices_args(p):
+    p.add_argument("name", nargs="?", help="show one profile in full; or `prepare` with a device")
+    p.add_argument("device", nargs="?", help="with prepare: sim:PROFILE, the emulated ARM device to build once")
+
+
+_COMMAND_ARGS = {"export": _export_args, "demo": _demo_args, "generate": _generate_args, "verify": _verify_args,
+                 "bench": _bench_args, "fit": _add_fit_args, "devices": _devices_args, "bundle": _bundle_args,
+                 "inspect": _inspect_args, "targets": lambda p: None}
 
 
 def _quant_kwargs(a) -> dict:
@@ -241,7 +318,7 @@ def cmd_verify(a):
     art = Artifact.open(a.artifact)
     report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity,
                         device=a.device, threads=a.threads)
-    print(report.format())
+    print(json.dumps(report.to_dict(), indent=1) if a.format == "json" else report.format())
     if a.json_out:
         write_json(report, a.json_out)
     if a.junit_xml:
@@ -261,8 +338,11 @@ def cmd_bundle(a):
 def cmd_inspect(a):
     from .bundle import format_inspect, inspect
 
+    _check_report_files(a)
     info = inspect(a.artifact)
-    print(json.dumps(info, indent=1) if a.json else format_inspect(info))
+    print(json.dumps(info, indent=1) if a.format == "json" else format_inspect(info))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(info, indent=1))
     return 0 if info["checksums"].startswith("ok") else 2
 
 
@@ -309,11 +389,14 @@ def cmd_fit(a):
     from .fit import fit
     from .quantize import QuantSpec
 
+    _check_report_files(a)
     spec = QuantSpec(**_quant_kwargs(a), embeddings=not a.no_quantize_embeddings, lm_head=not a.no_quantize_lm_head)
     report = fit(load_profile(a.device.removeprefix("sim:").removeprefix("limits:")), target=a.target, spec=spec, context=a.context,
                  prompt_tokens=a.prompt_tokens, model=a.model, artifact=a.artifact, compute_precision=a.compute_precision,
                  kv_bits=a.kv_bits, trust_remote_code=a.trust_remote_code)
-    print(json.dumps(report.to_dict(), indent=1) if a.json else report.format())
+    print(json.dumps(report.to_dict(), indent=1) if a.format == "json" else report.format())
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(report.to_dict(), indent=1))
     return 0 if report.fits else 1
 
 
@@ -354,6 +437,38 @@ def _prepare_device(spec: str | None) -> int:
         print(f"{dev.name}: {smoke_test(arm, runtime)}")
         print(f"  root {arm.root}\n  site {arm.site}")
     return 0
+
+
+# The packages pip does not install with slm-export itself, and how to get each (pyproject.toml's extras).
+INSTALL = {
+    "torch": "pip install torch==2.13.0 (the CPU build this project is tested with; install it before slm-export)",
+    "executorch": 'pip install "slm-export[executorch]"', "torchao": 'pip install "slm-export[executorch]"',
+    "coremltools": 'pip install "slm-export[coreml]"',
+}
+NEEDS_TORCH = ("export", "demo", "verify")  # they load the model in PyTorch
+
+
+def _check_packages(command: str) -> None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if command in NEEDS_TORCH and not found:
+        raise SlmExportError(f"`slm-export {command}` needs PyTorch, which is not installed: {INSTALL['torch']}")
+
+
+def _missing_package(e: BaseException) -> str | None:
+    """One line for an import of a package that is not installed (anywhere in the exception's chain)."""
+    while e is not None:
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            top = e.name.split(".")[0]
+            how = INSTALL.get(top, f"pip install {top}" if top not in ("slm_export",) else None)
+            if how:
+                return f"the Python package '{top}' is not installed: {how}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 HANDLERS = {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench, "generate": cmd_generate,
@@ -400,16 +515,30 @@ def _main(argv: list[str] | None) -> int:
     quiet_third_party()
     debug = "--debug" in argv
     argv = [x for x in argv if x != "--debug"]
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "export"
-    if command == "export" and argv[:1] and not argv[0].startswith("-"):
-        word = argv[0]
-        # `slm-export [export] ./my-model` is the likeliest slip: the model is an option, not a word.
-        hint = (f"; to export it, pass it as --model: slm-export --model {word} --target onnx"
-                if "/" in word or "." in word or os.path.exists(word) else "")
-        print(f"slm-export: error: unknown command '{word}'; commands: {', '.join(COMMANDS)}{hint}", file=sys.stderr)
+    parser = build_parser()
+    if not argv:  # what people type to see what a tool does: the commands, nothing run
+        parser.print_help()
+        return 0
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "export")  # the documented shorthand: `slm-export --target onnx ...`
+    command = argv[0]
+    if command not in COMMANDS and not command.startswith("-"):
+        # `slm-export ./my-model` is the likeliest slip: the model is an option, not a word.
+        hint = (f"; to export it, pass it as --model: slm-export export --model {command}"
+                if "/" in command or "." in command or os.path.exists(command) else "")
+        print(f"slm-export: error: unknown command '{command}'; commands: {', '.join(COMMANDS)}{hint}", file=sys.stderr)
+        return 2
+    if command == "export" and argv[1:2] and not argv[1].startswith("-"):
+        word = argv[1]
+        print(f"slm-export: error: `slm-export export` takes the model as an option; pass it as --model: slm-export export --model {word}",
+              file=sys.stderr)
         return 2
     try:
-        args = build_parser(command).parse_args(argv)
+        args = parser.parse_args(argv)
+        from . import progress
+
+        progress.set_quiet(args.quiet)
+        _check_packages(command)
         return HANDLERS[command](args)
     except SlmExportError as e:
         if debug:
@@ -424,6 +553,10 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # a bug of ours: say so in one line, keep the traceback one flag away
         if debug:
             raise
+        missing = _missing_package(e)
+        if missing:
+            print(f"slm-export: error: {missing}", file=sys.stderr)
+            return 2
         from .memory import is_out_of_memory
 
         if is_out_of_memory(e):  # a MemoryError, or a failed allocation or mapping, outside an export

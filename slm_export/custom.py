@@ -35,7 +35,7 @@ def as_transformers_llama(module):
     cfg = dict(module.config)
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
-        raise SlmExportError(f"{type(module).__name__}.config lacks {', '.join(missing)}; see the plain nn.Module contract in the README")
+        raise SlmExportError(f"{type(module).__name__}.config lacks {', '.join(missing)}; see the plain nn.Module contract in docs/architecture.md, 'Your own model'")
     theta = cfg.pop("rope_theta")
     known = set(REQUIRED) | {"head_dim", "max_position_embeddings"}
     hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k in known},
@@ -49,7 +49,7 @@ def as_transformers_llama(module):
     if absent or extra:
         what = f"missing {absent[0]}" if absent else f"unexpected {extra[0]}"
         raise SlmExportError(f"{type(module).__name__} does not follow the Llama parameter layout ({what}); "
-                             "see the plain nn.Module contract in the README")
+                             "see the plain nn.Module contract in docs/architecture.md, 'Your own model'")
     try:
         with torch.no_grad():
             hf.load_state_dict(state, strict=False)

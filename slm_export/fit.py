@@ -22,7 +22,7 @@ from .errors import SlmExportError
 # Fixed cost of one decoder layer per decode step, in CPU cycles, beyond the roofline. Calibrated
 # once on this machine (2.6 GHz, 34 GB/s read): SmolLM2-135M int4 ONNX decoded at 139 tok/s (7.2 ms
 # a step) where the roofline gives 2.6 ms, so 30 layers cost ~4.6 ms, ~154 us each. How well this one
-# constant predicts the other bit widths and contexts is measured by benchmarks/fit_check.py (README "Fit").
+# constant predicts the other bit widths and contexts is measured by benchmarks/fit_check.py (docs/devices.md "fit: will it fit").
 STEP_CYCLES_PER_LAYER = 400_000
 PREFILL_CHUNK = 128  # default prompt length whose activations the estimate holds at once
 

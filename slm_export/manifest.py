@@ -59,6 +59,10 @@ def validate(manifest, where: str) -> None:
         if reason:
             raise SlmExportError(f"{where} lists {name!r}, a path outside its folder ({reason}); refusing it: "
                                  "re-export the artifact, or ask its sender for a bundle made by `slm-export bundle`")
+    for runtime, name in runtime_files(manifest):
+        if name not in manifest["files"]:
+            raise SlmExportError(f"{where} says {runtime} reads {name}, but its file table has no {name} "
+                                 "(no size, no sha256): re-export the artifact, or bundle it again with `slm-export bundle`")
 
 
 def _check_table(files, where: str) -> None:
@@ -80,8 +84,27 @@ def named_paths(manifest: dict) -> list:
     extra = part("target_extra")
     data_files = extra.get("data_files") or []
     names = [*manifest["files"], manifest["model_file"], extra.get("data_file"), part("tokenizer").get("file"),
-             part("quant").get("report"), *(data_files if isinstance(data_files, list) else [data_files])]
+             part("quant").get("report"), *(data_files if isinstance(data_files, list) else [data_files]),
+             *(name for _, name in runtime_files(manifest))]
     return [n for n in names if n is not None]
+
+
+def runtime_files(manifest: dict) -> list[tuple[str, object]]:
+    """(runtime, file name) for every file another runtime reads from the folder (manifest `app_runtimes`:
+    onnxruntime-genai's genai_config.json and what it names), its config first."""
+    apps = manifest.get("app_runtimes")
+    if not isinstance(apps, dict):
+        return []
+    out = []
+    for runtime, entry in apps.items():
+        if not isinstance(entry, dict):
+            continue
+        files = entry.get("files") if isinstance(entry.get("files"), list) else []
+        names = [entry.get("config"), *files] if entry.get("config") is not None else files
+        for n in names:
+            if n is not None and (runtime, n) not in out:  # a name that is not a string is refused by validate
+                out.append((runtime, n))
+    return out
 
 
 def unsafe_reason(name) -> str | None:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from . import manifest as mf
-from .architectures import to_decoder
+from . import progress
+from .architectures import check_min_context, to_decoder
 from .errors import OutOfMemory, SlmExportError
 from .exporters import TARGETS, ExportOptions
 from .fit import shape_before_loading
@@ -51,6 +52,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     suffix = f"-{precision}" if precision != exporter.compute_precisions[0] and spec.quantized else ""
     out = Path(out or f"{target}-{label}{suffix}").expanduser().absolute()
     check_destination(out, force)
+    check_min_context(max_context)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
     method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
     reads_text = calibrates(exporter, spec, kv_bits)
@@ -86,9 +88,10 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     """Load, quantize and write into the staged folder `tmp` (renamed into place after this returns);
     returns the quant report's summary. `loaded_hook()` runs once the model is loaded."""
     t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else (
-        load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
-        if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
+    with progress.stage(f"loading {_model_name(model)}"):
+        loaded = model if isinstance(model, LoadedModel) else (
+            load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
+            if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
     loaded_hook()  # the parsed GGUF is not needed past here
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
@@ -120,10 +123,11 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     if codes:
         log(f"quantized {len(codes)} weights in {time.perf_counter() - t1:.1f}s"
             + (f" (calibrated on {plan.calibration['text']})" if plan.calibration else ""))
-    result = exporter.write(decoder, spec, tmp, options, plan, codes)
+    with progress.stage(f"writing the {exporter.name} program ({exporter.runtime})"):
+        result = exporter.write(decoder, spec, tmp, options, plan, codes)
     export_s = time.perf_counter() - t1
     result.report.write(tmp / REPORT_FILE)
-    tok_info = _save_tokenizer(loaded, tmp)
+    tok_info, generation = _save_tokenizer(loaded, tmp)
     manifest = {
         "target": exporter.name,
         "runtime": result.runtime or exporter.runtime,
@@ -144,10 +148,12 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
                   "summary": result.report.summary()},
         "io": result.io,
         "tokenizer": tok_info,
+        "generation": generation,
         "export_seconds": round(export_s, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": mf.library_versions("torch", "transformers", *exporter.packages),
     }
+    manifest["app_runtimes"] = exporter.app_runtime_files(tmp, manifest)  # e.g. onnxruntime-genai's config
     drop_note(tmp)  # before the manifest lists the folder's files
     mf.write(tmp, manifest)
     return result.report.format_summary()
@@ -268,7 +274,8 @@ def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
 
 
 def _special_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
-    """(the BOS id or None, the sorted stop ids): the generation config's EOS ids and the tokenizer's."""
+    """(the BOS id or None, the sorted stop ids): the tokenizer's BOS, else the generation config's; the
+    generation config's EOS ids and the tokenizer's."""
     tok = loaded.tokenizer
     gen = getattr(loaded.model, "generation_config", None)
     eos = set()
@@ -280,20 +287,27 @@ def _special_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
     bos = getattr(tok, "bos_token_id", None)
     if bos is None:
         bos = getattr(gen, "bos_token_id", None)
-    return (int(bos) if bos is not None else None), sorted(int(i) for i in eos)
+    return (int(bos) if isinstance(bos, int) else None), sorted(int(i) for i in eos)
 
 
-def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
+# The sampling settings generation_config.json always states, so an app reading it needs no library's
+# defaults: the model's own where it suggests them, else these (greedy, as `generate` and `verify` run).
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def _save_tokenizer(loaded: LoadedModel, folder: Path) -> tuple[dict, dict]:
+    """(the manifest's tokenizer record, its generation record); writes the tokenizer files and
+    generation_config.json (without sampling defaults) into `folder`."""
     tok = loaded.tokenizer
     gen = getattr(loaded.model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(folder)
-    _, eos = _special_ids(loaded)
+    generation = _save_generation_config(gen, folder) if gen is not None else {}
+    bos_id, eos = _special_ids(loaded)
     if tok is None:
-        return {"present": False, "eos_token_ids": eos}
+        return {"present": False, "eos_token_ids": eos}, generation
     tok.save_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():
         raise SlmExportError("the tokenizer has no fast (tokenizer.json) form; slm-export needs a fast tokenizer")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else getattr(gen, "pad_token_id", None)
     return {
         "present": True,
         "file": "tokenizer.json",
@@ -301,4 +315,17 @@ def _save_tokenizer(loaded: LoadedModel, folder: Path) -> dict:
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "eos_token_ids": eos,
-    }
+        "bos_token_id": bos_id,
+        "pad_token_id": pad_id if isinstance(pad_id, int) else None,
+    }, generation
+
+
+def _save_generation_config(gen, folder: Path) -> dict:
+    """Write `gen` with every sampling setting stated (the model's, else SAMPLING_DEFAULTS); returns them."""
+    import json
+
+    saved = gen.to_diff_dict()  # what the model sets, as transformers writes it
+    sampling = {k: saved.get(k, default) for k, default in SAMPLING_DEFAULTS.items()}
+    saved.update(sampling)
+    (folder / "generation_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return {"sampling": sampling, "from_model": sorted(k for k in SAMPLING_DEFAULTS if k in gen.to_diff_dict())}

@@ -1,7 +1,7 @@
 """One results schema for every target and device (in the manner of llama-bench).
 
 One flat field list with units in the names; raw samples kept; a failed run is a row with its
-`error` set, never dropped. Printers: table (terminal), markdown, JSON.
+`error` set, never dropped. Printers: table (terminal), markdown, JSON, CSV, JSON lines.
 """
 from __future__ import annotations
 
@@ -102,4 +102,24 @@ def format_json(results: list[BenchResult]) -> str:
     return json.dumps({"schema_version": SCHEMA_VERSION, "results": [r.to_dict() for r in results]}, indent=1)
 
 
-PRINTERS = {"table": format_table, "markdown": format_markdown, "json": format_json}
+def format_csv(results: list[BenchResult]) -> str:
+    """Every scalar field of the schema, one row per result (raw samples, machine and versions are in JSON)."""
+    import csv
+    import io
+
+    names = [f.name for f in fields(BenchResult) if f.name not in ("machine", "versions", "samples")]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    for r in results:
+        w.writerow(["" if getattr(r, n) is None else getattr(r, n) for n in names])
+    return buf.getvalue().rstrip("\n")
+
+
+def format_jsonl(results: list[BenchResult]) -> str:
+    """One JSON object per line, each a whole result (for appending to a log)."""
+    return "\n".join(json.dumps(r.to_dict()) for r in results)
+
+
+PRINTERS = {"table": format_table, "markdown": format_markdown, "json": format_json, "csv": format_csv,
+            "jsonl": format_jsonl}

@@ -5,7 +5,7 @@
     def test_export_matches_pytorch(model):
         assert_parity("exports/my-int4", model)        # raises AssertionError with the report
 
-The same metrics and tolerances as `slm-export verify` (see README, "Parity"), unless you pass your own.
+The same metrics and tolerances as `slm-export verify` (see docs/parity.md), unless you pass your own.
 """
 from __future__ import annotations
 

@@ -50,10 +50,27 @@ class TextCodec:
 
 def format_chat(chat_template: str, user_message: str, bos_token: str | None = None,
                 eos_token: str | None = None) -> str:
-    """One user message rendered with the model's chat template, ready for the assistant's answer."""
-    import jinja2
+    """One user message rendered with the model's chat template, ready for the assistant's answer.
 
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(chat_template).render(messages=[{"role": "user", "content": user_message}],
-                                                 add_generation_prompt=True, bos_token=bos_token or "",
-                                                 eos_token=eos_token or "")
+    The template comes with the model (a hub repository, a bundle someone sent): it renders in jinja2's
+    immutable sandbox, as transformers renders it, so it can read its inputs and nothing else."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message):  # what transformers gives templates to refuse a conversation with
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: __import__("datetime").datetime.now().strftime(fmt))
+    try:
+        return env.from_string(chat_template).render(messages=[{"role": "user", "content": user_message}],
+                                                     add_generation_prompt=True, bos_token=bos_token or "",
+                                                     eos_token=eos_token or "")
+    except jinja2.exceptions.SecurityError as e:
+        raise SlmExportError(f"the model's chat template tried something a template may not ({e}); "
+                             "use --raw, or fix chat_template in its tokenizer_config.json") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise SlmExportError(f"the model's chat template does not render ({type(e).__name__}: {e}); "
+                             "use --raw, or fix chat_template in its tokenizer_config.json") from None

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import progress
 from .errors import ParityFailure, SlmExportError
 from .text import passage_ids
 
@@ -74,7 +75,7 @@ class Tolerance:
 
 
 # Why these numbers (measured on SmolLM2-135M-Instruct, 128 prompt + 32 decode positions of the
-# shipped passage, and on tiny random models; README "Parity tolerances"):
+# shipped passage, and on tiny random models; docs/parity.md "Parity tolerances"):
 #  - bits 16: the same math in fp32, only summation order differs (measured max |dlogit| 1e-4, so KL
 #    about 1e-9). The KL bound is set so that it alone fails a 1% change of any one weight tensor: on
 #    SmolLM2-135M, every layer's q/k/v/o/gate/up/down and both norms x1.01 in turn (270 changes) gave
@@ -94,7 +95,7 @@ TOLERANCES: dict[int, dict[str, Tolerance]] = {
 # Kernels that quantize activations per token (one int8 scale per row of `hidden` values: XNNPACK's
 # 8da4w / 8da8w, and onnxruntime's KleidiAI kernels on ARM) round more than onnxruntime's x86 kernels,
 # which use one scale per block of 32, so against same-quant (float activations) they carry more
-# activation rounding. Measured on SmolLM2-135M-Instruct (README "Parity tolerances"): a .pte's same-quant
+# activation rounding. Measured on SmolLM2-135M-Instruct (docs/parity.md "Parity tolerances"): a .pte's same-quant
 # KL 0.022 / top-1 0.92 (int8), 0.036 / 0.87 (int4); the same .onnx on ARM under QEMU, int4 same-quant KL
 # 0.031 / top-1 0.87 (x86: 0.004 / 0.96); against fp32 at int8, KL 0.028 / top-1 0.90 (over half of the
 # shared bound, so widened). Keyed by the kernels' declared `activation_rounding` (quantize/limits.py).
@@ -106,7 +107,7 @@ ACTIVATION_ROUNDING_TOLERANCES: dict[str, dict[int, dict[str, Tolerance]]] = {
 # A float16 program (Core ML's default compute precision; ExecuTorch --compute-precision float16):
 # float16 activations and KV cache against fp32 PyTorch is what remains at bits 16. Measured on
 # SmolLM2-135M-Instruct: ExecuTorch fp16 KL 0.00003, top-1 0.994, max |dlogit| 0.15, perplexity equal
-# to fp32's; Core ML's converted program alike (README "Parity tolerances").
+# to fp32's; Core ML's converted program alike (docs/parity.md "Parity tolerances").
 FLOAT16_TOLERANCES: dict[int, dict[str, Tolerance]] = {16: {"fp32": Tolerance(mean_kl=1e-3, top1=0.95)}}
 
 # A float16 KV cache in an fp32 program (Core ML's cache at --compute-precision float32; ExecuTorch --kv-bits 16)
@@ -127,7 +128,7 @@ def host_tolerance(bits: int, activations: str) -> Tolerance:
 
 # An int8 KV cache (--kv-bits 8) rounds every cached key and value: its error adds to whatever the
 # weights cost, so it is an allowance on top of each bound (more KL, fewer top-1 matches, and no
-# max |dlogit| bound: nothing is exact any more). Measured on SmolLM2-135M-Instruct (README
+# max |dlogit| bound: nothing is exact any more). Measured on SmolLM2-135M-Instruct (docs/parity.md
 # "Parity tolerances"): ONNX's static per-channel scales against the same weights with an fp32 cache
 # KL 0.0066 / top-1 0.95 (first 512 tokens); ExecuTorch's per-row scales lose less.
 KV_CACHE_ALLOWANCE: dict[int, tuple[float, float]] = {8: (0.02, 0.06)}  # bits: (added mean KL, top-1 drop)
@@ -440,31 +441,38 @@ def _verify(artifact, reference, *, prompt_tokens, decode_steps, perplexity, per
         runner = exporter.stand_in_runner(model, artifact.path, artifact.manifest, threads)
         executed_by = runner.description
     bits = artifact.manifest["quant"]["spec"]["bits"]
+    with progress.stage("checking the stored weights against the reference quantized again"):
+        checks = exporter.package_checks(artifact.path, artifact.manifest, model)
     report = ParityReport(str(artifact.path), artifact.target, artifact.manifest["quant"]["label"], prompt_tokens,
                           decode_steps, executed_by=executed_by, not_executed=not_executed,
-                          checks=exporter.package_checks(artifact.path, artifact.manifest, model),
+                          checks=checks,
                           prompt="the shipped passage" if codec is not None else RANDOM_PROMPT)
 
-    forced = _torch_greedy(model, ids, decode_steps)
+    with progress.stage("PyTorch's greedy run"):
+        forced = _torch_greedy(model, ids, decode_steps)
     steps = logits_steps(ids, forced)
     text_ids = []
     if perplexity and codec is not None:
         text_ids = passage_ids(codec)[:min(perplexity_tokens, artifact.manifest["max_context"])]
-    here = np.concatenate(run_steps(runner, steps))
+    with progress.stage(f"running the artifact ({executed_by})"):
+        here = np.concatenate(run_steps(runner, steps))
     # Perplexity runs here even with a device: 2048 positions under QEMU take many minutes (its float math
     # is software-emulated), and the device's divergence from this run is measured directly below.
-    text_logits = run_steps(runner, perplexity_steps(text_ids)) if text_ids else []
+    with progress.stage(f"the artifact's perplexity over {len(text_ids)} tokens"):
+        text_logits = run_steps(runner, perplexity_steps(text_ids)) if text_ids else []
     if dev is None:
         art = here
     else:
-        art = np.concatenate(dev.replay(artifact.path, steps, threads=threads))
+        with progress.stage(f"running the artifact on {dev.name}"):
+            art = np.concatenate(dev.replay(artifact.path, steps, threads=threads))
         report.device = dev.name
         report.executed_by = f"{executed_by} on {dev.name}" + (f" ({dev.emulated})" if dev.emulated else "")
     full = ids + forced[:-1]
     arm = bool(dev and dev.emulated)  # the device runs the runtime's aarch64 build
     for name, tol in {**artifact_tolerances(artifact.manifest, arm), **(tolerances or {})}.items():
-        ref_model = model if name == "fp32" else same_quant_model(model, artifact)
-        report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
+        with progress.stage(f"PyTorch {name} reference"):
+            ref_model = model if name == "fp32" else same_quant_model(model, artifact)
+            report.comparisons.append(compare(_torch_logits(ref_model, full), art, decode_steps, name, tol))
     if arm:  # the ARM build's kernels against this machine's
         activations = artifact.manifest["quant"]["spec"].get("activations", "int8")
         tol = (tolerances or {}).get("host", host_tolerance(bits, activations))
@@ -472,7 +480,9 @@ def _verify(artifact, reference, *, prompt_tokens, decode_steps, perplexity, per
 
     if text_ids:
         report.perplexity = {"tokens": len(text_ids), "artifact": perplexity_from(text_logits, text_ids),
-                             "pytorch_fp32": _perplexity_torch(model, text_ids), "artifact_run": "local"}
+                             "pytorch_fp32": None, "artifact_run": "local"}
+        with progress.stage(f"PyTorch's perplexity over {len(text_ids)} tokens"):
+            report.perplexity["pytorch_fp32"] = _perplexity_torch(model, text_ids)
     return report
 
 

@@ -75,22 +75,29 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_bpe_tokenizer():
-    """A byte-level BPE tokenizer of the tiny vocab's size, with a chat template: the kind ExecuTorch's LLM runners
-    read (not word level). Trained on the ASCII of the shipped calibration passage, so every token is ASCII text."""
+def tiny_bpe_tokenizer(ascii_only: bool = False):
+    """A byte-level BPE tokenizer (the GPT-2 / SmolLM2 kind) of VOCAB entries trained on the shipped passage,
+    with ChatML special tokens and template: one onnxruntime-genai's tokenizer and ExecuTorch's LLM runners read
+    (they cannot read the word-level one above). ascii_only: trained on the passage's ASCII with no byte alphabet,
+    so every token decodes to ASCII text (ExecuTorch's Python TextLLMRunner raises on a piece that is not whole
+    UTF-8, which a random model's byte tokens can be)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = (Path(__file__).parent.parent / "slm_export" / "data" / "calibration.txt").read_text()
+    from slm_export.text import passage_text
+
+    text = passage_text().encode("ascii", "ignore").decode() if ascii_only else passage_text()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text.encode("ascii", "ignore").decode()], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False))
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=[] if ascii_only else pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     assert tok.get_vocab_size() == VOCAB
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return fast
 
 

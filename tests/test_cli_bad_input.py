@@ -103,7 +103,7 @@ def test_unknown_command_and_bad_artifact(tmp_path):
     assert code == 2 and "unknown command 'frobnicate'" in err and "--model" not in err
     for argv in (["/no/such/model"], ["export", "./my-model"]):  # a model given without --model
         code, _, err = run_cli(*argv)
-        assert code == 2 and f"pass it as --model: slm-export --model {argv[-1]} " in err, err
+        assert code == 2 and f"pass it as --model: slm-export export --model {argv[-1]}" in err, err
     code, _, err = run_cli("verify", tmp_path)
     assert code == 2 and "has no manifest.json" in err
 

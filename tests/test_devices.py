@@ -14,7 +14,7 @@ from slm_export.quantize import QuantSpec
 
 from conftest import require_qemu, run_cli, tiny_model, tiny_tokenizer
 
-REQUIRED = {"laptop", "raspberry-pi-5-4gb", "raspberry-pi-5-8gb", "raspberry-pi-5-16gb", "iphone-15-pro", "pixel-8",
+REQUIRED = {"local", "raspberry-pi-5-4gb", "raspberry-pi-5-8gb", "raspberry-pi-5-16gb", "iphone-15-pro", "pixel-8",
             "snapdragon-8-gen-3", "budget-android-4gb"}
 
 
@@ -45,8 +45,8 @@ def test_builtin_profiles_load_with_every_hardware_figure():
     assert all("coreml" not in load_profile(n).formats for n in REQUIRED - {"iphone-15-pro"})
 
 
-def test_laptop_profile_is_detected_from_this_machine():
-    p = load_profile("laptop")
+def test_local_profile_is_detected_from_this_machine():
+    p = load_profile("local")
     assert p.big_cores == len(os.sched_getaffinity(0)) and p.memory_gb > 1
     assert p.peak_bandwidth_gb_s > 0.5 and "measured" in p.notes["bandwidth_source"]
 
@@ -175,7 +175,7 @@ def test_fit_cli_fits_does_not_fit_and_json(tmp_path, tiny_dir, user_profiles):
     assert code == 0, err
     assert "fits" in out and "KV cache" in out and "tok/s expected" in out
     (user_profiles / "tiny-phone.toml").write_text('extends = "budget-android-4gb"\napp_memory_gb = 0.01\n')
-    code, out, err = run_cli("fit", "--device", "tiny-phone", "--model", tiny_dir, "--bits", "16", "--json")
+    code, out, err = run_cli("fit", "--device", "tiny-phone", "--model", tiny_dir, "--bits", "16", "--format", "json")
     assert code == 1, err
     report = json.loads(out)
     assert report["fits"] is False and report["total_mb"] > report["app_budget_mb"] == pytest.approx(10.2, abs=0.1)
@@ -196,7 +196,7 @@ def test_fit_from_an_artifact_uses_its_real_report(tiny_onnx):
 def test_local_bench_reports_peak_bandwidth_and_prediction(tiny_onnx):
     (row,) = tiny_onnx.bench(prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
     assert row.error is None and not row.simulated
-    assert row.device_peak_gb_s == load_profile("laptop").peak_bandwidth_gb_s
+    assert row.device_peak_gb_s == load_profile("local").peak_bandwidth_gb_s
     assert row.predicted_decode_tok_s > 0 and row.decode_gb_s > 0
     # the row names the SIMD extensions it ran with, as this machine's /proc/cpuinfo lists them
     with open("/proc/cpuinfo") as f:

@@ -132,9 +132,9 @@ def test_missing_cross_compiler_is_one_sentence(monkeypatch, tmp_path):
 def test_arm_and_x86_differ_only_where_documented(pi5, tmp_path):
     """MatMulNBits int4 on the same 256x256 weights: accuracy_level 0 (float activations) is bit-identical
     on x86 and aarch64 onnxruntime; accuracy_level 4 (int8 activations, our int4/int8 default) is not, because
-    ARM's KleidiAI kernels quantize activations their own way. README "ARM without a board" documents
+    ARM's KleidiAI kernels quantize activations their own way. docs/devices.md "ARM without a board" documents
     the bound: max |ARM - x86| <= 2% of the largest output (measured 0.9%). This fails if they ever
-    diverge further, or if they stop differing (then the README is out of date)."""
+    diverge further, or if they stop differing (then docs/devices.md is out of date)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -168,7 +168,7 @@ def test_arm_and_x86_differ_only_where_documented(pi5, tmp_path):
     diff = float(np.abs(y[4, "x86"] - y[4, "arm"]).max())
     scale = float(np.abs(y[0, "x86"]).max())
     assert diff <= 0.02 * scale, f"accuracy_level 4: ARM and x86 differ by {diff:.4f} (> 2% of {scale:.2f})"
-    assert diff > 0, "accuracy_level 4 now agrees exactly on ARM and x86: update README 'ARM without a board'"
+    assert diff > 0, "accuracy_level 4 now agrees exactly on ARM and x86: update docs/devices.md 'ARM without a board'"
 
 
 def test_emulated_bench_reports_memory_and_the_prediction_never_timings(tiny_artifacts):
@@ -197,8 +197,8 @@ def test_cli_verify_and_prepare_on_the_emulated_device(tiny_dir, tmp_path):
     code, out, err = run_cli("devices", "prepare", "sim:raspberry-pi-5")
     assert code == 0, err
     assert "onnxruntime" in out and "on aarch64 Python 3.11" in out and "-cpu cortex-a76" in out
-    code, out, err = run_cli("devices", "prepare", "sim:laptop")
-    assert code == 2 and "nothing to prepare for 'sim:laptop'" in err
+    code, out, err = run_cli("devices", "prepare", "sim:local")
+    assert code == 2 and "nothing to prepare for 'sim:local'" in err
     code, out, err = run_cli("devices", "prepare")
     assert code == 2 and "`devices prepare` needs a device" in err
 
@@ -235,5 +235,5 @@ def test_a_runtime_without_an_emulated_build_says_so(tmp_path):
     with pytest.raises(SlmExportError, match="qemu_cpu 'cortex-x4': no such ARM core model"):
         emulation._cpuinfo("qemu-aarch64-static", "cortex-x4", tmp_path, 1)
     with pytest.raises(SlmExportError, match="has no qemu_cpu"):
-        emulation.prepare(load_profile("laptop"), "onnxruntime")
-    assert not open_device("sim:laptop").emulates and open_device("sim:raspberry-pi-5").emulates
+        emulation.prepare(load_profile("local"), "onnxruntime")
+    assert not open_device("sim:local").emulates and open_device("sim:raspberry-pi-5").emulates

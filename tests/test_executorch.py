@@ -263,7 +263,7 @@ def test_pte_follows_executorch_llm_runner_contract(tmp_path):
     from slm_export.runtimes.base import generate
     from slm_export.text import format_chat
 
-    model, tok = tiny_model("llama"), tiny_bpe_tokenizer()
+    model, tok = tiny_model("llama"), tiny_bpe_tokenizer(ascii_only=True)
     art = slm_export.export(model, tokenizer=tok, target="executorch", bits=16, out=tmp_path / "pte", max_context=128,
                             log=lambda *a: None)
     program = Runtime.get().load_program(art.path / "model.pte")
@@ -313,7 +313,7 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, kv_bits):
 
     src = tmp_path / "tiny-llama"  # a tokenizer ExecuTorch's runner reads (byte-level BPE)
     tiny_model("llama").save_pretrained(src, safe_serialization=True)
-    tiny_bpe_tokenizer().save_pretrained(src)
+    tiny_bpe_tokenizer(ascii_only=True).save_pretrained(src)
     out = tmp_path / "pte"
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "--model", str(src), "--target", "executorch", "--bits", "4",
                         "--kv-bits", kv_bits, "--max-context", "256", "--out", str(out)], capture_output=True, text=True)
@@ -327,7 +327,7 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, kv_bits):
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "`forward(tokens, input_pos) -> logits`" in readme and "chunks of at most 128" in readme
     assert "| `get_max_context_len` | 256 |" in readme and "| `get_max_seq_len` | 128 |" in readme
-    for whole_program in ("```cpp\n// answer.cpp", "```kotlin\n// MainActivity.kt", "```swift\n// Answer.swift"):
+    for whole_program in ("```cpp\n// answer.cpp", "```kotlin\n// MainActivity.kt", "```swift\n// AnswerApp.swift"):
         assert whole_program in readme, whole_program
     assert ("compile `cpp/llama_ops.cpp`" in readme) == (kv_bits == "16")  # what an app must add to ExecuTorch
     assert ("TextLLMRunner(\"model.pte\", \"tokenizer.json\")" in readme) == (kv_bits == "32")
@@ -336,7 +336,7 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, kv_bits):
     # the app developer's Python program runs as written (ExecuTorch's TextLLMRunner, or ours for slm:: ops), with a
     # prompt of two chunks
     words = (Path(slm_export.__file__).parent / "data" / "passage.txt").read_text().split()
-    prompt = " ".join(words[:next(n for n in range(len(words)) if len(tiny_bpe_tokenizer().encode(" ".join(words[:n]))) > 140)])
+    prompt = " ".join(words[:next(n for n in range(len(words)) if len(tiny_bpe_tokenizer(ascii_only=True).encode(" ".join(words[:n]))) > 140)])
     code = re.search(r"## Python[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert re.search(r"^prompt = .*$", code, re.M), code
     code = re.sub(r"^prompt = .*$", lambda m: f"prompt = {prompt!r}", code, count=1, flags=re.M)

@@ -42,7 +42,7 @@ def test_inspect_folder_and_zip(tiny_bundle):
         code, out, err = run_cli("inspect", target)
         assert code == 0, err
         assert "checksums     ok" in out and "last parity   PASS" in out and "decode" in out
-    code, out, _ = run_cli("inspect", folder, "--json")
+    code, out, _ = run_cli("inspect", folder, "--format", "json")
     assert json.loads(out)["quant"] == "int4-g32-sym-a8-head8"
 
 

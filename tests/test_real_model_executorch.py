@@ -98,7 +98,7 @@ def test_fp16_pte_answers_paris_and_keeps_fp32_quality(tmp_path):
     if ("Paris" not in answer or not report["passed"]) and _cpu_computes_fp16():
         # XNNPACK runs fp16 natively on AVX512-FP16 CPUs: on the Xeon VM of 2026-12-05 the greedy answer
         # drifted ("L'Etoile, la Marseillaise, ...") and verify's fp32 KL was 0.00275 against its 0.001
-        # bound (AVX2 + F16C CPUs pass both). An open problem, in README Limits.
+        # bound (AVX2 + F16C CPUs pass both). An open problem, in docs/limits.md.
         pytest.xfail(f"fp16 .pte on an AVX512-FP16 CPU: answered {answer.strip()[:60]!r}, verify passed={report['passed']}")
     assert code == 0 and report["passed"], stdout + err
     ppl = report["perplexity"]
@@ -123,7 +123,7 @@ def test_int8_weight_only_pte_answers_paris_and_computes_its_pytorch_program(tmp
     if ("Paris" not in answer or not report["passed"]) and _cpu_computes_fp16():
         # XNNPACK runs fp16 natively on AVX512-FP16 CPUs: on the Xeon VM of 2026-12-05 the greedy answer
         # drifted ("L'Etoile, la Marseillaise, ...") and verify's fp32 KL was 0.00275 against its 0.001
-        # bound (AVX2 + F16C CPUs pass both). An open problem, in README Limits.
+        # bound (AVX2 + F16C CPUs pass both). An open problem, in docs/limits.md.
         pytest.xfail(f"fp16 .pte on an AVX512-FP16 CPU: answered {answer.strip()[:60]!r}, verify passed={report['passed']}")
     assert code == 0 and report["passed"], stdout + err
     ppl = report["perplexity"]

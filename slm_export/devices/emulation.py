@@ -47,7 +47,7 @@ WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinu
                    "manylinux2014_aarch64")
 # The packages each runtime's emulated site holds (numpy for the runner itself).
 RUNTIME_WHEELS = {"onnxruntime": ("onnxruntime", "numpy"), "executorch": ("executorch", "numpy")}
-# Why the other runtimes do not run under emulation here (README "ARM without a board").
+# Why the other runtimes do not run under emulation here (docs/devices.md "ARM without a board").
 NOT_EMULATED = {
     "coreml": "Core ML runs only on Apple's operating systems",
 }

@@ -74,7 +74,7 @@ class LocalDevice:
     def __init__(self, profile=None, **_ssh_options):  # the CLI's SSH flags mean nothing here
         from .profiles import load_profile
 
-        self.profile = profile or load_profile("laptop")
+        self.profile = profile or load_profile("local")
 
     def describe(self) -> dict:
         return describe()

@@ -1,7 +1,7 @@
 """Device profiles: one TOML file per device (fields in profiles/README.md).
 
 Built-in profiles live beside this module; users add or override one by dropping NAME.toml in
-~/.config/slm-export/devices/ (or $SLM_EXPORT_CONFIG/devices/). `detect = true` (the laptop)
+~/.config/slm-export/devices/ (or $SLM_EXPORT_CONFIG/devices/). `detect = true` (`local`, this machine)
 fills the hardware fields from this machine, with memory bandwidth measured once and cached.
 """
 from __future__ import annotations

@@ -90,6 +90,12 @@ class Exporter(Protocol):
     def app_readme(self, manifest: dict) -> str:
         """The README an app developer gets in a bundle of this target."""
 
+    def app_runtime_files(self, folder: Path, manifest: dict) -> dict:
+        """Write what lets other runtimes open the export folder as it is (after the tokenizer, before the
+        manifest lists the files); returns {runtime: {"config": file or None, "files": [every file it reads],
+        ...}} for the manifest's `app_runtimes` ({} for none). inspect and verify then refuse a folder
+        missing one of those files."""
+
     def package_checks(self, folder: Path, manifest: dict, model) -> list[dict]:
         """Static checks of the written files, run by `verify` ({name, passed, detail} each). Each built-in
         target reads its stored weights back here (its exporters/<target>/checks.py) and requires exactly
@@ -136,6 +142,9 @@ class ExporterBase:
             raise SlmExportError(f"--kv-bits {kv_bits} is not available for the {self.name} target{at}; "
                                  f"use {' or '.join(map(str, kv_choices))}")
         return precision, kv_bits
+
+    def app_runtime_files(self, folder: Path, manifest: dict) -> dict:
+        return {}
 
     def check_model(self, shape, compute_precision: str | None = None) -> None:
         """Refuse a model whose shape the runtime cannot run (declared in `limits`), naming the targets that can."""

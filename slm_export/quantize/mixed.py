@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import progress
 from .calibration import DecoderForward, chunks
 from .methods import METHODS
 from .plan import QuantPlan, WeightPlan, at_bits, decoder_weights
@@ -51,7 +52,7 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
             xs.append(fwd.layer(layer, xs[-1]))
         keep, ref = _vocab_subset(fwd, xs[-1])
         out = {}
-        for unit, ws in units.items():
+        for unit, ws in progress.steps(units.items(), "measuring each weight group's int4 cost", total=len(units)):
             probe = {w.name: METHODS.get(PROBE_METHOD)(arrays[w.name], dataclasses.replace(w, method=PROBE_METHOD))
                      .dequantize() for w in ws}
             fwd.set(probe)

@@ -7,10 +7,9 @@ weight group with the statistics of its input, the groups before it already quan
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
+from .. import progress
 from .calibration import chunks, walk
 from .codes import QuantizedWeight
 from .methods import CALIBRATED, METHODS
@@ -25,7 +24,7 @@ def _quantize_one(w: WeightPlan, array: np.ndarray, hessian=None) -> QuantizedWe
     return METHODS.get(w.method)(array, w, hessian) if w.method in CALIBRATED else METHODS.get(w.method)(array, w)
 
 
-def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None, log=None) -> dict[str, QuantizedWeight]:
+def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None) -> dict[str, QuantizedWeight]:
     """Codes for every weight the plan quantizes (a shared tied embedding has none of its own).
 
     `calibration_ids`: token ids of the calibration text, needed when a planned method is calibrated.
@@ -33,10 +32,9 @@ def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None, log
     arrays = {name: arr for name, _, arr, _ in decoder_weights(dec)}
     todo = [w for w in plan.weights if w.quantized]
     out: dict[str, QuantizedWeight] = {}
-    t0 = time.perf_counter()
-    for w in todo:
-        if w.method not in CALIBRATED:
-            out[w.name] = _quantize_one(w, arrays[w.name])
+    free = [w for w in todo if w.method not in CALIBRATED]
+    for w in progress.steps(free, f"quantizing weights ({', '.join(sorted({w.method for w in free}))})"):
+        out[w.name] = _quantize_one(w, arrays[w.name])
     calibrated = [w for w in todo if w.method in CALIBRATED]
     if calibrated:
         if not calibration_ids:
@@ -67,11 +65,9 @@ def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None, log
                          if w.unit == unit and w.name in out and w.name not in done})
             forward.set(done)
 
-        def progress(i):
-            if log:
-                log(f"  calibrated layer {i}/{dec.num_layers} ({time.perf_counter() - t0:.0f}s)")
-
-        walk(dec, calibration_ids, on_unit, progress if log else None)
+        count = progress.Count(f"calibrating and quantizing layers ({', '.join(sorted({w.method for w in calibrated}))})",
+                               dec.num_layers)
+        walk(dec, calibration_ids, on_unit, lambda i: count.step())
     return out
 
 

@@ -28,6 +28,9 @@ class OnnxRunner(Runner):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # errors only: onnxruntime warns at every load that logits_to_keep's default (an initializer
+        # that is also an input, graph.py) "will not be treated as constant"; it was never one
+        opts.log_severity_level = 3
         kv = manifest["io"]["kv_layout"]
         try:
             self.session = ort.InferenceSession(str(self.folder / manifest["model_file"]), opts,
@@ -47,7 +50,10 @@ class OnnxRunner(Runner):
         self.cache: list[np.ndarray] = []
         self.binding = None
         # Per-step inputs prepared once: a step then only rebinds views, no new arrays (~0.3 ms/token).
-        self._keep = {flag: np.array([0 if flag else 1], np.int64) for flag in (True, False)}
+        # logits_to_keep has a default in the graph (an overridable initializer, for onnxruntime-genai),
+        # which bind_cpu_input cannot find by name; an OrtValue binds it.
+        self._keep = {flag: ort.OrtValue.ortvalue_from_numpy(np.array([0 if flag else 1], np.int64))
+                      for flag in (True, False)}
         self._mask = np.ones((1, self.max_context), np.int64)
         self._one_token = np.zeros((1, 1), np.int64)
         self._last_logits = np.zeros((1, 1, manifest["model"]["vocab_size"]), np.float32)
@@ -97,7 +103,7 @@ class OnnxRunner(Runner):
             ids = np.asarray([token_ids], dtype=np.int64)
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", self._mask[:, :total])
-        b.bind_cpu_input("logits_to_keep", self._keep[all_logits])
+        b.bind_ortvalue_input("logits_to_keep", self._keep[all_logits])
         if all_logits:
             b.bind_output("logits")  # ORT allocates [1, n, vocab]
         else:  # the kernel writes the last row straight into our array: no output objects per step

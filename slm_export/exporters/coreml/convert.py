@@ -4,7 +4,7 @@ One function with a flexible query length (1..PREFILL_CHUNK, a `RangeDim`) serve
 and decode, and the KV cache is Core ML state. Why one flexible function and not two fixed ones:
 the state must be shared between prefill and decode, and one function does that by construction;
 a range-shaped input runs on CPU and GPU, while the Neural Engine wants fixed shapes (a later
-multifunction variant could add that; the README says so).
+multifunction variant could add that; docs/targets.md "Core ML" and docs/limits.md say so).
 """
 from __future__ import annotations
 

@@ -146,12 +146,12 @@ class MainActivity : Activity() {{
     }}
 }}"""
 
-_SWIFT = """// Answer.swift: ExecuTorch's TextRunner (iOS, macOS) with this bundle. Swift package
-// https://github.com/pytorch/executorch, branch "swiftpm-{version}"; link the products executorch_llm,
+_SWIFT = """// AnswerApp.swift: ExecuTorch's TextRunner with this bundle, as a SwiftUI app (iOS 17+, macOS 12+). Swift
+// package https://github.com/pytorch/executorch, branch "swiftpm-{version}"; link the products executorch_llm,
 // backend_xnnpack, kernels_llm, kernels_optimized and kernels_quantized (kernels and backends register
 // themselves: add -all_load to Other Linker Flags). model.pte and tokenizer.json go in the app's resources.
 import ExecuTorchLLM
-import Foundation
+import SwiftUI
 
 func answer() throws -> String {{
     guard let model = Bundle.main.path(forResource: "model", ofType: "pte"),
@@ -173,10 +173,29 @@ func answer() throws -> String {{
     return text
 }}
 
-do {{
-    print(try answer())
-}} catch {{
-    print("generation failed: \\(error)")
+struct AnswerView: View {{
+    @State private var text = "..."
+
+    var body: some View {{
+        Text(text).padding().onAppear {{
+            DispatchQueue.global(qos: .userInitiated).async {{  // generate() returns when the answer is complete
+                let result: String
+                do {{
+                    result = try answer()
+                }} catch {{
+                    result = "generation failed: \\(error)"
+                }}
+                DispatchQueue.main.async {{ text = result }}
+            }}
+        }}
+    }}
+}}
+
+@main
+struct AnswerApp: App {{
+    var body: some Scene {{
+        WindowGroup {{ AnswerView() }}
+    }}
 }}"""
 
 
@@ -353,8 +372,9 @@ there).
 {_SWIFT.format(**native)}
 ```
 
-Written against the `TextRunner` and `Config` API of ExecuTorch {version}'s `ExecuTorchLLM`; not compiled or run
-where this bundle was made (no Apple toolchain there).
+Written against the `TextRunner` and `Config` API of ExecuTorch {version}'s `ExecuTorchLLM` (ExecuTorch publishes
+each release's Swift package on a branch `swiftpm-<version>`; `TextRunner` is marked experimental, so Xcode warns);
+not compiled or run where this bundle was made (no Apple toolchain there).
 """
 
 

@@ -58,7 +58,7 @@ class OnnxExporter(ExporterBase):
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
         import onnx
 
-        from .graph import build_decoder_graph
+        from .graph import LOGITS_TO_KEEP_DEFAULT, build_decoder_graph
 
         model, report = build_decoder_graph(decoder, spec, plan, codes)
         path = Path(out_dir) / MODEL_FILE
@@ -85,7 +85,7 @@ class OnnxExporter(ExporterBase):
                 "attention_mask": {"dtype": "int64", "shape": ["batch", "past + sequence"],
                                    "note": "ones for every token in the cache and this step"},
                 "past_key_values.{i}.key|value": {"dtype": kv_dtype, "shape": ["batch", *kv[:1], "past", kv[1]]},
-                "logits_to_keep": {"dtype": "int64", "shape": [1],
+                "logits_to_keep": {"dtype": "int64", "shape": [1], "optional": True, "default": LOGITS_TO_KEEP_DEFAULT,
                                    "note": "0 = logits for every position, 1 = last position only (generation)"},
             },
             "outputs": {
@@ -113,6 +113,12 @@ class OnnxExporter(ExporterBase):
         from .handoff import app_readme
 
         return app_readme(manifest)
+
+    def app_runtime_files(self, folder: Path, manifest: dict) -> dict:
+        """genai_config.json: the folder opens in onnxruntime-genai (genai.py)."""
+        from .genai import PACKAGE, write_genai_config
+
+        return {PACKAGE: write_genai_config(folder, manifest)}
 
 
 def read_weights(folder: Path, manifest: dict) -> dict:

@@ -138,8 +138,10 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     # KV-cache scales are calibrated by running the export (kv_cache.py), not made from the weights
     calibrated = {t for t in have if re.fullmatch(r"layers\.\d+\.attn\.[kv]_scale", t)} \
         if manifest.get("target_extra", {}).get("kv_bits") == 8 else set()
+    # an input's default (logits_to_keep) is not a weight; files made before it had one still pass
+    defaults = {i.name for i in expected.graph.input} | {i.name for i in stored.graph.input}
     for tensor, proto in want.items():
-        if tensor in done:
+        if tensor in done or tensor in defaults:
             continue
         if tensor not in have:
             problems.append((rank(tensor), f"{tensor}: missing from the file"))
@@ -157,7 +159,7 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
                                  list(emb_have.input[:1]) != list(emb_want.input[:1]) or
                                  sorted(map(str, emb_have.attribute)) != sorted(map(str, emb_want.attribute))):
         problems.append((0, f"embed_tokens: the gather is not the exporter's {emb_want.op_type} of {emb_want.input[0]}"))
-    extra = sorted(set(have) - set(want) - calibrated - done)
+    extra = sorted(set(have) - set(want) - calibrated - done - defaults)
     problems += [(LAST * 2, f"{t}: not in the exporter's graph") for t in extra]
     problems.sort(key=lambda r: r[0])
     detail = "; ".join(m for _, m in problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

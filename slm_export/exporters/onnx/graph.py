@@ -10,7 +10,8 @@ lets us emit onnxruntime's fused CPU kernels directly, the way onnxruntime-genai
 Inputs and outputs follow onnxruntime-genai's names, so its tooling and app code recognise them:
   input_ids [batch, seq] int64, attention_mask [batch, total] int64,
   past_key_values.{i}.key/value [batch, kv_heads, past, head_dim] -> present.{i}.key/value,
-  logits [batch, kept, vocab]; `logits_to_keep` (int64 [1]: 0 = all positions, 1 = the last only).
+  logits [batch, kept, vocab]; `logits_to_keep` (int64 [1]: 0 = all positions, 1 = the last only;
+  optional, 0 when not fed). onnxruntime-genai runs the graph as it is (genai.py writes its config).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ...quantize.quantizer import linear_codes, linear_plan
 from .quant import pack_matmul_nbits
 
 OPSET = 23  # RMSNormalization (standard since opset 23) for the norms that have no residual
+LOGITS_TO_KEEP_DEFAULT = 0  # when the caller does not feed logits_to_keep: all positions
 MS = "com.microsoft"
 
 
@@ -232,6 +234,10 @@ class DecoderGraphBuilder:
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present_shape))
         inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+        # An input with an initializer of the same name is optional (onnxruntime: an overridable
+        # initializer): a caller that does not feed it, like onnxruntime-genai, gets every position's
+        # logits, the shape genai allocates for them. It was never a constant: nothing folds less.
+        g.const("logits_to_keep", np.array([LOGITS_TO_KEEP_DEFAULT], np.int64))
         graph = helper.make_graph(g.nodes, f"{dec.architecture}_decoder", inputs, outputs, initializer=g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                                   producer_name="slm-export")

@@ -2,7 +2,7 @@
 // (runner.cpp) and the C++ example every ExecuTorch export carries (cpp/generate.cpp) both use it,
 // so the memory `slm-export bench` measures is the memory an app that copies the example gets.
 //
-// Each choice was measured on SmolLM2-135M int4 against ExecuTorch's defaults (README, "Memory"):
+// Each choice was measured on SmolLM2-135M int4 against ExecuTorch's defaults (docs/targets.md, "ExecuTorch", "Memory"):
 //   - the .pte is mmapped without mlock (Module::LoadMode::Mmap), so its pages are shared with the
 //     page cache and can be dropped after XNNPACK has packed the weights it needs;
 //   - PlannedArenas: the planned buffers (activations and the KV cache) are anonymous mmaps, whose
