@@ -39,7 +39,7 @@ DEFAULT_EXPORTS = (("int4", ["--bits", "4"]), ("int4 --embedding-bits 8", ["--bi
 def module_defaults(source: str) -> str:
     """generate.cpp without app_memory.h's choices: what ExecuTorch's Module does left alone."""
     edits = (("  if (slm::share_xnnpack_workspace() != Error::Ok) return 1;\n", ""),
-             ('!arenas.reserve(module, "forward") || module.load_method("forward", arenas.allocator()) != Error::Ok',
+             ('!arenas.reserve(module, {"forward"}) || module.load_method("forward", arenas.allocator()) != Error::Ok',
               'module.load_method("forward") != Error::Ok'),
              ("  file.drop();", ""))
     for old, new in edits:

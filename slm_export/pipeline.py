@@ -111,7 +111,9 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     exporter.check_model(decoder, precision)  # what this target's runtime cannot run, before any quantization
     # only an export that calibrates (GPTQ, static KV scales) reads text: tokenizing is wasted work elsewhere
     text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
-    options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits, **text)
+    bos, eos = _special_ids(loaded)
+    options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits,
+                            bos_token_id=bos, eos_token_ids=tuple(eos), **text)
 
     t1 = time.perf_counter()
     ids = options.calibration(MAX_TOKENS, decoder.vocab_size) if reads_text else None
@@ -271,6 +273,23 @@ def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
     return {"text_ids": ids, "text_source": f"{Path(path).name} (--calibration-text)", "text_record": record}
 
 
+def _special_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
+    """(the BOS id or None, the sorted stop ids): the tokenizer's BOS, else the generation config's; the
+    generation config's EOS ids and the tokenizer's."""
+    tok = loaded.tokenizer
+    gen = getattr(loaded.model, "generation_config", None)
+    eos = set()
+    if gen is not None:
+        e = gen.eos_token_id
+        eos.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+    if tok is not None and tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(gen, "bos_token_id", None)
+    return (int(bos) if isinstance(bos, int) else None), sorted(int(i) for i in eos)
+
+
 # The sampling settings generation_config.json always states, so an app reading it needs no library's
 # defaults: the model's own where it suggests them, else these (greedy, as `generate` and `verify` run).
 SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -281,20 +300,13 @@ def _save_tokenizer(loaded: LoadedModel, folder: Path) -> tuple[dict, dict]:
     generation_config.json (without sampling defaults) into `folder`."""
     tok = loaded.tokenizer
     gen = getattr(loaded.model, "generation_config", None)
-    eos = set()
-    generation = {}
-    if gen is not None:
-        generation = _save_generation_config(gen, folder)
-        e = gen.eos_token_id
-        eos.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+    generation = _save_generation_config(gen, folder) if gen is not None else {}
+    bos_id, eos = _special_ids(loaded)
     if tok is None:
-        return {"present": False, "eos_token_ids": sorted(eos)}, generation
+        return {"present": False, "eos_token_ids": eos}, generation
     tok.save_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():
         raise SlmExportError("the tokenizer has no fast (tokenizer.json) form; slm-export needs a fast tokenizer")
-    if tok.eos_token_id is not None:
-        eos.add(tok.eos_token_id)
-    bos_id = tok.bos_token_id if tok.bos_token_id is not None else getattr(gen, "bos_token_id", None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else getattr(gen, "pad_token_id", None)
     return {
         "present": True,
@@ -302,7 +314,7 @@ def _save_tokenizer(loaded: LoadedModel, folder: Path) -> tuple[dict, dict]:
         "chat_template": getattr(tok, "chat_template", None),
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
-        "eos_token_ids": sorted(eos),
+        "eos_token_ids": eos,
         "bos_token_id": bos_id,
         "pad_token_id": pad_id if isinstance(pad_id, int) else None,
     }, generation

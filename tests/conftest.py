@@ -75,26 +75,90 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_bpe_tokenizer():
+def tiny_bpe_tokenizer(ascii_only: bool = False):
     """A byte-level BPE tokenizer (the GPT-2 / SmolLM2 kind) of VOCAB entries trained on the shipped passage,
-    with ChatML special tokens and template: one onnxruntime-genai's tokenizer reads (it cannot read the
-    word-level one above)."""
+    with ChatML special tokens and template: one onnxruntime-genai's tokenizer and ExecuTorch's LLM runners read
+    (they cannot read the word-level one above). ascii_only: trained on the passage's ASCII with no byte alphabet,
+    so every token decodes to ASCII text (ExecuTorch's Python TextLLMRunner raises on a piece that is not whole
+    UTF-8, which a random model's byte tokens can be)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from slm_export.text import passage_text
 
+    text = passage_text().encode("ascii", "ignore").decode() if ascii_only else passage_text()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([passage_text()], trainers.BpeTrainer(
+    tok.train_from_iterator([text], trainers.BpeTrainer(
         vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        initial_alphabet=[] if ascii_only else pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert tok.get_vocab_size() == VOCAB
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>")
     fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return fast
+
+
+_TEXT_LLM_RUNNER = """
+import ctypes, json, sys
+import torch  # noqa: F401  (executorch's Python bindings need libtorch loaded first)
+from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+from executorch.kernels import quantized  # noqa: F401
+from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+if sys.argv[3]:
+    ctypes.CDLL(sys.argv[3], mode=ctypes.RTLD_GLOBAL)  # a kernel library of the app's (registers its ops)
+
+runner = TextLLMRunner("model.pte", "tokenizer.json")
+pieces, stats = [], []
+config = GenerationConfig(echo=False, max_new_tokens=int(sys.argv[2]), temperature=0.0)
+runner.generate(json.loads(sys.argv[1]), config, token_callback=pieces.append,
+                stats_callback=lambda s: stats.append(json.loads(s.to_json_string())))
+with open("result.json", "w") as f:
+    json.dump({"pieces": pieces, "stats": stats[0]}, f)
+"""
+
+
+def text_llm_runner(folder: Path, work: Path, prompt: str, max_new_tokens: int, load_first: Path | None = None) -> dict:
+    """ExecuTorch's own LLM runner (TextLLMRunner, its Python binding) given only `folder`'s model.pte and
+    tokenizer.json (copied alone into `work`), greedy, in a child process: {"pieces": the text of each token it
+    generated, in order, "stats": its stats}. `load_first`: a kernel library loaded into that process first."""
+    import shutil
+    import subprocess
+    import sys
+
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pte", "tokenizer.json"):
+        shutil.copyfile(folder / name, work / name)
+    p = subprocess.run([sys.executable, "-c", _TEXT_LLM_RUNNER, json.dumps(prompt), str(max_new_tokens),
+                        str(load_first or "")], cwd=work, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((work / "result.json").read_text())
+
+
+def runner_pieces(tokenizer_json: Path, tokens: list[int]) -> list[str]:
+    """The text TextLLMRunner hands its callback for each of `tokens`: its C++ tokenizer's (pytorch_tokenizers,
+    whose Python binding decodes one token at a time; the runner's decode(previous, token) of a Hugging Face
+    tokenizer decodes `token` alone)."""
+    from pytorch_tokenizers import CppHFTokenizer
+
+    tok = CppHFTokenizer()
+    tok.load(str(tokenizer_json))
+    return [tok.decode(t) for t in tokens]
+
+
+def assert_runner_tokens(got: dict, tokenizer_json: Path, ours: list[int], eos_ids, max_new_tokens: int) -> None:
+    """TextLLMRunner generated exactly `ours` (our runner's greedy tokens, which stop before a stop id): the same
+    pieces, then the stop token's if ours stopped early (the runner hands that one to its callback too)."""
+    pieces = got["pieces"]
+    assert pieces[:len(ours)] == runner_pieces(tokenizer_json, ours), (pieces, ours)
+    if len(ours) == max_new_tokens:
+        assert len(pieces) == len(ours), pieces
+    else:  # ours met a stop id: the runner's last piece is that id's
+        assert len(pieces) == len(ours) + 1 and pieces[-1] in runner_pieces(tokenizer_json, sorted(eos_ids)), pieces
+    assert got["stats"]["generated_tokens"] == len(pieces) - 1  # the runner counts the decode steps after the first
 
 
 @pytest.fixture
@@ -165,7 +229,7 @@ def require_extra(module: str, extra: str) -> None:
 
 
 def run_cpp_example(folder: Path, prompt: str | None = None) -> str:
-    """Run the "## C++" block of an ExecuTorch bundle's README as written (with `prompt` in place of its
+    """Run the "## C++ without the runner" block of an ExecuTorch bundle's README as written (with `prompt` in place of its
     sample prompt) and check what it generated against our runner; returns what it printed."""
     import os
     import re
@@ -182,7 +246,7 @@ def run_cpp_example(folder: Path, prompt: str | None = None) -> str:
             pytest.fail(f"SLM_EXPORT_REQUIRE_SDKS is set but {why}", pytrace=False)
         pytest.skip(why)
     readme = (folder / "README.md").read_text()
-    script = re.search(r"## C\+\+[^\n]*\n.*?```sh\n(.*?)```", readme, re.S).group(1)
+    script = re.search(r"## C\+\+ without the runner[^\n]*\n.*?```sh\n(.*?)```", readme, re.S).group(1)
     if prompt is not None:
         script = re.sub(r"^prompt = .*$", lambda m: f"prompt = {prompt!r}", script, count=1, flags=re.M)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # `python` is this venv's

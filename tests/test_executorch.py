@@ -3,6 +3,7 @@ run by the real ExecuTorch runtime (XNNPACK, LLM custom ops) and checked against
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,8 @@ from slm_export import SlmExportError
 from slm_export.exporters.executorch import ExecuTorchExporter
 from slm_export.verify import tolerances_for
 
-from conftest import ARCHS, require_extra, run_cpp_example, tiny_model
+from conftest import (ARCHS, assert_runner_tokens, require_extra, run_cpp_example, text_llm_runner, tiny_bpe_tokenizer,
+                      tiny_model)
 
 require_extra("executorch", "executorch")
 
@@ -109,20 +111,21 @@ def test_lowering_decomposes_the_graph_once(tmp_path, monkeypatch):
     # Each decomposition re-traces every node (~11 s on SmolLM2-135M here); executorch 1.5.1's
     # to_edge_transform_and_lower runs three unless the partitioner says no per-node check is needed
     # and the graph holds nothing left to decompose (lower.py, module.py). This guards that seam
-    # against an executorch upgrade or a module change quietly bringing the other two back.
+    # against an executorch upgrade or a module change quietly bringing the other two back. Once per
+    # method: forward, and logits (a norm and the lm_head).
     from torch.export import ExportedProgram
 
     calls = []
     original = ExportedProgram.run_decompositions
 
     def counted(self, *args, **kwargs):
-        calls.append(1)
+        calls.append(self)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ExportedProgram, "run_decompositions", counted)
     model = tiny_model("llama")
     art = _export(model, tmp_path, 4)
-    assert len(calls) == 1
+    assert len(calls) == len({id(ep) for ep in calls}) == 2
     report = art.verify(reference=model, prompt_tokens=16, decode_steps=8, perplexity=False)
     same = next(c for c in report.comparisons if c.reference == "same-quant")
     assert same.mean_kl < tolerances_for(4, "per-token")["same-quant"].mean_kl, report.format()
@@ -238,7 +241,8 @@ def test_manifest_records_method_inputs_and_kv_cache(llama_int4):
     m = art.manifest
     assert m["target"] == "executorch" and m["runtime"] == "executorch" and m["max_context"] == 128
     method = m["io"]["methods"]["forward"]
-    assert list(method["inputs"]) == ["tokens", "input_pos", "logit_rows"]
+    assert list(method["inputs"]) == ["tokens", "input_pos"] and method["outputs"]["logits"]["shape"] == [1, 512]
+    assert list(m["io"]["methods"]["logits"]["inputs"]) == ["rows"]
     assert m["io"]["prefill_chunk"] == 128
     # 2 (k, v) x 2 layers x 128 positions x 2 kv heads x 16 head dim x 4 bytes
     assert m["io"]["kv_layout"]["in_program"] and m["io"]["kv_layout"]["bytes"] == 2 * 2 * 128 * 2 * 16 * 4
@@ -246,7 +250,43 @@ def test_manifest_records_method_inputs_and_kv_cache(llama_int4):
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(art.path / "model.pte")
-    assert set(program.method_names) == {"forward"}
+    assert set(program.method_names) == {"forward", "logits", *m["io"]["runner_metadata"]}
+
+
+def test_pte_follows_executorch_llm_runner_contract(tmp_path):
+    # ExecuTorch's own LLM runner (TextLLMRunner: the C++ behind Android's LlmModule and the iOS runner), given
+    # only model.pte and tokenizer.json, loads the .pte and generates greedily what our runner does. fp32: its
+    # custom_sdpa and ours sum in another order, and 8da4w's int8 rounding of activations turns such float noise
+    # into flips of near-tied greedy choices on a random tiny model (the real-model test runs int4).
+    from executorch.runtime import Runtime
+
+    from slm_export.runtimes.base import generate
+    from slm_export.text import format_chat
+
+    model, tok = tiny_model("llama"), tiny_bpe_tokenizer(ascii_only=True)
+    art = slm_export.export(model, tokenizer=tok, target="executorch", bits=16, out=tmp_path / "pte", max_context=128,
+                            log=lambda *a: None)
+    program = Runtime.get().load_program(art.path / "model.pte")
+    contract = {"get_max_seq_len": 128, "get_max_context_len": 128, "get_vocab_size": 512, "get_n_layers": 2,
+                "use_kv_cache": True, "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True,
+                "get_bos_id": tok.bos_token_id, "get_eos_ids": [tok.eos_token_id]}
+    for name, value in contract.items():
+        got = program.load_method(name).execute([])
+        assert (got if name == "get_eos_ids" else got[0]) == value, name
+    assert art.manifest["io"]["runner_metadata"] == contract
+    forward = program.metadata("forward")
+    assert forward.num_inputs() == 2 and forward.num_outputs() == 1  # TextLLMRunner takes no other
+    assert not {"prefill", "decode"} & set(program.method_names)  # the runner would run those instead
+    assert art.manifest["target_extra"]["own_kernels"] == []
+    assert {k["from"] for k in art.manifest["target_extra"]["kernels"]} == {"executorch"}
+    assert art.verify(reference=model, prompt_tokens=24, decode_steps=4, perplexity=False).passed  # logits
+
+    codec = art.codec()
+    prompt = "What is the capital of France?"
+    ours = generate(art.runner(), codec.encode_chat(prompt), 16, eos_ids=codec.eos_ids)
+    text = format_chat(codec.chat_template, prompt, codec.bos_token, codec.eos_token)  # what encode_chat tokenizes
+    got = text_llm_runner(art.path, tmp_path / "only", text, 16)
+    assert_runner_tokens(got, art.path / "tokenizer.json", ours, codec.eos_ids, 16)
 
 
 def test_context_overflow_is_a_clear_error(llama_int4):
@@ -268,9 +308,14 @@ def test_bench_runs_in_its_own_process_and_records_torch_baseline(llama_int4):
 
 
 @pytest.mark.parametrize("kv_bits", ["32", "16"])  # 16: our slm:: ops, so the snippet uses our runner
-def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir, kv_bits):
+def test_cli_export_then_bundle_has_the_app_readme(tmp_path, kv_bits):
+    import re
+
+    src = tmp_path / "tiny-llama"  # a tokenizer ExecuTorch's runner reads (byte-level BPE)
+    tiny_model("llama").save_pretrained(src, safe_serialization=True)
+    tiny_bpe_tokenizer(ascii_only=True).save_pretrained(src)
     out = tmp_path / "pte"
-    r = subprocess.run([sys.executable, "-m", "slm_export.cli", "--model", str(tiny_dir), "--target", "executorch", "--bits", "4",
+    r = subprocess.run([sys.executable, "-m", "slm_export.cli", "--model", str(src), "--target", "executorch", "--bits", "4",
                         "--kv-bits", kv_bits, "--max-context", "256", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "bundle", str(out), "--out", str(tmp_path / "b")],
@@ -278,21 +323,28 @@ def test_cli_export_then_bundle_has_the_app_readme(tmp_path, tiny_dir, kv_bits):
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "slm_export.cli", "inspect", str(tmp_path / "b")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "method        forward(tokens, input_pos, logit_rows) -> logits" in r.stdout and "checksums     ok" in r.stdout
+    assert "method        forward(tokens, input_pos) -> logits" in r.stdout and "checksums     ok" in r.stdout
     readme = (tmp_path / "b" / "README.md").read_text()
-    assert "forward(tokens, input_pos, logit_rows)" in readme and "chunks of at most 128" in readme
+    assert "`forward(tokens, input_pos) -> logits`" in readme and "chunks of at most 128" in readme
+    assert "| `get_max_context_len` | 256 |" in readme and "| `get_max_seq_len` | 128 |" in readme
+    for whole_program in ("```cpp\n// answer.cpp", "```kotlin\n// MainActivity.kt", "```swift\n// AnswerApp.swift"):
+        assert whole_program in readme, whole_program
     assert ("compile `cpp/llama_ops.cpp`" in readme) == (kv_bits == "16")  # what an app must add to ExecuTorch
+    assert ("TextLLMRunner(\"model.pte\", \"tokenizer.json\")" in readme) == (kv_bits == "32")
     assert {"cpp/generate.cpp", "cpp/llama_ops.cpp", "cpp/attention.h", "cpp/app_memory.h"} <= set(json.loads(
         (tmp_path / "b" / "manifest.json").read_text())["files"])
-    # the app developer's Python snippet runs as written
-    import re
-
+    # the app developer's Python program runs as written (ExecuTorch's TextLLMRunner, or ours for slm:: ops), with a
+    # prompt of two chunks
+    words = (Path(slm_export.__file__).parent / "data" / "passage.txt").read_text().split()
+    prompt = " ".join(words[:next(n for n in range(len(words)) if len(tiny_bpe_tokenizer(ascii_only=True).encode(" ".join(words[:n]))) > 140)])
     code = re.search(r"## Python[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
-    code = code.replace("<your prompt, formatted with the chat template>", " ".join(f"w{i}" for i in range(140)))  # 2 chunks
+    assert re.search(r"^prompt = .*$", code, re.M), code
+    code = re.sub(r"^prompt = .*$", lambda m: f"prompt = {prompt!r}", code, count=1, flags=re.M)
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "b", capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip()
     if kv_bits == "16":  # the C++ example builds and runs as written (2 prefill chunks), as our runner would
-        run_cpp_example(tmp_path / "b", prompt=" ".join(f"w{i % 50 + 3}" for i in range(140)))
+        run_cpp_example(tmp_path / "b", prompt=prompt)
 
 
 def test_missing_executorch_is_one_clear_sentence(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import slm_export
 from slm_export import SlmExportError
 
-from conftest import require_extra, tiny_model
+from conftest import assert_runner_tokens, require_extra, text_llm_runner, tiny_bpe_tokenizer, tiny_model
 
 require_extra("executorch", "executorch")
 
@@ -107,6 +107,37 @@ def test_fp16_kv_cache_is_half_the_bytes_and_matches_pytorch(head_dim, tmp_path)
     assert fp32.max_abs_logit_diff < 1e-2 and fp32.greedy_match_tokens == 40, report.format()
 
 
+def test_fp16_cache_runs_in_executorch_llm_runner_with_our_own_ops_only(tmp_path):
+    # What the bundle README tells an app for a --kv-bits 16 file: beside ExecuTorch's LLM custom ops, add
+    # cpp/llama_ops.cpp built with -DSLM_EXPORT_OWN_OPS_ONLY (the slm:: ops alone: a second registration of a
+    # llama:: op would abort). ExecuTorch's TextLLMRunner then runs the file and generates what our runner does.
+    import shutil
+    import subprocess
+
+    from slm_export.runtimes import native
+    from slm_export.runtimes.base import generate
+    from slm_export.text import format_chat
+
+    if not shutil.which("g++"):
+        pytest.skip("no g++ here (apt install g++)")
+    root = native._executorch_root()
+    lib = tmp_path / "libslm_own_ops.so"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-DSLM_EXPORT_OWN_OPS_ONLY",
+                    *(f"-D{d}" for d in native.DEFINES), f"-I{root / 'include'}",
+                    f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}", str(native.HERE / "llama_ops.cpp"),
+                    "-o", str(lib), f"-L{root / 'lib'}", "-Wl,--no-as-needed", "-lexecutorch", "-lexecutorch_threadpool",
+                    f"-Wl,-rpath,{root / 'lib'}", "-Wno-deprecated-declarations"], check=True, capture_output=True)
+    assert "llama::" not in lib.read_bytes().decode("latin-1") and "slm::sdpa.out" in lib.read_bytes().decode("latin-1")
+    art = slm_export.export(tiny_model("llama"), tokenizer=tiny_bpe_tokenizer(ascii_only=True), target="executorch", bits=16, kv_bits=16,
+                            out=tmp_path / "kv16", max_context=128, log=lambda *a: None)
+    assert art.manifest["target_extra"]["own_kernels"] == ["slm::sdpa", "slm::update_cache"]
+    codec, question = art.codec(), "What is the capital of France?"
+    ours = generate(art.runner(), codec.encode_chat(question), 12, eos_ids=codec.eos_ids)
+    prompt = format_chat(codec.chat_template, question, codec.bos_token, codec.eos_token)
+    got = text_llm_runner(art.path, tmp_path / "only", prompt, 12, load_first=lib)
+    assert_runner_tokens(got, art.path / "tokenizer.json", ours, codec.eos_ids, 12)
+
+
 def test_slm_ops_pytorch_definition_matches_executorch_custom_sdpa():
     # kv_ops.py's eager implementation is the meaning of slm::sdpa; with an fp32 cache it must be
     # ExecuTorch's llama::custom_sdpa (whose CPU kernel is loaded by the export path).
@@ -147,8 +178,9 @@ def resident_kb():
         elif ours and head[0] == 'Rss:':
             total += int(head[1])
     return total
-p = NativeProgram(Path(pte), 'forward', 2, {art.manifest['model']['vocab_size']})
-p.forward(np.arange(0, 500, 7)[None], 0, np.array([0]))
+p = NativeProgram(Path(pte), 2, {art.manifest['model']['vocab_size']})
+p.forward(np.arange(0, 500, 7)[None], 0)
+p.logits(np.arange(3))  # the second method, loaded now
 print(resident_kb())
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

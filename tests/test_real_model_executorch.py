@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import require_extra, run_cli, run_cpp_example
+from conftest import assert_runner_tokens, require_extra, run_cli, run_cpp_example, text_llm_runner
 
 pytestmark = pytest.mark.slow
 require_extra("executorch", "executorch")
@@ -32,6 +32,38 @@ def test_pte_answers_paris(pte_dir):
                                 "--max-new-tokens", "24")
     assert code == 0, err
     assert "Paris" in stdout
+
+
+def test_executorch_llm_runner_answers_paris_with_generates_tokens(pte_dir, tmp_path):
+    # Issue #31: ExecuTorch's own LLM runner (TextLLMRunner, the C++ behind Android's LlmModule and the iOS
+    # runner), given only the .pte and tokenizer.json, answers greedily with exactly `slm-export generate`'s tokens.
+    import re
+    import subprocess
+    import sys
+
+    import slm_export
+    from slm_export.runtimes.base import generate
+    from slm_export.text import format_chat
+
+    question = "What is the capital of France?"
+    code, stdout, err = run_cli("generate", pte_dir, "--prompt", question, "--max-new-tokens", "24")
+    assert code == 0, err
+    art = slm_export.open_artifact(pte_dir)
+    codec = art.codec()
+    ours = generate(art.runner(), codec.encode_chat(question), 24, eos_ids=codec.eos_ids)  # what `generate` runs
+    assert stdout.strip() == codec.decode(ours).strip() and "Paris" in stdout
+    prompt = format_chat(codec.chat_template, question, codec.bos_token, codec.eos_token)  # encode_chat's text
+    got = text_llm_runner(pte_dir, tmp_path / "only", prompt, 24)
+    assert "Paris" in "".join(got["pieces"]), got["pieces"]
+    assert_runner_tokens(got, pte_dir / "tokenizer.json", ours, codec.eos_ids, 24)
+    # the bundle README's Python program (ExecuTorch's TextLLMRunner), as written
+    code, _, err = run_cli("bundle", pte_dir, "--out", tmp_path / "b")
+    assert code == 0, err
+    program = re.search(r"## Python[^\n]*\n\n```python\n(.*?)```", (tmp_path / "b" / "README.md").read_text(), re.S).group(1)
+    assert "TextLLMRunner(" in program
+    p = subprocess.run([sys.executable, "-c", program], cwd=tmp_path / "b", capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "answer: " + codec.decode(ours).strip() in p.stdout, p.stdout
 
 
 def test_bundled_cpp_example_answers_paris(pte_dir, tmp_path):

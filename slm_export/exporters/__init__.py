@@ -25,6 +25,8 @@ class ExportOptions:
     text_ids: list[int] | None = None  # calibration text through the model's tokenizer, if it has one
     text_source: str = "the shipped calibration passage"  # what text_ids are
     text_record: dict | None = None  # how to find that text again: {"file": path or None (shipped), "sha256"}
+    bos_token_id: int | None = None  # the tokenizer's BOS id, if it has one (a runtime may record it in the model file)
+    eos_token_ids: tuple[int, ...] = ()  # the stop ids: the generation config's and the tokenizer's EOS
 
     def calibration(self, n: int, vocab_size: int) -> tuple[list[int], str]:
         """(ids, what they are) for calibration: the text's first n tokens (or all, if fewer).

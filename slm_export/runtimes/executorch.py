@@ -22,20 +22,31 @@ import numpy as np
 from . import RUNTIMES
 from .base import Runner
 
-METHOD = "forward"
+FORWARD, LOGITS = "forward", "logits"  # exporters/executorch/contract.py
 
 
 class _PteRunner(Runner):
-    """Chunked prefill and one-token decode over `_run(tokens [1, n], position, rows [k]) -> [k, vocab]`."""
+    """Chunked prefill and one-token decode over the program's two methods: forward(tokens [1, n],
+    position) -> the last token's logits, and logits(rows) -> rows of that call's tokens."""
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         super().__init__(folder, manifest, threads)
         self.chunk = int(manifest["io"]["prefill_chunk"])
         self.capacity = self.max_context  # fixed at export
-        self._row0 = np.zeros(1, dtype=np.int64)
+        # Made before the logits method (slm-export's issue #31): forward(tokens, input_pos, logit_rows)
+        self._rows_input = "logit_rows" in manifest["io"]["methods"][FORWARD]["inputs"]
 
-    def _run(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _call(self, method: str, tokens: np.ndarray | None, rows: np.ndarray | None) -> np.ndarray:
+        """`method` with inputs (tokens, self.position) if tokens is given, then rows if given."""
         raise NotImplementedError
+
+    def _step(self, tokens: np.ndarray, all_rows: bool) -> np.ndarray:
+        """Append `tokens` [1, n] at self.position: every row's logits, or the last one's."""
+        n = tokens.shape[1]
+        if self._rows_input:
+            return self._call(FORWARD, tokens, np.arange(n) if all_rows else np.array([n - 1]))
+        last = self._call(FORWARD, tokens, None)
+        return self._call(LOGITS, None, np.arange(n)) if all_rows else last
 
     def reset(self, capacity: int) -> None:
         self.position = 0
@@ -45,13 +56,9 @@ class _PteRunner(Runner):
         pieces = []
         for i in range(0, len(token_ids), self.chunk):
             part = np.asarray(token_ids[i:i + self.chunk], dtype=np.int64).reshape(1, -1)
-            last = i + self.chunk >= len(token_ids)
-            if all_logits:
-                pieces.append(self._run(part, np.arange(part.shape[1], dtype=np.int64)))
-            elif last:
-                pieces.append(self._run(part, np.array([part.shape[1] - 1], dtype=np.int64)))
-            else:  # a middle chunk only fills the cache: one row of logits is the cheapest to ask for
-                self._run(part, self._row0)
+            logits = self._step(part, all_logits)
+            if all_logits or i + self.chunk >= len(token_ids):  # a middle chunk only fills the cache
+                pieces.append(logits)
             self.position += part.shape[1]
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
@@ -68,8 +75,8 @@ class ExecuTorchRunner(_PteRunner):
         super().__init__(folder, manifest, threads)
         from .native import NativeProgram
 
-        self._program = NativeProgram(self.folder / manifest["model_file"], METHOD, self.threads,
-                                      int(manifest["model"]["vocab_size"]))
+        self._program = NativeProgram(self.folder / manifest["model_file"], self.threads,
+                                      int(manifest["model"]["vocab_size"]), FORWARD)
 
     @staticmethod
     def import_sdk() -> None:
@@ -77,8 +84,8 @@ class ExecuTorchRunner(_PteRunner):
 
         library_path()  # built (once) and found before the baseline reading, not timed as load
 
-    def _run(self, tokens, rows):
-        return self._program.forward(tokens, self.position, rows)
+    def _call(self, method, tokens, rows):
+        return self._program.call(method, tokens, self.position, rows, None if rows is not None else 1)
 
 
 @RUNTIMES.register("executorch-pybind")
@@ -95,8 +102,10 @@ class PybindExecuTorchRunner(_PteRunner):
 
         self._torch = torch
         portable_lib._unsafe_reset_threadpool(self.threads)
-        program = Runtime.get().load_program(self.folder / manifest["model_file"])
-        self._method = program.load_method(METHOD)
+        # The bindings give every method of a program one set of planned buffers: the methods share
+        # the KV cache, as the program was exported for.
+        self._program = Runtime.get().load_program(self.folder / manifest["model_file"])
+        self._program.load_method(FORWARD)
         self._pos = torch.zeros(1, dtype=torch.long)
 
     @staticmethod
@@ -115,8 +124,13 @@ class PybindExecuTorchRunner(_PteRunner):
                 f"running a .pte needs the executorch package ({e.name} is missing): "
                 "pip install executorch==1.5.1 (with torch==2.13.0 installed first)") from None
 
-    def _run(self, tokens, rows):
+    def _call(self, method, tokens, rows):
         torch = self._torch
-        self._pos[0] = self.position
-        out = self._method.execute([torch.from_numpy(tokens), self._pos, torch.from_numpy(rows)])[0]
+        inputs = []
+        if tokens is not None:
+            self._pos[0] = self.position
+            inputs += [torch.from_numpy(tokens), self._pos]
+        if rows is not None:
+            inputs.append(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)))
+        out = self._program.load_method(method).execute(inputs)[0]
         return out.numpy().copy()

@@ -13,7 +13,6 @@ from ...quiet import quiet_third_party
 from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.pte"
-METHOD = "forward"
 KV_BUFFERS = ("k_cache", "v_cache", "k_scales", "v_scales", "k_zeros", "v_zeros")  # module.py's names
 
 
@@ -34,11 +33,12 @@ def build_module(decoder, spec, plan, codes, max_context: int, kv_bits: int = 32
     import torch
 
     from ..torch_parts import split_biases
+    from .lower import chunk_for
     from .module import ExportableDecoder
     from .quant import pack_module
 
     with torch.no_grad():
-        module = ExportableDecoder(decoder, max_context, kv_bits, float16).eval()
+        module = ExportableDecoder(decoder, max_context, kv_bits, float16, chunk_for(max_context)).eval()
         if spec.quantized and spec.activations == "float":
             split_biases(module)  # XNNPACK's weight-only linear takes no bias (weight_only.py)
         report = pack_module(module, plan, codes, spec.activations)
@@ -112,14 +112,16 @@ class ExecuTorchExporter(ExporterBase):
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
         quiet_third_party()
         require_sdk()
+        from .contract import FORWARD, LOGITS, kernel_libraries, own_kernels, runner_metadata
         from .handoff import CPP_EXAMPLE, write_cpp_example
-        from .lower import PREFILL_CHUNK, export_program, write_pte
+        from .lower import chunk_for, export_program, write_pte
 
         float16 = options.compute_precision == "float16"
+        chunk = chunk_for(options.max_context)
         module, report = build_module(decoder, spec, plan, codes, options.max_context, options.kv_bits, float16)
-        program = export_program(module, options.max_context)
+        metadata = runner_metadata(decoder, options, chunk, sdpa=any(not b.attn.explicit for b in module.layers))
+        program = export_program(module, options.max_context, metadata=metadata)
         write_pte(program, Path(out_dir) / MODEL_FILE)
-        chunk = min(PREFILL_CHUNK, options.max_context)
         write_cpp_example(Path(out_dir), chunk, options.max_context)
         int8_kv = options.kv_bits == 8
         # Read off the module: layers with explicit attention (Gemma-2) keep an fp32 cache whatever --kv-bits says.
@@ -127,24 +129,32 @@ class ExecuTorchExporter(ExporterBase):
         kv_bytes = sum(b.numel() * b.element_size() for b in kv_buffers)
         kv_dtypes = sorted({str(b.dtype).removeprefix("torch.") for name, b in module.named_buffers()
                             if name.endswith(("k_cache", "v_cache"))})
+        vocab = decoder.vocab_size
         io = {
-            "methods": {METHOD: {
-                "inputs": {
-                    "tokens": {"dtype": "int64", "shape": [1, f"n <= {chunk}"],
-                               "note": "new tokens; feed a longer prompt in chunks of at most this many"},
-                    "input_pos": {"dtype": "int64", "shape": [1], "note": "cache position of tokens[0] (tokens so far)"},
-                    "logit_rows": {"dtype": "int64", "shape": [f"k <= {chunk}"],
-                                   "note": "rows of this chunk to return logits for: [n-1] to generate, 0..n-1 for all"},
+            "methods": {
+                FORWARD: {
+                    "inputs": {
+                        "tokens": {"dtype": "int64", "shape": [1, f"n <= {chunk}"],
+                                   "note": "new tokens; feed a longer prompt in chunks of at most this many"},
+                        "input_pos": {"dtype": "int64", "shape": [1], "note": "cache position of tokens[0] (tokens so far)"},
+                    },
+                    "outputs": {"logits": {"dtype": "float32", "shape": [1, vocab], "note": "the last token's"}},
                 },
-                "outputs": {"logits": {"dtype": "float32", "shape": ["k", decoder.vocab_size]}},
-            }},
+                LOGITS: {
+                    "inputs": {"rows": {"dtype": "int64", "shape": ["k <= n"],
+                                        "note": "rows of the tokens the last forward call appended: 0..n-1 for all"}},
+                    "outputs": {"logits": {"dtype": "float32", "shape": ["k", vocab]}},
+                },
+            },
+            # ExecuTorch's LLM runner contract (contract.py): forward as above and these constant methods
+            "runner_metadata": metadata,
             "prefill_chunk": chunk,
             "kv_layout": {"layers": decoder.num_layers, "kv_heads": decoder.num_kv_heads, "head_dim": decoder.head_dim,
                           "dtype": " + ".join(kv_dtypes) + (" rows with an fp32 scale and int8 zero point each"
                                                             if int8_kv else ""),
                           "in_program": True, "bytes": kv_bytes,
-                          "note": "mutable buffers inside the program, sized for max_context; "
-                                  "a new conversation just starts again at input_pos 0"},
+                          "note": "mutable buffers inside the program, sized for max_context and shared by its "
+                                  "methods; a new conversation just starts again at input_pos 0"},
         }
         # Read off the program: what an app's runtime must register beyond ExecuTorch's core kernels.
         operators = {op.name for plan in program.executorch_program.execution_plan for op in plan.operators}
@@ -153,6 +163,9 @@ class ExecuTorchExporter(ExporterBase):
                  "quantized_ops": (["quantized_decomposed::embedding_byte / embedding_4bit"] if spec.quantized else []) +
                                   (["quantized_decomposed::choose_qparams_per_token_asymmetric / quantize_per_token"]
                                    if int8_kv else []),
+                 # what an app links beside the XNNPACK backend; "from": "slm-export" is not in ExecuTorch's builds
+                 "kernels": kernel_libraries(operators),
+                 "own_kernels": own_kernels(operators),
                  "kv_bits": options.kv_bits, "compute_precision": "float16" if float16 else "float32",
                  "cpp_example": CPP_EXAMPLE}
         # The torch-free C++ runner implements custom_sdpa and our slm:: ops, not ExecuTorch's int8-cache

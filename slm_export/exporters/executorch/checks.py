@@ -19,8 +19,9 @@ program, the XNNPACK schema and the `flatc` it ships for the delegates):
 The check quantizes the recorded plan again from the reference (quantize/replay.py) and requires, for
 every planned weight in forward order, a stored filter (or the embedding table) holding exactly its
 codes and scales (or its float values), each stored tensor used once, and the filters met in the
-program's order of execution in the forward order of the model; every norm weight and bias must be
-one of the delegates' constants. What it does not prove: that each norm or bias feeds the node it
+forward method's order of execution in the forward order of the model; every norm weight and bias
+must be one of the delegates' constants; and the logits method (module.py) must compute with exactly
+forward's lm_head. What it does not prove: that each norm or bias feeds the node it
 should (they are found by content), and anything about the kernels that run them (parity measures that).
 """
 from __future__ import annotations
@@ -84,15 +85,22 @@ def _xnn_graphs(blobs: list[bytes]) -> list[dict]:
         return [json.loads(fix((Path(d) / f"delegate{i}.json").read_text())) for i in range(len(blobs))]
 
 
-def read_pte(path: Path) -> tuple[list[StoredWeight], list[bytes], list[StoredWeight]]:
-    """(fully-connected filters in order of execution, every delegate constant's bytes, embedding tables)."""
+def read_pte(path: Path, methods: tuple[str, ...] = ("forward",)) -> list[tuple[list[StoredWeight], list[bytes],
+                                                                                list[StoredWeight]]]:
+    """For each of `methods` (absent ones skipped): (fully-connected filters in order of execution, every
+    delegate constant's bytes, embedding tables)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
-    from executorch.exir.schema import DelegateCall, KernelCall
 
     pte = deserialize_pte_binary(Path(path).read_bytes())
     program, named = pte.program, pte.named_data
     store = {key: bytes(named.buffers[entry.buffer_index]) for key, entry in named.pte_data.items()} if named else {}
-    plan = program.execution_plan[0]
+    plans = {plan.name: plan for plan in program.execution_plan}
+    return [_read_plan(program, plans[m], store) for m in methods if m in plans]
+
+
+def _read_plan(program, plan, store: dict) -> tuple[list[StoredWeight], list[bytes], list[StoredWeight]]:
+    from executorch.exir.schema import DelegateCall, KernelCall
+
     order = [ins.instr_args.delegate_index for ins in plan.chains[0].instructions
              if isinstance(ins.instr_args, DelegateCall)]
     xnn = [i for i in order if plan.delegates[i].id == "XnnpackBackend"]
@@ -265,7 +273,7 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
         plan, codes = requantize(ExecuTorchExporter(), model, folder, manifest, decoder=dec)
     except SlmExportError as e:  # e.g. the calibration text the export named is gone: nothing to compare with
         return {"name": name, "passed": False, "detail": f"cannot quantize the reference again: {e}"}
-    filters, constants, embeddings = read_pte(folder / manifest["model_file"])
+    (filters, constants, embeddings), *rest = read_pte(folder / manifest["model_file"], ("forward", "logits"))
 
     def codes_for(source: str, rows):
         if not plan[source].quantized:
@@ -311,6 +319,11 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     if extra and not missing:
         problems.append((len(expected), f"{len(extra)} quantized filters in the program are no weight of the plan "
                                         f"(first: {extra[0].where})"))
+    # the logits method (every row's logits, for parity and perplexity) computes with forward's lm_head
+    lm_head = expected[-1][1]
+    head = [f for f in (rest[0][0] if rest else []) if f.dims == lm_head.dims]  # not the norm's [1, hidden]
+    if rest and (len(head) != 1 or head[0].digest != lm_head.digest or _difference(head[0], lm_head)):
+        problems.append((len(expected) - 1, f"the logits method's lm_head is not forward's ({len(head)} filters)"))
     order = [fqn for _, fqn in sorted(placed)]
     if not missing and order != [fqn for fqn, _ in expected]:
         first = next(a for a, b in zip(order, [fqn for fqn, _ in expected]) if a != b)

@@ -73,26 +73,35 @@ def _partitioner():
     return LinearGraphXnnpackPartitioner()
 
 
-def export_program(module, max_context: int, stock_passes: bool = False, shortcuts: dict | None = None):
-    """The ExecuTorch program (in memory) for `module`'s forward with dynamic chunk length.
+def chunk_for(max_context: int) -> int:
+    """The most tokens one forward call takes (the runner metadata's get_max_seq_len)."""
+    return min(PREFILL_CHUNK, max_context)
 
-    stock_passes=True runs torch's and ExecuTorch's passes as shipped, without the shortcuts of
-    edge_passes.py (tests check that both build the same bytes). `shortcuts`, if given, receives
-    each shortcut's Shortcut (applied or not, how often taken)."""
+
+def export_program(module, max_context: int, stock_passes: bool = False, shortcuts: dict | None = None,
+                   metadata: dict | None = None):
+    """The ExecuTorch program (in memory) for `module`'s two methods (module.py), with dynamic chunk
+    length; they share the KV cache and the hidden rows (MemoryPlanningPass's share_mutable_buffers).
+
+    `metadata`: constant methods (name -> int, bool or list of ints), as ExecuTorch's LLM runner reads
+    them (contract.py). stock_passes=True runs torch's and ExecuTorch's passes as
+    shipped, without the shortcuts of edge_passes.py (tests check that both build the same bytes).
+    `shortcuts`, if given, receives each shortcut's Shortcut (applied or not, how often taken)."""
     import contextlib
 
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.capture._capture import patch_forward
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.quant_fusion_pass import QuantFusionPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torch.export import Dim, export
 
+    from .contract import FORWARD, LOGITS
     from .edge_passes import (delegate_outputs_reused, fused_edge_passes, idle_linear_conversion_skipped,
                               quant_op_shapes_memoized)
 
-    chunk = min(PREFILL_CHUNK, max_context)
+    chunk = chunk_for(max_context)
     seq, rows = Dim("seq", min=1, max=chunk), Dim("rows", min=1, max=chunk)
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]), torch.tensor([0, 1]))
     config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
     shortcuts = {} if shortcuts is None else shortcuts
 
@@ -103,10 +112,14 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
     with contextlib.ExitStack() as fast:
         use(fast, "quant_op_shapes_memoized", quant_op_shapes_memoized)
         with torch.no_grad():
-            ep = export(module, example, dynamic_shapes=({1: seq}, None, {0: rows}), strict=False)
+            programs = {FORWARD: export(module, (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0])),
+                                        dynamic_shapes=({1: seq}, None), strict=False)}
+            with patch_forward(module, type(module).logits):
+                programs[LOGITS] = export(module, (torch.tensor([0, 1]),), dynamic_shapes=({0: rows},), strict=False)
         use(fast, "fused_edge_passes", fused_edge_passes)
         use(fast, "idle_linear_conversion_skipped", idle_linear_conversion_skipped)
-        edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner()], compile_config=config)
+        edge = to_edge_transform_and_lower(programs, partitioner=[_partitioner()], compile_config=config,
+                                           constant_methods=metadata or None)
     if not stock_passes:
         # to_backend hands on a fresh config, whose _skip_dim_order=False adds LegalizePortableDimOrderPass
         # to to_executorch: a full re-trace (~8 s here) of a graph that has no dim-order ops to legalize.
@@ -117,7 +130,8 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
             extract_delegate_segments=True,
             passes=[QuantFusionPass()],  # quantized embedding -> quantized_decomposed::embedding_{byte,4bit}
             do_quant_fusion_and_const_prop=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # the KV cache and hidden rows: one allocation both methods read and write (memory id 2)
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         ))
 

@@ -8,9 +8,15 @@ decode step fast. An fp16 cache uses our `slm::update_cache` / `slm::sdpa` inste
 which take fp32 activations and convert inside the kernel. Layers that need what custom_sdpa cannot do (Gemma-2's logit softcap and
 sliding window) use an explicit attention over the cache instead.
 
-Method `forward(tokens [1, S] int64, input_pos [1] int64, logit_rows [K] int64) -> [K, vocab]`:
-appends S tokens at position input_pos[0] and returns the logits of rows `logit_rows` of this
-step (the last row only while generating, all rows for parity and perplexity).
+Two methods, sharing the program's state (its mutable buffers, planned once for both: lower.py):
+  `forward(tokens [1, S] int64, input_pos [1] int64) -> [1, vocab]` appends S tokens at position
+  input_pos[0] and returns the logits of the last one: ExecuTorch's LLM runner contract
+  (TextLLMRunner, the Android LlmModule, the iOS runner), which calls it for a prompt chunk and
+  for each generated token. It also keeps the S rows' final hidden states in `hidden_rows`.
+  `logits(rows [K] int64) -> [K, vocab]`: the logits of rows `rows` of what the last forward call
+  appended, from `hidden_rows` (parity and perplexity need every row's; generating needs none).
+A generating step pays one copy of S x hidden floats for the second method's sake; the final norm
+and lm_head run for one row, as before.
 """
 from __future__ import annotations
 
@@ -198,7 +204,7 @@ class ExportableDecoder(nn.Module):
     cache, which widens q and computes in fp32.
     """
 
-    def __init__(self, dec, max_context: int, kv_bits: int = 32, float16: bool = False):
+    def __init__(self, dec, max_context: int, kv_bits: int = 32, float16: bool = False, chunk: int | None = None):
         super().__init__()
         _custom_ops()
         if float16 and kv_bits != 16:
@@ -217,15 +223,22 @@ class ExportableDecoder(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rot_t", rotate_half_matrix(dec.head_dim).t().contiguous(), persistent=False)
         self.head_dim = dec.head_dim
+        # The rows of the last forward call (chunk: the most tokens one call takes), read by `logits`:
+        # state like the KV cache, written by the same library's op as the cache (llama::, or slm:: with an
+        # fp16 cache), so the program needs no kernel library more.
+        self.chunk = chunk or max_context
+        self.register_buffer("hidden_rows", torch.zeros(1, self.chunk, 1, dec.hidden_size), persistent=False)
+        self.write_rows = torch.ops.slm.update_cache if kv_bits == 16 else torch.ops.llama.update_cache
         if float16:
             self.half()
 
-    def forward(self, tokens, input_pos, logit_rows):
+    def forward(self, tokens, input_pos):
         seq = tokens.shape[1]
         # What `.item()` decomposes to, written directly for the same reason as `_silu`.
         start = torch.ops.aten._local_scalar_dense.default(input_pos[0])
         torch._check(start >= 0)
         torch._check(start + seq <= self.max_context)
+        torch._check(seq <= self.chunk)
         cos = self.rope_cos.narrow(0, start, seq).view(1, -1, 1, self.head_dim)
         sin = self.rope_sin.narrow(0, start, seq).view(1, -1, 1, self.head_dim)
         x = self.embed_tokens(tokens)
@@ -233,8 +246,16 @@ class ExportableDecoder(nn.Module):
             x = x * self.embed_scale
         for layer in self.layers:
             x = layer(x, cos, sin, self.rot_t, start, seq)
-        x = self.norm(x[0].index_select(0, logit_rows))
-        logits = self.lm_head(x)
+        self.write_rows(x.view(1, -1, 1, x.shape[-1]), self.hidden_rows, 0)
+        return self._head(x[:, -1])
+
+    def logits(self, rows):
+        # index_select first: an op of the buffer alone would be folded into a constant at lowering,
+        # as this method only reads the buffer (forward writes it).
+        return self._head(self.hidden_rows.index_select(1, rows).view(-1, self.hidden_rows.shape[-1]))
+
+    def _head(self, x):
+        logits = self.lm_head(self.norm(x))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()  # a no-op in an fp32 program; fp16 programs return fp32 logits too

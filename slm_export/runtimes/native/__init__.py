@@ -141,9 +141,11 @@ def _conflicts_in_this_process() -> list[str]:
 
 
 class NativeProgram:
-    """One loaded .pte method: forward(tokens, input_pos, rows) -> logits [rows, vocab]."""
+    """A loaded .pte. `forward` appends tokens to the program's KV cache and returns the last one's
+    logits; `logits` returns rows of what the last forward call appended (module.py's two methods,
+    which share the cache). `method` is loaded now, the others on their first call."""
 
-    def __init__(self, pte: Path, method: str, threads: int, vocab: int):
+    def __init__(self, pte: Path, threads: int, vocab: int, method: str = "forward"):
         path = library_path()
         conflicts = _conflicts_in_this_process()
         if conflicts:
@@ -154,23 +156,36 @@ class NativeProgram:
         lib = ctypes.CDLL(str(path))
         lib.slm_et_open.restype = ctypes.c_void_p
         lib.slm_et_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-        lib.slm_et_forward.restype = ctypes.c_int
-        lib.slm_et_forward.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64,
-                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                       ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
+        lib.slm_et_call.restype = ctypes.c_int
+        lib.slm_et_call.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
         lib.slm_et_close.argtypes = [ctypes.c_void_p]
-        self._lib, self._method, self.vocab = lib, method.encode(), vocab
+        self._lib, self.vocab = lib, vocab
         self._err = ctypes.create_string_buffer(2048)
-        self._handle = lib.slm_et_open(str(pte).encode(), self._method, threads, self._err, len(self._err))
+        self._handle = lib.slm_et_open(str(pte).encode(), method.encode(), threads, self._err, len(self._err))
         if not self._handle:
             raise SlmExportError(f"{pte}: {self._err.value.decode(errors='replace')}")
 
-    def forward(self, tokens: np.ndarray, position: int, rows: np.ndarray) -> np.ndarray:
-        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        out = np.empty((rows.size, self.vocab), dtype=np.float32)
-        rc = self._lib.slm_et_forward(self._handle, self._method, tokens.ctypes.data, tokens.size, position,
-                                      rows.ctypes.data, rows.size, out.ctypes.data, out.size, self._err, len(self._err))
+    def forward(self, tokens: np.ndarray, position: int) -> np.ndarray:
+        """forward(tokens [1, n], input_pos [1]) -> the last token's logits [1, vocab]."""
+        return self.call("forward", tokens, position, None, 1)
+
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        """logits(rows [k]) -> [k, vocab]: rows of the tokens the last forward call appended."""
+        return self.call("logits", None, 0, rows)
+
+    def call(self, method: str, tokens: np.ndarray | None, position: int, rows: np.ndarray | None,
+             out_rows: int | None = None) -> np.ndarray:
+        """`method` with inputs (tokens, position) if tokens is given, then rows if given: [out_rows or
+        len(rows), vocab] logits."""
+        tokens = None if tokens is None else np.ascontiguousarray(tokens, dtype=np.int64)
+        rows = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
+        out = np.empty((out_rows or rows.size, self.vocab), dtype=np.float32)
+        rc = self._lib.slm_et_call(self._handle, method.encode(),
+                                   None if tokens is None else tokens.ctypes.data, 0 if tokens is None else tokens.size,
+                                   position, None if rows is None else rows.ctypes.data, 0 if rows is None else rows.size,
+                                   out.ctypes.data, out.size, self._err, len(self._err))
         if rc:
             raise SlmExportError(f"the ExecuTorch runner failed: {self._err.value.decode(errors='replace')}")
         return out
@@ -182,4 +197,3 @@ class NativeProgram:
 
     def __del__(self):
         self.close()
-

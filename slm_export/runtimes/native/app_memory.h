@@ -24,6 +24,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -45,15 +46,26 @@ inline Error share_xnnpack_workspace() {
   return executorch::runtime::set_option("XnnpackBackend", xnnpack.view());
 }
 
-// A method's planned buffers as anonymous mmaps; pass allocator() to Module::load_method.
+// The planned buffers of one or more methods as anonymous mmaps, each buffer as large as the largest
+// of the methods' at its index; pass allocator() to Module::load_method of each. Methods that share
+// them share the program's mutable state (a program exported with share_mutable_buffers places it
+// in one buffer, at the same offsets for every method) and overlap their activations: run one at a
+// time and copy an output out before the next call.
 class PlannedArenas {
  public:
-  // False (and nothing held) if a buffer cannot be reserved or the method cannot be read.
-  bool reserve(executorch::extension::Module& module, const std::string& method) {
-    auto meta = module.method_meta(method);
-    if (!meta.ok()) return false;
-    for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
-      const size_t size = static_cast<size_t>(meta->memory_planned_buffer_size(i).get());
+  // False (and nothing held) if a buffer cannot be reserved or a method cannot be read.
+  bool reserve(executorch::extension::Module& module, const std::vector<std::string>& methods) {
+    std::vector<size_t> sizes;
+    for (const auto& method : methods) {
+      auto meta = module.method_meta(method);
+      if (!meta.ok()) return false;
+      for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+        const size_t size = static_cast<size_t>(meta->memory_planned_buffer_size(i).get());
+        if (i >= sizes.size()) sizes.push_back(0);
+        sizes[i] = std::max(sizes[i], size);
+      }
+    }
+    for (const size_t size : sizes) {
       void* p = size ? mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) : nullptr;
       if (size && p == MAP_FAILED) {
         release();

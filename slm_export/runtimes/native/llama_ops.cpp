@@ -12,7 +12,8 @@
 //     (grouped-query: query head h reads kv head h / (H / Hkv)); out [1, S, H, D].
 //     The attention itself is attention.h, spread over ExecuTorch's thread pool.
 //
-// And our own two for an fp16 cache (exporters/executorch/kv_ops.py defines them for export):
+// And our own two for an fp16 cache (exporters/executorch/kv_ops.py defines them for export; alone
+// with -DSLM_EXPORT_OWN_OPS_ONLY, see the end of this file):
 //   slm::update_cache.out(Tensor value, Tensor(a!) cache, SymInt start_pos, *, Tensor(b!) out)
 //     as llama::update_cache, converting fp32 rows to the cache's dtype (fp16 or fp32);
 //   slm::sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale, *, Tensor(a!) out)
@@ -138,7 +139,12 @@ Tensor& slm_sdpa_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k
 }  // namespace
 }  // namespace slm_export
 
+// Beside ExecuTorch's own LLM custom ops (its Android AAR, iOS frameworks, TextLLMRunner), which
+// register the llama:: ops already (a second registration aborts at load), build with
+// -DSLM_EXPORT_OWN_OPS_ONLY: then this file adds only our slm:: ops.
+#ifndef SLM_EXPORT_OWN_OPS_ONLY
 EXECUTORCH_LIBRARY(llama, "update_cache.out", slm_export::update_cache_out);
 EXECUTORCH_LIBRARY(llama, "custom_sdpa.out", slm_export::custom_sdpa_out);
+#endif
 EXECUTORCH_LIBRARY(slm, "update_cache.out", slm_export::update_cache_out);
 EXECUTORCH_LIBRARY(slm, "sdpa.out", slm_export::slm_sdpa_out);

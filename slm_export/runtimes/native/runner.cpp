@@ -48,6 +48,10 @@ std::string code(Error e) {
 
 extern "C" {
 
+// Opens a program and loads `method` (its other methods load on their first call). All methods
+// share one set of planned buffers: the program's mutable state (the KV cache) is one allocation
+// its methods read and write (exported with share_mutable_buffers), and their activations overlap,
+// as only one runs at a time and each call's output is copied out before the next.
 void* slm_et_open(const char* path, const char* method, int threads, char* err, size_t err_len) {
   if (threads > 0) executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
   if (const Error e = slm::share_xnnpack_workspace(); e != Error::Ok) {
@@ -56,9 +60,9 @@ void* slm_et_open(const char* path, const char* method, int threads, char* err, 
   }
   auto r = std::make_unique<Runner>();
   r->module = std::make_unique<Module>(path, Module::LoadMode::Mmap);
-  if (!r->arenas.reserve(*r->module, method)) {
-    set_error(err, err_len, std::string("cannot read method '") + method + "' of " + path +
-                                " or reserve its planned buffers");
+  const auto names = r->module->method_names();
+  if (!names.ok() || !r->arenas.reserve(*r->module, std::vector<std::string>(names->begin(), names->end()))) {
+    set_error(err, err_len, std::string("cannot read the methods of ") + path + " or reserve their planned buffers");
     return nullptr;
   }
   const Error e = r->module->load_method(method, r->arenas.allocator());
@@ -71,18 +75,36 @@ void* slm_et_open(const char* path, const char* method, int threads, char* err, 
   return r.release();
 }
 
-// Runs forward(tokens[1, n], input_pos[1], rows[k]) and copies the [k, vocab] logits to `out`.
-int slm_et_forward(void* handle, const char* method, const int64_t* tokens, int64_t n, int64_t pos,
-                   const int64_t* rows, int64_t k, float* out, int64_t out_len, char* err, size_t err_len) {
+// Runs `method` with inputs (tokens [1, n], input_pos [1]) if n > 0, then rows [k] if k > 0, and
+// copies its [rows, vocab] logits to `out`: forward(tokens, input_pos), logits(rows), or the
+// forward(tokens, input_pos, logit_rows) of files made before the logits method.
+int slm_et_call(void* handle, const char* method, const int64_t* tokens, int64_t n, int64_t pos, const int64_t* rows,
+                int64_t k, float* out, int64_t out_len, char* err, size_t err_len) {
   auto* r = static_cast<Runner*>(handle);
+  if (!r->module->is_method_loaded(method)) {
+    const Error e = r->module->load_method(method, r->arenas.allocator());
+    if (e != Error::Ok) {
+      set_error(err, err_len, std::string("cannot load method '") + method + "' (" + code(e) + ")");
+      return 1;
+    }
+  }
   int64_t position = pos;
-  auto tok = executorch::extension::from_blob(const_cast<int64_t*>(tokens), {1, static_cast<int>(n)}, ScalarType::Long);
-  auto at = executorch::extension::from_blob(&position, {1}, ScalarType::Long);
-  auto sel = executorch::extension::from_blob(const_cast<int64_t*>(rows), {static_cast<int>(k)}, ScalarType::Long);
-  auto result = r->module->execute(method, {EValue(*tok), EValue(*at), EValue(*sel)});
+  executorch::extension::TensorPtr tok, at, sel;
+  std::vector<EValue> inputs;
+  if (n > 0) {
+    tok = executorch::extension::from_blob(const_cast<int64_t*>(tokens), {1, static_cast<int>(n)}, ScalarType::Long);
+    at = executorch::extension::from_blob(&position, {1}, ScalarType::Long);
+    inputs.emplace_back(*tok);
+    inputs.emplace_back(*at);
+  }
+  if (k > 0) {
+    sel = executorch::extension::from_blob(const_cast<int64_t*>(rows), {static_cast<int>(k)}, ScalarType::Long);
+    inputs.emplace_back(*sel);
+  }
+  auto result = r->module->execute(method, inputs);
   r->file->drop();  // see app_memory.h
   if (!result.ok()) {
-    set_error(err, err_len, "forward failed (" + code(result.error()) + ")");
+    set_error(err, err_len, std::string(method) + " failed (" + code(result.error()) + ")");
     return 1;
   }
   const auto& logits = result->at(0).toTensor();
