@@ -107,7 +107,7 @@ def machine() -> str:
 
 def write_report(rows: list[dict]) -> None:
     lines = ["# Export peak memory: measured against the estimate", "",
-             "Written by `benchmarks/export_memory.py` (see its docstring for the method). MB = MiB. The estimate is "
+             "Written by `benchmarks/export_memory.py` (see its docstring for the method). Memory here is MiB (2^20 bytes), as measured in this sitting; slm-export itself prints MB (10^6 bytes). The estimate is "
              "what `slm-export` compares with the memory it finds before loading the model (exit 2 when it is "
              "larger); error = estimate / measured - 1. Models: the bundled SmolLM2-135M-Instruct GGUF; "
              "qwen2.5-0.5b-random = benchmarks/models.py's Qwen2.5-0.5B config with random weights (an HF "
@@ -115,7 +115,7 @@ def write_report(rows: list[dict]) -> None:
              "bases (`export_base_mb`) are the peak RSS of a tiny model's int4 export: ONNX 439, ExecuTorch "
              "497, Core ML 576 MiB (`/usr/bin/time -f %M`). Export s is not a timing benchmark (other work shared "
              "the cores).", "",
-             "| date | machine | model | target | bits | options | fp32 weights MB | measured peak RSS MB | estimate MB | error | export s |",
+             "| date | machine | model | target | bits | options | fp32 weights MiB | measured peak RSS MiB | estimate MiB | error | export s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = f"{r['error_pct']:+.0f}%" if r["error_pct"] is not None else f"FAILED: {r['failure']}"

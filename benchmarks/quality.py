@@ -156,6 +156,7 @@ def run(args) -> dict:
         r["decode_tok_s"] = got[len(got) // 2] if got else None
     ref_ppl = _scores(ref, ref, ids)["perplexity"]
     return {"rows": rows, "pytorch_fp32_perplexity": ref_ppl, "machine": describe(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "settings": {"kl_tokens": KL_TOKENS, "ppl_tokens": PPL_TOKENS, "prompt_tokens": 32,
                          "decode_tokens": args.decode_tokens, "threads": args.threads, "rounds": args.rounds}}
 
@@ -211,23 +212,27 @@ def markdown(data: dict, started: str, command: str, minutes: float) -> str:
 
 
 PLOT = """
-import json, sys
+import json, math, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 data = json.load(open(sys.argv[1]))
 rows = [r for r in data["rows"] if r.get("mean_kl") is not None and r.get("decode_tok_s")]
-fig, ax = plt.subplots(figsize=(9, 6))
-for r in rows:
+fig, (ax, key) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [3, 2]})
+listing = []  # numbered points, the numbers listed beside the plot: no label overlaps another
+for i, r in enumerate(sorted(rows, key=lambda r: r["mean_kl"]), 1):
     color = "tab:orange" if r["system"].startswith("llama.cpp") else ("tab:blue" if r["target"] == "onnx" else "tab:purple")
     ax.scatter(r["decode_tok_s"], r["mean_kl"], color=color, s=18)
-    ax.annotate(r["system"].replace("slm-export ", ""), (r["decode_tok_s"], r["mean_kl"]), fontsize=6,
-                xytext=(3, 2), textcoords="offset points")
+    ax.annotate(str(i), (r["decode_tok_s"], r["mean_kl"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    listing.append(f"{i:>2}  {r['system'].replace('slm-export ', '')}  (KL {r['mean_kl']:.3g})")
+key.axis("off")
+key.text(0, 1, "\\n".join(listing), va="top", ha="left", family="monospace", fontsize=7.5, transform=key.transAxes)
 ax.set_yscale("log")
 ax.set_xlabel("decode tok/s, 32-token prompt (higher is faster)")
 ax.set_ylabel("mean KL vs PyTorch fp32 (log; lower is more faithful)")
 m = data["machine"]
-ax.set_title(f"SmolLM2-135M-Instruct: quality against speed ({m.get('cpu')}, {data['settings']['threads']} threads)",
+ax.set_title(f"SmolLM2-135M-Instruct: quality against speed\\n{m.get('cpu')}, {data['settings']['threads']} threads, "
+             f"{data['date']}",
              fontsize=9)
 ax.grid(alpha=0.3)
 fig.tight_layout()

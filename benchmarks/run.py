@@ -15,7 +15,8 @@ then 128 timed single-token greedy steps; peak RSS = that process's VmHWM. Round
 Quality: teacher-forced logits on the first 512 tokens of the passage against PyTorch eager fp32 (real
 model only). A system that fails to install, export or run is a row with its error, never dropped.
 
-Writes benchmarks/results.json, benchmarks/RESULTS.md and benchmarks/plots/*.png.
+Writes benchmarks/results.json, benchmarks/RESULTS.md and benchmarks/plots/*.png. Progress (exports and timed
+systems done, time so far, an ETA) goes to stderr.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import models  # noqa: E402
 import ours  # noqa: E402
 import report  # noqa: E402
 from common import PeerError, now  # noqa: E402
+from slm_export import progress  # noqa: E402
 from slm_export.devices.local import describe  # noqa: E402
 from slm_export.loading import default_gguf_path  # noqa: E402
 from slm_export.results import BenchResult  # noqa: E402
@@ -88,6 +90,8 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
     if "onnx" in args.targets:
         variants += [("onnx", bits, 8, None, None) for bits in args.onnx_kv8]
         variants += [("onnx", bits, 8, None, 8) for bits in args.onnx_head8]
+    peers = {key: __import__(PEERS[key]) for key in args.peers}
+    count = progress.Count(f"{model}: exports", len(variants) + sum(len(p.VARIANTS) for p in peers.values()))
     for target, bits, kv_bits, precision, head_bits in variants:
         kv = f" kv{kv_bits}" if kv_bits else ""
         head = f" head{head_bits}" if head_bits else ""
@@ -99,6 +103,8 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
         except PeerError as e:
             fail(name, "slm-export", e)
             continue
+        finally:
+            count.step()
         name = f"slm-export {target} {info['quant']}{kv}"
 
         def bench(prompts, a, art=info["artifact"]):
@@ -108,12 +114,12 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
             return rows
         systems.append(System(name, "slm-export", target, info, bench,
                               lambda ids, out, t, art=info["artifact"]: ours.logits(art, ids, out, t)))
-    for key in args.peers:
-        peer = __import__(PEERS[key])
+    for key, peer in peers.items():
         try:
             py = peer.ensure_venv()
         except PeerError as e:
             fail(peer.NAME, peer.NAME, e)
+            count.step(len(peer.VARIANTS))
             continue
         variants = list(peer.VARIANTS)
         for variant in variants:
@@ -124,6 +130,8 @@ def prepare(model: str, hf: Path, args) -> tuple[list[System], list[BenchResult]
             except PeerError as e:
                 fail(name, peer.NAME, e)
                 continue
+            finally:
+                count.step()
             fmt = Path(info["artifact"]).suffix.lstrip(".") or info.get("format", key)
             systems.append(System(name, peer.NAME, fmt, info, peer_rows(name, peer, py, info, model, fmt),
                                   lambda ids, out, t, p=peer, py=py, art=info["artifact"]: p.logits(py, art, ids, out, t)))
@@ -190,6 +198,7 @@ def run_model(model: str, args) -> list[BenchResult]:
     systems, failed = prepare(model_label, hf, args)
     scores = quality(systems, hf, text_ids[: args.quality_tokens], args.threads, args.work) if real_weights else {}
     rounds = []
+    count = progress.Count(f"{model}: timing {len(systems)} systems x {args.rounds} rounds", len(systems) * args.rounds)
     for i in range(args.rounds):
         print(f"  timing round {i + 1}/{args.rounds}", flush=True)
         rows = []
@@ -199,6 +208,7 @@ def run_model(model: str, args) -> list[BenchResult]:
             except Exception as e:  # noqa: BLE001 - one system's crash is its row's error, not the sitting's end
                 rows += [BenchResult(system=s.name, model=model_label, runtime=s.family, prompt_tokens=len(p), error=str(e),
                                      machine=describe(), timestamp=now()) for p in prompts]
+            count.step()
         rounds.append(rows)
     rows = median_rounds(rounds)
     by_name = {s.name: s for s in systems}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .argtypes import float_in, int_list_at_least, non_negative_int, positive_int
 from .errors import SlmExportError
+from .units import GB, MB
 
 # Each command and the one line `slm-export --help` says about it, in the order a newcomer meets them.
 COMMANDS = {
@@ -412,7 +413,7 @@ def cmd_devices(a):
         return 0
     for name in profile_names():
         p = load_profile(name)
-        print(f"{name:<22} {p.app_budget_mb / 1024:5.1f} GB app budget  {p.sustained_bandwidth_gb_s:5.1f} GB/s  "
+        print(f"{name:<22} {p.app_budget_mb * MB / GB:5.1f} GB app budget  {p.sustained_bandwidth_gb_s:5.1f} GB/s  "
               f"{', '.join(p.formats):<24} {p.description}")
     print(f"\nadd your own: {user_dir()}/NAME.toml (fields: slm_export/devices/profiles/README.md)")
     return 0

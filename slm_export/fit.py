@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import SlmExportError
+from .units import GB, MB
 
 # Fixed cost of one decoder layer per decode step, in CPU cycles, beyond the roofline. Calibrated
 # once on this machine (2.6 GHz, 34 GB/s read): SmolLM2-135M int4 ONNX decoded at 139 tok/s (7.2 ms
@@ -174,7 +175,7 @@ class FitReport:
                  f"~{self.expected_decode_tok_s_full_context:.0f} at {self.context} "
                  f"(roofline ceilings {self.roofline_tok_s:.0f} / {self.roofline_tok_s_full_context:.0f}; "
                  f"{self.bound}-bound; {self.decode_bytes_per_token_mb:.1f} MB read per token)",
-                 f"  export: about {self.export_peak_mb / 1024:.1f} GiB of memory at its peak, on the machine that "
+                 f"  export: about {self.export_peak_mb * MB / GB:.1f} GB of memory at its peak, on the machine that "
                  "runs slm-export (refused up front where it has less)"]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -265,7 +266,7 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     int8 = spec.quantized and spec.activations == "int8" and exporter.quantizes_activations
     short, bound = decode_roofline(profile, per_token_weights, kv_per_token * 64, ops, int8)
     full, _ = decode_roofline(profile, per_token_weights, kv_per_token * context, ops, int8)
-    mb = 2**20
+    mb = MB
     total = weights_total + kv_per_token * context + act + exporter.runtime_overhead_mb * mb
     export_peak = estimate_export(exporter, spec, kv_bits, fp32_bytes or fp32_weight_bytes(shape), target).peak_bytes
     return FitReport(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OutOfMemory, SlmExportError
+from .units import MB, gb_text
 
 # For tests and for users who know better than the probes below: the memory an export may use, in
 # bytes or with a K/M/G suffix (powers of 1024), in place of what the machine reports.
@@ -35,7 +36,7 @@ _UNLIMITED = 2**60  # cgroup v1 says "no limit" as 2^63 rounded down to a page
 
 
 def gb(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return gb_text(n)
 
 
 # ---------------------------------------------------------------- what the machine has
@@ -43,7 +44,7 @@ def gb(n: float) -> str:
 @dataclass
 class Available:
     bytes: int  # what an export started now may use at its peak (this process's own resident memory included)
-    bound: str  # what sets it: "free memory", "cgroup limit 2.0 GiB", "address-space limit ...", or AVAILABLE_ENV
+    bound: str  # what sets it: "free memory", "cgroup limit 2.1 GB", "address-space limit ...", or AVAILABLE_ENV
 
     def describe(self) -> str:
         return f"{gb(self.bytes)} available ({self.bound})"
@@ -195,7 +196,7 @@ def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) 
     per_byte = exporter.export_peak[bits if bits in exporter.export_peak else max(exporter.export_peak)]
     if calibrated:
         per_byte = max(per_byte, CALIBRATION_PEAK)
-    return int(exporter.export_base_mb * 2**20 + per_byte * fp32_bytes)
+    return int(exporter.export_base_mb * MB + per_byte * fp32_bytes)
 
 
 def fp32_weight_bytes(shape) -> int:

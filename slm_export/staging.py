@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import SlmExportError
+from .units import gb_text
 
 try:
     import fcntl
@@ -210,7 +211,7 @@ def _why(note: dict | None) -> str:
         what, peak, have = str(note["what"]), float(note["peak_bytes"]), str(note["available"])
     except (TypeError, KeyError, ValueError):
         return ""
-    return (f" ({what}, possibly killed for lack of memory: it was estimated to need about {peak / 2**30:.1f} GiB "
+    return (f" ({what}, possibly killed for lack of memory: it was estimated to need about {gb_text(peak)} "
             f"at its peak, and {have} when it started)")
 
 

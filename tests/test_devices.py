@@ -38,7 +38,7 @@ def test_builtin_profiles_load_with_every_hardware_figure():
     for name in REQUIRED:
         p = load_profile(name)
         assert p.big_cores > 0 and p.sustained_bandwidth_gb_s <= p.peak_bandwidth_gb_s
-        assert 0 < p.app_budget_mb <= p.memory_gb * 1024 and p.formats
+        assert 0 < p.app_budget_mb <= p.memory_gb * 2**30 / 1e6 and p.formats  # RAM GB as sold = GiB; budgets in MB
     pi = load_profile("raspberry-pi-5-4gb")  # extends the 8 GB board: same SoC, less memory
     assert (pi.big_cores, pi.big_core_ghz, pi.peak_bandwidth_gb_s, pi.memory_gb) == (4, 2.4, 17.1, 4)
     assert "coreml" in load_profile("iphone-15-pro").formats
@@ -55,7 +55,7 @@ def test_user_profile_extends_overrides_and_is_validated(user_profiles):
     (user_profiles / "my-pi.toml").write_text('extends = "raspberry-pi-5-8gb"\napp_memory_gb = 2.0\n'
                                               'address = "ssh://pi@10.0.0.7"\n')
     p = load_profile("my-pi")
-    assert p.app_budget_mb == 2048 and p.big_cores == 4 and p.address == "ssh://pi@10.0.0.7"
+    assert p.app_budget_mb == 2 * 2**30 / 1e6 and p.big_cores == 4 and p.address == "ssh://pi@10.0.0.7"
     (user_profiles / "bad.toml").write_text('extends = "pixel-8"\nram_gb = 4\n')
     with pytest.raises(SlmExportError, match=r"bad.toml has unknown field\(s\) ram_gb"):
         load_profile("bad")
@@ -178,9 +178,9 @@ def test_fit_cli_fits_does_not_fit_and_json(tmp_path, tiny_dir, user_profiles):
     code, out, err = run_cli("fit", "--device", "tiny-phone", "--model", tiny_dir, "--bits", "16", "--format", "json")
     assert code == 1, err
     report = json.loads(out)
-    assert report["fits"] is False and report["total_mb"] > report["app_budget_mb"] == pytest.approx(10.2, abs=0.1)
+    assert report["fits"] is False and report["total_mb"] > report["app_budget_mb"] == pytest.approx(0.01 * 2**30 / 1e6, abs=0.1)
     # KV cache = layers x 2 x kv heads x head dim x context x 4 bytes
-    assert report["kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 16 * 2048 * 4 / 2**20, abs=0.1)
+    assert report["kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 16 * 2048 * 4 / 1e6, abs=0.1)  # MB
     code, out, err = run_cli("fit", "--device", "pixel-8", "--model", tmp_path / "missing")
     assert code == 2 and "missing" in err and "Traceback" not in err
 
@@ -188,7 +188,7 @@ def test_fit_cli_fits_does_not_fit_and_json(tmp_path, tiny_dir, user_profiles):
 def test_fit_from_an_artifact_uses_its_real_report(tiny_onnx):
     report = fit(load_profile("raspberry-pi-5-8gb"), artifact=tiny_onnx.path, context=512, model=None)
     assert report.weights_source.startswith("quant report of")
-    real = sum(w["stored_bytes"] for w in report_weight_bytes(tiny_onnx.path)) / 2**20
+    real = sum(w["stored_bytes"] for w in report_weight_bytes(tiny_onnx.path)) / 1e6
     assert report.weights_mb == pytest.approx(real, abs=0.05)
     assert any("holds 96 tokens" in n for n in report.notes)
 
@@ -221,14 +221,14 @@ def test_limits_device_caps_threads_and_labels_the_result(tiny_onnx):
     assert row.threads == min(4, len(os.sched_getaffinity(0)))
     assert row.device_peak_gb_s == 17.1 and row.predicted_decode_tok_s > 0
     assert row.machine["simulates"]["profile"] == "raspberry-pi-5-8gb"
-    assert str(int(load_profile("raspberry-pi-5-8gb").app_budget_mb * 2**20)) in row.machine["memory_limit"]
+    assert str(int(load_profile("raspberry-pi-5-8gb").app_budget_mb * 1e6)) in row.machine["memory_limit"]
 
 
 def test_simulated_phone_kills_an_over_budget_model(tiny_onnx, user_profiles):
     require_qemu()  # sim: on an ARM profile runs the phone's aarch64 runtime under QEMU, within the budget
     (user_profiles / "small-phone.toml").write_text('extends = "pixel-8"\napp_memory_gb = 0.02\n')
     (row,) = tiny_onnx.bench(device="sim:small-phone", prompt_tokens=(8,), decode_tokens=4, warmup=1, repeats=1)
-    assert row.error and "killed at the small-phone app memory budget of 20 MB" in row.error
+    assert row.error and "killed at the small-phone app memory budget of 21 MB" in row.error  # 0.02 GiB of RAM
     assert row.simulated and row.decode_tok_s is None
 
 

@@ -34,8 +34,8 @@ def test_refused_up_front_when_the_machine_has_too_little(tmp_path, tiny_dir, mo
     code = _export(tiny_dir, tmp_path / "o")
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2
-    assert f"exporting {tiny_dir} to onnx float needs about " in line and " GiB of memory at its peak" in line
-    assert f"and this machine has 0.1 GiB available ({AVAILABLE_ENV})" in line
+    assert f"exporting {tiny_dir} to onnx float needs about " in line and " GB of memory at its peak" in line
+    assert f"and this machine has 0.1 GB available ({AVAILABLE_ENV})" in line  # 100 MiB
     assert "free memory, raise the limit" in line and "--skip-memory-check" in line
     assert sorted(tmp_path.iterdir()) == [tiny_dir]  # no output folder, no partial
 
@@ -68,7 +68,7 @@ def test_the_refusal_names_a_target_that_fits(monkeypatch):
     monkeypatch.setenv(AVAILABLE_ENV, str(onnx + 2**20))
     with pytest.raises(SlmExportError) as e:
         check_memory(estimate, lambda name: estimate_for_target(name, QuantSpec(bits=4), fp32))
-    assert f"or use --target onnx (about {onnx / 2**30:.1f} GiB)" in str(e.value)
+    assert f"or use --target onnx (about {onnx / 1e9:.1f} GB)" in str(e.value)
     monkeypatch.setenv(AVAILABLE_ENV, str(estimate.peak_bytes))
     check_memory(estimate, lambda name: None)  # exactly enough: no refusal
 
@@ -132,14 +132,14 @@ def test_a_killed_exports_partial_folder_says_memory_to_the_next_run(tmp_path):
 
     stale = tmp_path / ".o.partial-999999-abcdefgh"  # what a SIGKILLed export leaves (its lock died with it)
     stale.mkdir()
-    (stale / RUN_NOTE).write_text(json.dumps({"what": "exporting m to executorch int4", "peak_bytes": 3 * 2**30,
-                                              "available": "2.0 GiB available (cgroup limit 2.0 GiB)"}))
+    (stale / RUN_NOTE).write_text(json.dumps({"what": "exporting m to executorch int4", "peak_bytes": 3 * 10**9,
+                                              "available": "2.1 GB available (cgroup limit 2.1 GB)"}))
     os.utime(stale, (0, 0))
     said = []
     assert sweep_stale(tmp_path, said.append) == [stale]
     assert said == [f"removed {stale}: left by an earlier run that was killed before it could clean up "
                     "(exporting m to executorch int4, possibly killed for lack of memory: it was estimated to need "
-                    "about 3.0 GiB at its peak, and 2.0 GiB available (cgroup limit 2.0 GiB) when it started)"]
+                    "about 3.0 GB at its peak, and 2.1 GB available (cgroup limit 2.1 GB) when it started)"]
     note = {"what": "w", "peak_bytes": 1, "available": "a"}
     with staged_folder(tmp_path / "p", note=note) as tmp:  # the note is there while the folder is written
         assert json.loads((tmp / RUN_NOTE).read_text()) == note
@@ -168,7 +168,7 @@ def test_an_in_memory_model_without_a_readable_config_is_checked_on_its_weights(
 
     monkeypatch.setattr(pipeline, "shape_before_loading", lambda *a, **k: None)
     monkeypatch.setenv(AVAILABLE_ENV, "1M")
-    with pytest.raises(SlmExportError, match="needs about .* GiB of memory at its peak and this machine has 0.0 GiB"):
+    with pytest.raises(SlmExportError, match="needs about .* GB of memory at its peak and this machine has 0.0 GB"):
         slm_export.export(tiny_model("llama"), out=tmp_path / "o", bits=16, max_context=64, log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []
 
@@ -179,8 +179,8 @@ def test_fit_prints_the_export_estimate(tiny_dir, capsys):
     from slm_export.exporters.onnx import OnnxExporter
 
     assert main(["fit", "--device", "raspberry-pi-5-8gb", "--model", str(tiny_dir), "--context", "256"]) == 0
-    base = OnnxExporter.export_base_mb / 1024  # a tiny model's export is the interpreter and libraries
-    assert (f"  export: about {base:.1f} GiB of memory at its peak, on the machine that runs slm-export"
+    base = OnnxExporter.export_base_mb / 1000  # a tiny model's export is the interpreter and libraries
+    assert (f"  export: about {base:.1f} GB of memory at its peak, on the machine that runs slm-export"
             in capsys.readouterr().out)
 
 
@@ -239,7 +239,7 @@ def test_available_memory_is_the_least_bound(monkeypatch):
     import psutil
 
     rss = psutil.Process().memory_info().rss
-    assert have.bound == "cgroup limit 64.0 GiB" and abs(have.bytes - (2**30 + rss)) < 64 * 2**20
+    assert have.bound == "cgroup limit 68.7 GB" and abs(have.bytes - (2**30 + rss)) < 64 * 2**20
     monkeypatch.setenv(AVAILABLE_ENV, "1.5G")
     assert memory.available_memory().bytes == int(1.5 * 2**30)
 

@@ -21,7 +21,7 @@ _MEASURED = (
     "import json, resource, subprocess, sys, time\n"
     "t = time.perf_counter(); r = subprocess.run(sys.argv[2:])\n"
     "open(sys.argv[1], 'w').write(json.dumps({'rc': r.returncode, 'wall_s': time.perf_counter() - t,\n"
-    "  'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n")
+    "  'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e6}))  # KiB -> MB\n")
 
 
 class PeerError(RuntimeError):

@@ -22,7 +22,7 @@ def status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1]) * 1024 / 1e6  # KiB -> MB (10^6 bytes), as slm-export prints
     return float("nan")
 
 

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SlmExportError
+from ..units import KIB, RAM_GB
 from . import DEVICES
 from .local import measure_command, read_measure_output, write_prompts
 
@@ -63,7 +64,7 @@ class AdbDevice:
                        if line.startswith("MemTotal")), 0)
         return {"name": self.name, "model": props["ro.product.model"], "arch": props["ro.product.cpu.abi"],
                 "soc": props["ro.soc.model"], "os": f"Android {props['ro.build.version.release']}",
-                "cores": int(self._adb("shell", "nproc").strip() or 0), "memory_gb": round(mem_kb / 2**20, 1)}
+                "cores": int(self._adb("shell", "nproc").strip() or 0), "memory_gb": round(mem_kb * KIB / RAM_GB, 1)}
 
     def measure(self, folder, *, prompts, decode_tokens, warmup, repeats, threads, timeout_s: float = 1800):
         if not self.remote_python:

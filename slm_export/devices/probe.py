@@ -87,7 +87,7 @@ def _throttled() -> str | None:
 
 def _free_disk_mb(path: str) -> float | None:
     try:
-        return round(shutil.disk_usage(path).free / 2**20, 1)
+        return round(shutil.disk_usage(path).free / 10**6, 1)  # MB, as slm_export.units (stdlib only here)
     except OSError:
         return None
 

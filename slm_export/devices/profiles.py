@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import SlmExportError
 from ..staging import user_cache_dir as cache_dir
+from ..units import MB, RAM_GB
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
 HARDWARE = ("big_cores", "big_core_ghz", "fp32_flops_per_cycle", "int8_ops_per_cycle", "memory_gb",
@@ -56,7 +57,7 @@ class Profile:
     @property
     def app_budget_mb(self) -> float:
         gb = self.app_memory_gb if self.app_memory_gb is not None else self.memory_gb * (self.app_memory_fraction or 1.0)
-        return gb * 1024
+        return gb * RAM_GB / MB
 
     def compute_gops(self, int8: bool) -> float:
         """Peak arithmetic rate of the big cores, in billions of ops per second."""
@@ -145,7 +146,7 @@ def measure_bandwidth_gb_s(size_mb: int = 512, rounds: int = 5) -> float:
 
     import numpy as np
 
-    buffer = np.ones(size_mb * 2**20 // 8)
+    buffer = np.ones(size_mb * MB // 8)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     parts = np.array_split(buffer, cores)
     best = float("inf")

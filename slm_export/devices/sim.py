@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import SlmExportError
+from ..units import MB
 from . import DEVICES
 from .local import LocalDevice, RunnerKilled
 
@@ -36,7 +37,7 @@ class MemoryCap:
     """A memory limit for one child process: a fresh cgroup if we may make one, else an RSS watchdog."""
 
     def __init__(self, budget_mb: float):
-        self.budget_bytes = int(budget_mb * 2**20)
+        self.budget_bytes = int(budget_mb * MB)
         self.group = self.limit_file = None
         for root, marker, limit_file in CGROUP_ROOTS:
             if os.path.exists(os.path.join(root, marker)):

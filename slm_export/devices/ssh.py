@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from .. import manifest as mf
 from ..errors import SlmExportError
+from ..units import MB, kib_to_mb
 from . import DEVICES, probe
 from .local import KILLED, measure_command, read_measure_output, write_prompts
 
@@ -276,9 +277,9 @@ class SSHDevice:
             self.on_progress(f"{what} already on {self.host}, upload skipped")
             return 0
         total = sum(p.stat().st_size for p in files.values())
-        no_room = (f"not enough disk on {self.host}: need {total / 2**20:.1f} MB, {{:.1f}} MB free in {self.dir}; "
+        no_room = (f"not enough disk on {self.host}: need {total / MB:.1f} MB, {{:.1f}} MB free in {self.dir}; "
                    "free some space or pass a remote_dir on a bigger disk")
-        if free_mb is not None and total / 2**20 > free_mb:
+        if free_mb is not None and total / MB > free_mb:
             raise SlmExportError(no_room.format(free_mb))
         # Into a temp folder, then one rename: a folder under its final name is always complete. Temp
         # folders of this content left by a dropped connection go first, or they would fill the disk.
@@ -294,7 +295,7 @@ class SSHDevice:
                 except OSError:  # SFTP reports a full disk as a bare "Failure": look at the disk
                     df = self._exec(f"df -Pk {q(self.dir)} | tail -n 1", 30)[1].split() if self._alive() else []
                     if len(df) > 3 and df[3].isdigit() and int(df[3]) * 1024 < total - sent:
-                        raise SlmExportError(no_room.format(int(df[3]) / 1024 + sent / 2**20)) from None
+                        raise SlmExportError(no_room.format(kib_to_mb(int(df[3])) + sent / MB)) from None
                     raise
                 sent += path.stat().st_size
             # mv -T fails if a concurrent run put the same content there first: then keep theirs
@@ -352,7 +353,7 @@ class SSHDevice:
         free = info.get("free_disk_mb")
         sent = self._upload(pkg_files, pkg, "slm_export's code", free)
         self._upload({**{n: folder / n for n in manifest["files"]}, mf.MANIFEST: folder / mf.MANIFEST}, art,
-                     "the artifact", free and free - sent / 2**20)
+                     "the artifact", free and free - sent / MB)
         if self._stale_run:  # a run cut off by a dropped connection may still be going: it would skew this one
             self._kill_run(self._stale_run)
         run, local = f"{self.dir}/runs/{secrets.token_hex(6)}", write_prompts(prompts)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..units import kib_to_mb
+
 
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
+                return kib_to_mb(int(line.split()[1]))
     return float("nan")
 
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from ...text import format_chat
+from ...units import MB
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -272,7 +273,7 @@ Every file's sha256 is in `manifest.json`; `slm-export inspect .` checks them.
 | model | `model.pte`: ExecuTorch's LLM runner contract (`forward` and the metadata methods), XNNPACK delegate |
 | runtime | {_runtime_row(own, version)} |
 | tokenizer | `tokenizer.json` (Hugging Face tokenizers format; ExecuTorch's runners read it as it is) |
-| max context | {manifest['max_context']} tokens (the KV cache is inside the program: {kv['bytes'] / 2**20:.0f} MiB) |
+| max context | {manifest['max_context']} tokens (the KV cache is inside the program: {kv['bytes'] / MB:.0f} MB) |
 | stop tokens | {eos} (also in the file: `get_eos_ids`) |
 | vocab | {m['vocab_size']} |
 
