@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-SCHEMA_VERSION = 4  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s; 3: emulated; 4: export_*, quality
+SCHEMA_VERSION = 5  # 2: simulated, device_peak_gb_s, predicted_decode_tok_s; 3: emulated; 4: export_*, quality; 5: memory in MB (10^6 bytes), was MiB
 
 
 @dataclass
