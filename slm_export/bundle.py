@@ -1,9 +1,10 @@
 """Hand-off: `bundle` (a self-describing folder, optionally zipped) and `inspect`.
 
 A bundle is an artifact folder plus what an app developer needs: a README written for them, the
-latest parity and bench results with the machine they came from, and one manifest whose sha256
-table covers every file. Opening a zip extracts only the files its manifest lists into the cache,
-after refusing anything that would land outside it (slm_export/archive.py).
+latest parity and bench results with the machine they came from (not its name, nor any local path),
+one manifest whose sha256 table covers every file, and SHA256SUMS, the same sha256s for `sha256sum -c`.
+Opening a zip extracts only the files its manifest lists into the cache, after refusing anything
+that would land outside it (slm_export/archive.py).
 """
 from __future__ import annotations
 
@@ -22,13 +23,30 @@ PARITY_FILE = f"{REPORTS}/parity.json"
 BENCH_FILE = f"{REPORTS}/bench.json"
 
 
+CHECK_SUMS = (f"\n## Checking the files\n\nIn this folder, `sha256sum -c {mf.SUMS}` (Linux) or `shasum -a 256 -c {mf.SUMS}` "
+              "(macOS) checks every file against the sha256 it was bundled with; if one fails, download the bundle again.\n")
+
+
 def save_report(folder: Path, name: str, data: dict) -> None:
-    """Keep the latest verify/bench result beside the artifact (best effort: it may be read-only)."""
+    """Keep the latest verify/bench result beside the artifact (best effort: it may be read-only), without
+    the machine's name or the folder's path: what the folder keeps is shared with it."""
+    data = dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if "artifact" in data:
+        data["artifact"] = Path(data["artifact"]).name
+    if "machine" in data:
+        data["machine"] = _nameless(data["machine"])
+    if "results" in data:
+        data["results"] = [dict(r, machine=_nameless(r.get("machine"))) for r in data["results"]]
     try:
         (Path(folder) / REPORTS).mkdir(exist_ok=True)
-        (Path(folder) / name).write_text(json.dumps(dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z")), indent=1))
+        (Path(folder) / name).write_text(json.dumps(data, indent=1))
     except OSError:
         pass
+
+
+def _nameless(machine: dict | None) -> dict | None:
+    """A machine's description without its host name."""
+    return {k: v for k, v in machine.items() if k != "hostname"} if isinstance(machine, dict) else machine
 
 
 def _latest(folder: Path, name: str) -> dict | None:
@@ -60,7 +78,7 @@ def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, forc
         manifest["bundle"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "parity": _summary_parity(_latest(src, PARITY_FILE)),
                               "bench": _summary_bench(_latest(src, BENCH_FILE))}
-        (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest))
+        (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest) + CHECK_SUMS)
         mf.write(tmp, manifest)
         if make_zip:  # zipped from the staged folder: a failed zip leaves neither the zip nor the folder
             share_modes(tmp)
@@ -111,15 +129,13 @@ def open_path(path: str | Path) -> Path:
 
 
 def inspect(path: str | Path) -> dict:
-    """What a bundle or artifact holds, with the checksum status (a changed file in a folder is reported, not
-    raised; a zip with one is refused while it is extracted)."""
+    """What a bundle or artifact holds; a missing or changed file (or a SHA256SUMS that disagrees with the
+    manifest) is refused, naming it."""
     folder = open_path(path)
     manifest = mf.read(folder)
-    try:
-        mf.check_files(folder, manifest)
-        checksums = "ok: every file matches manifest.json"
-    except SlmExportError as e:
-        checksums = f"FAILED: {e}"
+    mf.check_files(folder, manifest)
+    checksums = (f"ok: every file matches manifest.json and {mf.SUMS}" if (folder / mf.SUMS).is_file()
+                 else f"ok: every file matches manifest.json (no {mf.SUMS}: exported before slm-export wrote one)")
     return {
         "path": str(folder), "target": manifest["target"], "runtime": manifest["runtime"],
         "architecture": manifest["architecture"], "source": manifest["source"], "quant": manifest["quant"]["label"],
