@@ -29,29 +29,56 @@ CHECK_SUMS = (f"\n## Checking the files\n\nIn this folder, `sha256sum -c {mf.SUM
 
 def save_report(folder: Path, name: str, data: dict) -> None:
     """Keep the latest verify/bench result beside the artifact (best effort: it may be read-only), without
-    the machine's name or the folder's path: what the folder keeps is shared with it."""
-    data = dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    if "artifact" in data:
-        data["artifact"] = Path(data["artifact"]).name
-    if "machine" in data:
-        data["machine"] = _nameless(data["machine"])
-    if "results" in data:
-        data["results"] = [dict(r, machine=_nameless(r.get("machine"))) for r in data["results"]]
+    the machine's name or the folder's path: what the folder keeps is shared with it. A bundle keeps the
+    results it was made with (its manifest and SHA256SUMS list them)."""
+    if name in _listed(folder):
+        return
     try:
         (Path(folder) / REPORTS).mkdir(exist_ok=True)
-        (Path(folder) / name).write_text(json.dumps(data, indent=1))
+        (Path(folder) / name).write_text(json.dumps(_shareable(dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"))),
+                                                    indent=1))
     except OSError:
         pass
 
 
-def _nameless(machine: dict | None) -> dict | None:
-    """A machine's description without its host name."""
-    return {k: v for k, v in machine.items() if k != "hostname"} if isinstance(machine, dict) else machine
+def _listed(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / mf.MANIFEST).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _shareable(report: dict) -> dict:
+    """A verify or bench report without the machine's host name, and naming the artifact folder, not its path."""
+    def machine(m):
+        return {k: v for k, v in m.items() if k != "hostname"} if isinstance(m, dict) else m
+
+    out = dict(report)
+    if "machine" in out:
+        out["machine"] = machine(out["machine"])
+    if "artifact" in out:
+        out["artifact"] = Path(out["artifact"]).name
+    if "results" in out:
+        out["results"] = [dict(r, machine=machine(r.get("machine"))) for r in out["results"]]
+    return out
 
 
 def _latest(folder: Path, name: str) -> dict | None:
-    p = Path(folder) / name
-    return json.loads(p.read_text()) if p.is_file() else None
+    """The report kept in `folder` (as `_shareable` writes it: a folder verified by an older version had names)."""
+    p = mf.inside(folder, name)
+    return _shareable(json.loads(p.read_text())) if p.is_file() else None
+
+
+def _without_paths(manifest: dict) -> dict:
+    """`manifest` with the names of its source and calibration text where an older version recorded their paths."""
+    out = dict(manifest)
+    if out["source"].get("path"):
+        src = out["source"]
+        out["source"] = {**{k: v for k, v in src.items() if k != "path"}, "name": src.get("name") or Path(src["path"]).name}
+    calibration = out["quant"].get("calibration") or {}
+    if calibration.get("file"):
+        out["quant"] = {**out["quant"], "calibration": {**calibration, "file": Path(calibration["file"]).name}}
+    return out
 
 
 def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, force: bool = False) -> Path:
@@ -70,14 +97,15 @@ def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, forc
                 continue
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(mf.inside(src, name), tmp / name)
-        for name in (PARITY_FILE, BENCH_FILE):
-            if (src / name).is_file():
+        reports = {name: _latest(src, name) for name in (PARITY_FILE, BENCH_FILE)}
+        for name, data in reports.items():
+            if data is not None:
                 (tmp / REPORTS).mkdir(exist_ok=True)
-                shutil.copy2(mf.inside(src, name), tmp / name)
-        manifest = {k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")}
+                (tmp / name).write_text(json.dumps(data, indent=1))
+        manifest = _without_paths({k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")})
         manifest["bundle"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "parity": _summary_parity(_latest(src, PARITY_FILE)),
-                              "bench": _summary_bench(_latest(src, BENCH_FILE))}
+                              "parity": _summary_parity(reports[PARITY_FILE]),
+                              "bench": _summary_bench(reports[BENCH_FILE])}
         (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest) + CHECK_SUMS)
         mf.write(tmp, manifest)
         if make_zip:  # zipped from the staged folder: a failed zip leaves neither the zip nor the folder
