@@ -90,19 +90,17 @@ def rezip(good: Path, path: Path, *, manifest_change=None, extra=(), rename=None
     extra: (name, bytes or an int = that many zeros, streamed). change: {name under TOP: bytes -> bytes}."""
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
         top = src.namelist()[0].split("/")[0]
-        sums = None
-        for info in src.infolist():
-            data = src.read(info)
-            name = info.filename
-            if name == f"{top}/manifest.json" and manifest_change:
-                from slm_export.manifest import sums_text
+        changed = {}
+        if manifest_change:
+            from slm_export.manifest import sums_text
 
-                m = json.loads(data)
-                manifest_change(m, top)
-                data = json.dumps(m, indent=1).encode()
-                sums = sums_text(m, hashlib.sha256(data).hexdigest()).encode()
-            if name == f"{top}/SHA256SUMS" and sums is not None:
-                data = sums  # the manifest comes first in a bundle zip
+            m = json.loads(src.read(f"{top}/manifest.json"))
+            manifest_change(m, top)
+            changed[f"{top}/manifest.json"] = json.dumps(m, indent=1).encode()
+            changed[f"{top}/SHA256SUMS"] = sums_text(m, hashlib.sha256(changed[f"{top}/manifest.json"]).hexdigest()).encode()
+        for info in src.infolist():
+            name = info.filename
+            data = changed.get(name) or src.read(info)
             data = (change or {}).get(name.replace(top, "TOP", 1), lambda d: d)(data)
             dst.writestr((rename or {}).get(name, name), data)
         for name, data in extra:
