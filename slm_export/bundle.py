@@ -14,6 +14,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import manifest as mf
 from .errors import SlmExportError
@@ -49,17 +50,25 @@ def _listed(folder: Path) -> dict:
 
 
 def _shareable(report: dict) -> dict:
-    """A verify or bench report without the machine's host name, and naming the artifact folder, not its path."""
-    def machine(m):
-        return {k: v for k, v in m.items() if k != "hostname"} if isinstance(m, dict) else m
+    """A verify or bench report without host names or addresses (the machine's, an SSH device's user@host:port),
+    naming the artifact folder, not its path."""
+    def device(name):
+        url = urlsplit(name) if isinstance(name, str) else None
+        return url.scheme if url and url.netloc else name  # ssh://user@host:port -> ssh
 
-    out = dict(report)
-    if "machine" in out:
-        out["machine"] = machine(out["machine"])
+    def machine(m):
+        if not isinstance(m, dict):
+            return m
+        return {k: device(v) if k == "name" else v for k, v in m.items() if k not in ("hostname", "address")}
+
+    def row(r):
+        return {k: machine(v) if k == "machine" else device(v) if k == "device" else v for k, v in r.items()}
+
+    out = {k: machine(v) if k == "machine" else v for k, v in report.items()}
     if "artifact" in out:
         out["artifact"] = Path(out["artifact"]).name
     if "results" in out:
-        out["results"] = [dict(r, machine=machine(r.get("machine"))) for r in out["results"]]
+        out["results"] = [row(r) for r in out["results"]]
     return out
 
 

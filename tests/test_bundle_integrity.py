@@ -109,6 +109,17 @@ def test_bundling_a_folder_exported_with_paths_leaves_them_out(exported, tmp_pat
     assert m["source"]["name"] == "tiny-llama" and m["quant"]["calibration"]["file"] == "mycal.txt"
 
 
+def test_kept_reports_leave_out_host_names_and_ssh_addresses(tmp_path):
+    from slm_export.bundle import BENCH_FILE, PARITY_FILE, save_report
+
+    ssh = {"name": "ssh://pi@board.lan:2222", "address": "pi@board.lan:2222", "hostname": "board", "cpu": "Cortex-A76"}
+    save_report(tmp_path, BENCH_FILE, {"results": [{"device": ssh["name"], "machine": ssh, "decode_tok_s": 9.0}]})
+    save_report(tmp_path, PARITY_FILE, {"artifact": str(tmp_path / "art"), "machine": {"hostname": FAKE_HOST, "cores": 2}})
+    bench, parity = (json.loads((tmp_path / n).read_text()) for n in (BENCH_FILE, PARITY_FILE))
+    assert bench["results"] == [{"device": "ssh", "machine": {"name": "ssh", "cpu": "Cortex-A76"}, "decode_tok_s": 9.0}]
+    assert parity["artifact"] == "art" and parity["machine"] == {"cores": 2}
+
+
 def test_verify_elsewhere_needs_the_model_and_calibration_file_named_by_flag(exported, tmp_path):
     """On a machine that did not export it (a fresh cache), verify asks for the source and calibration text by
     name, exit 2 before loading anything; given them (checked by sha256), it runs."""
