@@ -30,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # slm_export.manifest (rezip writes a SHA256SUMS that matches a changed manifest)
 OUT = HERE / "hostile"
 CLI = [sys.executable, "-m", "slm_export.cli"]
 BOMB = 1 << 30  # bytes of zeros in a zip-bomb entry
@@ -82,19 +83,25 @@ def tiny_folder(path: Path) -> Path:
     return path
 
 
-def rezip(good: Path, path: Path, *, manifest_change=None, extra=(), rename=None) -> Path:
-    """A copy of the bundle zip `good` with its manifest changed, entries renamed, or `extra` entries added.
+def rezip(good: Path, path: Path, *, manifest_change=None, extra=(), rename=None, change=None) -> Path:
+    """A copy of the bundle zip `good` with its manifest changed (and its SHA256SUMS written to match, as
+    anyone who edits a manifest can), entries renamed or changed, or `extra` entries added.
 
-    extra: (name, bytes or an int = that many zeros, streamed)."""
+    extra: (name, bytes or an int = that many zeros, streamed). change: {name under TOP: bytes -> bytes}."""
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
         top = src.namelist()[0].split("/")[0]
+        changed = {}
+        if manifest_change:
+            from slm_export.manifest import sums_text
+
+            m = json.loads(src.read(f"{top}/manifest.json"))
+            manifest_change(m, top)
+            changed[f"{top}/manifest.json"] = json.dumps(m, indent=1).encode()
+            changed[f"{top}/SHA256SUMS"] = sums_text(m, hashlib.sha256(changed[f"{top}/manifest.json"]).hexdigest()).encode()
         for info in src.infolist():
-            data = src.read(info)
             name = info.filename
-            if name == f"{top}/manifest.json" and manifest_change:
-                m = json.loads(data)
-                manifest_change(m, top)
-                data = json.dumps(m, indent=1).encode()
+            data = changed.get(name) or src.read(info)
+            data = (change or {}).get(name.replace(top, "TOP", 1), lambda d: d)(data)
             dst.writestr((rename or {}).get(name, name), data)
         for name, data in extra:
             name = name.replace("TOP", top)
@@ -125,6 +132,10 @@ def listed_bomb(m: dict, top: str) -> None:
 def escaping_manifest(m: dict, top: str) -> None:
     data = b"written outside\n"
     m["files"]["../NAME.txt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])  # the same size: only its sha256 tells
 
 
 def make(what: str, where: Path, env: dict | None = None) -> Path:
@@ -240,6 +251,10 @@ def build_cases(t: Path, good: Path, folder: Path) -> list[tuple[str, list, Path
         ("unlisted 1 GiB of zeros (inspect)", ["inspect", bomb], None),
         ("1 GiB of zeros listed as 100 bytes (inspect)",
          ["inspect", rezip(good, t / "listed.zip", manifest_change=listed_bomb, extra=[("TOP/zeros.bin", BOMB)])], None),
+        ("a file whose sha256 differs (inspect)",
+         ["inspect", rezip(good, t / "sum.zip", change={"TOP/tokenizer.json": flip_last_byte})], None),
+        ("SHA256SUMS that disagrees with the manifest (inspect)",
+         ["inspect", rezip(good, t / "sums.zip", change={"TOP/SHA256SUMS": lambda d: b"0" * 64 + d[64:]})], None),
         ("unlisted run.sh (inspect)", ["inspect", rezip(good, t / "sh.zip", extra=[("TOP/run.sh", b"#!/bin/sh\nrm -rf ~\n")])], None),
         ("entry ../evil (inspect)", ["inspect", rezip(good, t / "dots.zip", extra=[("TOP/../evil", b"x")])], None),
         ("entry /tmp/evil (inspect)", ["inspect", rezip(good, t / "abs.zip", extra=[("/tmp/evil", b"x")])], None),

@@ -2,9 +2,9 @@
 
 A zip is untrusted input. Before anything is written: every entry is a plain relative path (no
 absolute path, drive letter, backslash, '..' or link) under one top folder; that folder's
-manifest.json names only such paths; every other entry is a file the manifest lists, with the size
-it lists (an unlisted entry is refused); the listed total is at most RATIO times the zip (or FLOOR)
-and fits on the cache's disk. Each file is then streamed out, stopped past its listed size, and its
+manifest.json names only such paths; its SHA256SUMS, if any, is exactly what that manifest gives
+(manifest.py); every other entry is a file the manifest lists, with the size it lists (an unlisted
+entry is refused); the listed total is at most RATIO times the zip (or FLOOR) and fits on the cache's disk. Each file is then streamed out, stopped past its listed size, and its
 sha256 checked as it is written. A refusal leaves nothing behind. Extractions live in
 <cache>/unzipped/<zip's sha256>/; the KEEP most recently opened are kept, older ones removed.
 """
@@ -42,9 +42,11 @@ def open_zip(zip_path: str | Path) -> Path:
     with _open(zip_path) as z:
         top = _top_folder(z, zip_path)
         raw, manifest = _read_manifest(z, zip_path, top)
+        sums = _read_sums(z, zip_path, top, manifest, raw)
         entries = _listed_entries(z, zip_path, top, manifest["files"])
         _check_total(zip_path, root, manifest["files"])
-        final = _extract(z, zip_path, top, raw, manifest["files"], entries, root / mf.sha256(zip_path)[:16])
+        final = _extract(z, zip_path, top, {mf.MANIFEST: raw, mf.SUMS: sums}, manifest["files"], entries,
+                         root / mf.sha256(zip_path)[:16])
     _prune(root, keep=final.parent)
     return final
 
@@ -94,10 +96,26 @@ def _read_manifest(z: zipfile.ZipFile, zip_path: Path, top: str) -> tuple[bytes,
     return raw, manifest
 
 
+def _read_sums(z: zipfile.ZipFile, zip_path: Path, top: str, manifest: dict, raw: bytes) -> bytes | None:
+    """The zip's SHA256SUMS (None: a bundle made before it had none), refused unless it is what the manifest gives."""
+    name = f"{top}/{mf.SUMS}"
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        return None
+    data = _read_capped(z, info, zip_path, mf.SUMS_MAX)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SlmExportError(f"{zip_path}: {name} is not UTF-8 text; {ASK}") from None
+    mf.check_sums(text, manifest, hashlib.sha256(raw).hexdigest(), f"{zip_path} ({name})")
+    return data
+
+
 def _read_capped(z: zipfile.ZipFile, info: zipfile.ZipInfo, zip_path: Path, limit: int) -> bytes:
     if info.file_size > limit:
-        raise SlmExportError(f"{zip_path}: {info.filename} is {info.file_size} bytes, more than a manifest's "
-                             f"{limit}; {ASK}")
+        raise SlmExportError(f"{zip_path}: {info.filename} is {info.file_size} bytes, more than the "
+                             f"{limit} slm-export reads of it; {ASK}")
     with _reading(zip_path, info.filename):
         with z.open(info) as f:
             data = f.read(limit + 1)
@@ -111,7 +129,7 @@ def _listed_entries(z: zipfile.ZipFile, zip_path: Path, top: str, files: dict) -
     entries = {}
     for info in z.infolist():
         name = info.filename[len(top) + 1:]
-        if info.is_dir() or name == mf.MANIFEST:
+        if info.is_dir() or name in (mf.MANIFEST, mf.SUMS):
             continue
         if name not in files:
             raise SlmExportError(f"{zip_path} holds {info.filename!r}, which its manifest.json does not list; "
@@ -142,14 +160,17 @@ def _check_total(zip_path: Path, root: Path, files: dict) -> None:
                              "free some space or point SLM_EXPORT_CACHE at a larger disk")
 
 
-def _extract(z, zip_path: Path, top: str, raw: bytes, files: dict, entries: dict, final: Path) -> Path:
-    """Write the manifest and every listed file into a temporary folder, then move it to `final`."""
+def _extract(z, zip_path: Path, top: str, checked: dict, files: dict, entries: dict, final: Path) -> Path:
+    """Write the files read and checked already (`checked`: {name: bytes or None}: the manifest and its
+    SHA256SUMS) and every listed file into a temporary folder, then move it to `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".unzip-", dir=final.parent))
     try:
         folder = tmp / top
         folder.mkdir()
-        (folder / mf.MANIFEST).write_bytes(raw)
+        for name, data in checked.items():
+            if data is not None:
+                (folder / name).write_bytes(data)
         for name, info in entries.items():
             _copy_checked(z, info, folder / name, files[name], zip_path)
         _install(tmp, final)

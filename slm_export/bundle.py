@@ -1,9 +1,10 @@
 """Hand-off: `bundle` (a self-describing folder, optionally zipped) and `inspect`.
 
 A bundle is an artifact folder plus what an app developer needs: a README written for them, the
-latest parity and bench results with the machine they came from, and one manifest whose sha256
-table covers every file. Opening a zip extracts only the files its manifest lists into the cache,
-after refusing anything that would land outside it (slm_export/archive.py).
+latest parity and bench results with the machine they came from (not its name, nor any local path),
+one manifest whose sha256 table covers every file, and SHA256SUMS, the same sha256s for `sha256sum -c`.
+Opening a zip extracts only the files its manifest lists into the cache, after refusing anything
+that would land outside it (slm_export/archive.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import manifest as mf
 from .errors import SlmExportError
@@ -22,18 +24,70 @@ PARITY_FILE = f"{REPORTS}/parity.json"
 BENCH_FILE = f"{REPORTS}/bench.json"
 
 
+CHECK_SUMS = (f"\n## Checking the files\n\nIn this folder, `sha256sum -c {mf.SUMS}` (Linux) or `shasum -a 256 -c {mf.SUMS}` "
+              "(macOS) checks every file against the sha256 it was bundled with; if one fails, download the bundle again.\n")
+
+
 def save_report(folder: Path, name: str, data: dict) -> None:
-    """Keep the latest verify/bench result beside the artifact (best effort: it may be read-only)."""
+    """Keep the latest verify/bench result beside the artifact (best effort: it may be read-only), without
+    the machine's name or the folder's path: what the folder keeps is shared with it. A bundle keeps the
+    results it was made with (its manifest and SHA256SUMS list them)."""
+    if name in _listed(folder):
+        return
     try:
         (Path(folder) / REPORTS).mkdir(exist_ok=True)
-        (Path(folder) / name).write_text(json.dumps(dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z")), indent=1))
+        (Path(folder) / name).write_text(json.dumps(_shareable(dict(data, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z"))),
+                                                    indent=1))
     except OSError:
         pass
 
 
+def _listed(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / mf.MANIFEST).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _shareable(report: dict) -> dict:
+    """A verify or bench report without host names or addresses (the machine's, an SSH device's user@host:port),
+    naming the artifact folder, not its path."""
+    def device(name):
+        url = urlsplit(name) if isinstance(name, str) else None
+        return url.scheme if url and url.netloc else name  # ssh://user@host:port -> ssh
+
+    def machine(m):
+        if not isinstance(m, dict):
+            return m
+        return {k: device(v) if k == "name" else v for k, v in m.items() if k not in ("hostname", "address")}
+
+    def row(r):
+        return {k: machine(v) if k == "machine" else device(v) if k == "device" else v for k, v in r.items()}
+
+    out = {k: machine(v) if k == "machine" else v for k, v in report.items()}
+    if "artifact" in out:
+        out["artifact"] = Path(out["artifact"]).name
+    if "results" in out:
+        out["results"] = [row(r) for r in out["results"]]
+    return out
+
+
 def _latest(folder: Path, name: str) -> dict | None:
-    p = Path(folder) / name
-    return json.loads(p.read_text()) if p.is_file() else None
+    """The report kept in `folder` (as `_shareable` writes it: a folder verified by an older version had names)."""
+    p = mf.inside(folder, name)
+    return _shareable(json.loads(p.read_text())) if p.is_file() else None
+
+
+def _without_paths(manifest: dict) -> dict:
+    """`manifest` with the names of its source and calibration text where an older version recorded their paths."""
+    out = dict(manifest)
+    if out["source"].get("path"):
+        src = out["source"]
+        out["source"] = {**{k: v for k, v in src.items() if k != "path"}, "name": src.get("name") or Path(src["path"]).name}
+    calibration = out["quant"].get("calibration") or {}
+    if calibration.get("file"):
+        out["quant"] = {**out["quant"], "calibration": {**calibration, "file": Path(calibration["file"]).name}}
+    return out
 
 
 def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, force: bool = False) -> Path:
@@ -52,15 +106,16 @@ def bundle(artifact, out: str | Path | None = None, make_zip: bool = False, forc
                 continue
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(mf.inside(src, name), tmp / name)
-        for name in (PARITY_FILE, BENCH_FILE):
-            if (src / name).is_file():
+        reports = {name: _latest(src, name) for name in (PARITY_FILE, BENCH_FILE)}
+        for name, data in reports.items():
+            if data is not None:
                 (tmp / REPORTS).mkdir(exist_ok=True)
-                shutil.copy2(mf.inside(src, name), tmp / name)
-        manifest = {k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")}
+                (tmp / name).write_text(json.dumps(data, indent=1))
+        manifest = _without_paths({k: v for k, v in artifact.manifest.items() if k not in ("files", "schema_version")})
         manifest["bundle"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "parity": _summary_parity(_latest(src, PARITY_FILE)),
-                              "bench": _summary_bench(_latest(src, BENCH_FILE))}
-        (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest))
+                              "parity": _summary_parity(reports[PARITY_FILE]),
+                              "bench": _summary_bench(reports[BENCH_FILE])}
+        (tmp / "README.md").write_text(TARGETS.get(artifact.target)().app_readme(manifest) + CHECK_SUMS)
         mf.write(tmp, manifest)
         if make_zip:  # zipped from the staged folder: a failed zip leaves neither the zip nor the folder
             share_modes(tmp)
@@ -111,15 +166,13 @@ def open_path(path: str | Path) -> Path:
 
 
 def inspect(path: str | Path) -> dict:
-    """What a bundle or artifact holds, with the checksum status (a changed file in a folder is reported, not
-    raised; a zip with one is refused while it is extracted)."""
+    """What a bundle or artifact holds; a missing or changed file (or a SHA256SUMS that disagrees with the
+    manifest) is refused, naming it."""
     folder = open_path(path)
     manifest = mf.read(folder)
-    try:
-        mf.check_files(folder, manifest)
-        checksums = "ok: every file matches manifest.json"
-    except SlmExportError as e:
-        checksums = f"FAILED: {e}"
+    mf.check_files(folder, manifest)
+    checksums = (f"ok: every file matches manifest.json and {mf.SUMS}" if (folder / mf.SUMS).is_file()
+                 else f"ok: every file matches manifest.json (no {mf.SUMS}: exported before slm-export wrote one)")
     return {
         "path": str(folder), "target": manifest["target"], "runtime": manifest["runtime"],
         "architecture": manifest["architecture"], "source": manifest["source"], "quant": manifest["quant"]["label"],

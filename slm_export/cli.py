@@ -165,6 +165,12 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
                         "and also compare with this machine's run; limits:PROFILE: this machine's runtime under its limits")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="runtime threads; default: all cores (capped by a device profile)")
+    p.add_argument("-m", "--model", default=None, metavar="PATH|ID",
+                   help="the model the artifact was exported from (a folder, .gguf file or hub id); default: the "
+                        "one its manifest names, found where this machine read it")
+    p.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="the --calibration-text file the artifact was exported with (its manifest gives its name "
+                        "and sha256); needed where this machine did not read it")
 
 
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
@@ -314,7 +320,7 @@ def cmd_verify(a):
     _check_report_files(a)
     art = Artifact.open(a.artifact)
     report = art.verify(prompt_tokens=a.prompt_tokens, decode_steps=a.decode_steps, perplexity=not a.no_perplexity,
-                        device=a.device, threads=a.threads)
+                        device=a.device, threads=a.threads, model_path=a.model, calibration_text=a.calibration_text)
     print(json.dumps(report.to_dict(), indent=1) if a.format == "json" else report.format())
     if a.json_out:
         write_json(report, a.json_out)

@@ -1,4 +1,10 @@
-"""manifest.json: what an artifact folder holds and how it was made, with a sha256 per file."""
+"""manifest.json: what an artifact folder holds and how it was made, with a sha256 per file.
+
+Beside it, SHA256SUMS gives the same sha256s (and manifest.json's own) in the format of `sha256sum`,
+so an app developer checks a folder with `sha256sum -c SHA256SUMS` (`shasum -a 256 -c` on macOS)
+without slm-export. It is derived from the manifest's file table when the manifest is written, never
+computed apart, and `check_files` refuses a folder where the two disagree.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +14,10 @@ from pathlib import Path
 from .errors import SlmExportError
 
 MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
 SCHEMA_VERSION = 1
+SUMS_MAX = 16 << 20  # a SHA256SUMS larger than this is not one slm-export wrote
+REDO = "re-export the artifact, or re-create the bundle (`slm-export bundle`) or download it again"
 
 
 def sha256(path: Path) -> str:
@@ -20,15 +29,51 @@ def sha256(path: Path) -> str:
 
 
 def file_table(folder: Path) -> dict:
-    return {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
-    }
+    """{relative name: bytes and sha256} of every file under `folder` but manifest.json and SHA256SUMS."""
+    table = {}
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if p.is_file() and name not in (MANIFEST, SUMS):
+            table[name] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    return table
 
 
 def write(folder: Path, manifest: dict) -> None:
+    """Write manifest.json (with the file table of `folder`) and SHA256SUMS derived from it."""
     manifest = dict(manifest, schema_version=SCHEMA_VERSION, files=file_table(folder))
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    raw = json.dumps(manifest, indent=1).encode()
+    (folder / MANIFEST).write_bytes(raw)
+    (folder / SUMS).write_text(sums_text(manifest, hashlib.sha256(raw).hexdigest()), encoding="utf-8")
+
+
+def expected_sums(manifest: dict, manifest_sha256: str) -> dict:
+    """{name: sha256} that SHA256SUMS gives: the manifest's file table and manifest.json itself."""
+    return {**{name: meta["sha256"] for name, meta in manifest["files"].items()}, MANIFEST: manifest_sha256}
+
+
+def sums_text(manifest: dict, manifest_sha256: str) -> str:
+    """SHA256SUMS: `<sha256>  <name>` per line, sorted by name (what `sha256sum` writes and `-c` reads)."""
+    return "".join(f"{h}  {n}\n" for n, h in sorted(expected_sums(manifest, manifest_sha256).items()))
+
+
+def check_sums(text: str, manifest: dict, manifest_sha256: str, where: str) -> None:
+    """Refuse a SHA256SUMS (`where` names it) that is not exactly what the manifest gives."""
+    want = expected_sums(manifest, manifest_sha256)
+    got = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or name in got:
+            raise SlmExportError(f"{where} line {i} is not `<sha256>  <file>` (or repeats a file); {REDO}")
+        got[name] = digest
+    for name in sorted(set(want) | set(got)):
+        if name == MANIFEST and got.get(name) not in (None, want[name]):
+            raise SlmExportError(f"{MANIFEST} does not match its sha256 in {where}: it was changed after export; {REDO}")
+        if name not in got:
+            raise SlmExportError(f"{where} lacks {name}, which {MANIFEST} lists; {REDO}")
+        if name not in want:
+            raise SlmExportError(f"{where} lists {name}, which {MANIFEST} does not; {REDO}")
+        if got[name] != want[name]:
+            raise SlmExportError(f"{where} and {MANIFEST} give {name} different sha256s; {REDO}")
 
 
 def read(folder: str | Path) -> dict:
@@ -137,15 +182,28 @@ def inside(folder: Path, name: str) -> Path:
 
 
 def check_files(folder: Path, manifest: dict) -> None:
-    """Refuse a folder whose files are missing, truncated or changed since export, or link out of it."""
+    """Refuse a folder whose files are missing, truncated or changed since export, or link out of it, or
+    whose SHA256SUMS (where there is one: folders exported before it have none) disagrees with the manifest."""
+    folder = Path(folder)
+    sums = inside(folder, SUMS)
+    if sums.is_file():
+        if sums.stat().st_size > SUMS_MAX:
+            raise SlmExportError(f"{sums} is {sums.stat().st_size} bytes, not a SHA256SUMS slm-export wrote; {REDO}")
+        try:
+            text = sums.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SlmExportError(f"{sums} is not UTF-8 text; {REDO}") from None
+        check_sums(text, manifest, sha256(folder / MANIFEST), str(sums))
     for name, meta in manifest["files"].items():
         p = inside(folder, name)
         if not p.is_file():
-            raise SlmExportError(f"{p} listed in the manifest is missing; re-export or re-copy the artifact")
+            raise SlmExportError(f"{p} listed in the manifest is missing; {REDO}")
         if p.stat().st_size != meta["bytes"]:
-            raise SlmExportError(f"{p} is {p.stat().st_size} bytes, the manifest says {meta['bytes']}: truncated or changed")
+            raise SlmExportError(f"{p} is {p.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                                 f"truncated or changed; {REDO}")
         if sha256(p) != meta["sha256"]:
-            raise SlmExportError(f"{p} does not match its sha256 in the manifest: the file was changed after export")
+            raise SlmExportError(f"{p} does not match its sha256 in the manifest and {SUMS}: "
+                                 f"the file was changed after export; {REDO}")
 
 
 def source_label(source: dict) -> str:

@@ -24,6 +24,7 @@ from .quantize import QuantSpec
 from .quantize.calibration import MAX_TOKENS
 from .quantize.spec import quant_label, resolve_spec
 from .quantize.methods import CALIBRATED
+from .sources import model_record
 from .staging import check_destination, check_free_space, drop_note, staged_folder, write_note
 
 REPORT_FILE = "quant_report.json"
@@ -133,7 +134,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
         "runtime": result.runtime or exporter.runtime,
         "model_file": result.model_file,
         "target_extra": result.extra,
-        "source": loaded.source,
+        "source": model_record(loaded.source),  # its name and sha256, not its path
         "architecture": decoder.architecture,
         "model": {
             "layers": decoder.num_layers, "hidden_size": decoder.hidden_size, "heads": decoder.num_heads,
@@ -259,12 +260,12 @@ def _calibration_ids(tokenizer, path, user_text: str | None) -> dict:
         raise SlmExportError("--calibration-text needs the model's tokenizer; this model has none")
     if tokenizer is None:
         return {}  # the exporter calibrates on random ids and says so in the manifest
-    from .quantize.replay import text_fingerprint
+    from .sources import text_record, text_sha256
 
     text = calibration_text() if user_text is None else user_text
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    record = {"file": None if user_text is None else str(Path(path).expanduser().resolve()),
-              "sha256": text_fingerprint(text)}
+    # the shipped passage is known by its sha256; the user's file by its name and sha256 (not its path)
+    record = {"file": None, "sha256": text_sha256(text)} if user_text is None else text_record(path, text)
     if user_text is None:
         return {"text_ids": ids, "text_record": record}
     if len(ids) < MIN_CALIBRATION_TOKENS:

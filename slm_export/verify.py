@@ -393,8 +393,11 @@ def _open_verify_device(device: str | None, options: dict | None):
 def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: int = 32,
            perplexity: bool = True, perplexity_tokens: int = 2048, threads: int | None = None,
            tolerances: dict[str, Tolerance] | None = None, device: str | None = None,
-           device_options: dict | None = None) -> ParityReport:
-    """Compare `artifact` with PyTorch. `reference`: a model object; by default the recorded source.
+           device_options: dict | None = None, model_path: str | None = None,
+           calibration_text: str | None = None) -> ParityReport:
+    """Compare `artifact` with PyTorch. `reference`: a model object; by default the recorded source, found
+    where this machine read it (slm_export/sources.py) or at `model_path` (a folder, .gguf file or hub id).
+    `calibration_text`: the user's calibration file the export read, where this machine did not read it.
 
     `device`: run the artifact there (e.g. sim:raspberry-pi-5 under ARM emulation) and also compare
     it with this machine's run."""
@@ -403,27 +406,32 @@ def verify(artifact, reference=None, *, prompt_tokens: int = 128, decode_steps: 
     with reused():  # the weight check and a re-quantized same-quant reference share one re-quantization
         return _verify(artifact, reference, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
                        perplexity=perplexity, perplexity_tokens=perplexity_tokens, threads=threads,
-                       tolerances=tolerances, device=device, device_options=device_options)
+                       tolerances=tolerances, device=device, device_options=device_options,
+                       model_path=model_path, calibration_text=calibration_text)
 
 
 def _verify(artifact, reference, *, prompt_tokens, decode_steps, perplexity, perplexity_tokens, threads,
-            tolerances, device, device_options) -> ParityReport:
+            tolerances, device, device_options, model_path, calibration_text) -> ParityReport:
     import platform
 
     from .errors import RuntimeUnavailable
     from .exporters import TARGETS
     from .loading import from_object, load
     from .runtimes.replay import run_steps
+    from .sources import find_model, find_text
 
     check_lengths(artifact.manifest, prompt_tokens, decode_steps)  # before anything loads
+    src = artifact.manifest["source"]
+    if reference is None and src.get("kind") == "object" and not model_path:
+        raise SlmExportError(
+            "this artifact was exported from an in-memory model; verify it from Python: artifact.verify(reference=model)")
+    where = find_model(src, model_path) if reference is None else None
+    calibration = artifact.manifest["quant"].get("calibration") or {}
+    if calibration.get("file") is not None:  # the user's text, which the weight check quantizes with again
+        find_text(calibration, calibration_text)
     codec, ids = _prompt_ids(artifact, prompt_tokens)
     dev = _open_verify_device(device, device_options)
-    src = artifact.manifest["source"]
     if reference is None:
-        if src.get("kind") == "object":
-            raise SlmExportError(
-                "this artifact was exported from an in-memory model; verify it from Python: artifact.verify(reference=model)")
-        where = src.get("name") if src.get("kind") == "gguf" and src.get("name") else (src.get("path") or src.get("id"))
         loaded = load(where, tokenizer=False)  # the reference model; the artifact has the tokenizer
         model = loaded.model
     else:

@@ -146,12 +146,12 @@ def test_missing_or_changed_genai_config_is_refused(tiny_genai, tmp_path):
     original = config.read_text()
     config.write_text(original.replace('"max_length": 96', '"max_length": 95'))  # same size
     code, out, err = run_cli("inspect", bundle)
-    assert code == 2 and "genai_config.json does not match its sha256" in out, out + err
+    assert code == 2 and "genai_config.json does not match its sha256" in err, out + err
     code, _, err = run_cli("verify", bundle, "--no-perplexity")
     assert code == 2 and "genai_config.json" in err and "Traceback" not in err
     config.unlink()
     code, out, err = run_cli("inspect", bundle)
-    assert code == 2 and "genai_config.json listed in the manifest is missing" in out, out + err
+    assert code == 2 and "genai_config.json listed in the manifest is missing" in err, out + err
     code, _, err = run_cli("verify", bundle, "--no-perplexity")
     assert code == 2 and "genai_config.json" in err and "Traceback" not in err
     # a manifest that still says genai reads it but no longer lists it (edited by hand) is refused too

@@ -236,6 +236,39 @@ def test_changed_or_missing_file_in_zip_is_refused(tmp_path, cache, change):
     _refused(["inspect", z], tmp_path, cache, z, "tokenizer.json")
 
 
+def _sums(manifest: dict) -> bytes:
+    """The SHA256SUMS `bundle` writes beside `manifest` (as _zip serializes it)."""
+    from slm_export.manifest import sums_text
+
+    return sums_text(manifest, hashlib.sha256(json.dumps(manifest).encode()).hexdigest()).encode()
+
+
+def test_zip_with_its_sha256sums_opens_with_it(tmp_path, cache):
+    m = _manifest(FILES)
+    folder = open_path(_zip(tmp_path / "good.zip", FILES, m, extra=[("bundle/SHA256SUMS", _sums(m))]))
+    assert (folder / "SHA256SUMS").read_bytes() == _sums(m)
+    assert run_cli("inspect", folder)[1].count("matches manifest.json and SHA256SUMS") == 1
+
+
+@pytest.mark.parametrize("edit", ["other sha256", "unlisted file", "file left out", "manifest changed", "not sums"])
+def test_zip_whose_sha256sums_disagrees_with_its_manifest_is_refused(tmp_path, cache, edit):
+    m = _manifest(FILES)
+    lines = _sums(m).decode().splitlines()
+    if edit == "other sha256":
+        lines = ["0" * 64 + line[64:] if line.endswith("  model.onnx") else line for line in lines]
+    elif edit == "unlisted file":
+        lines.append("0" * 64 + "  run.sh")
+    elif edit == "file left out":
+        lines = [line for line in lines if not line.endswith("  tokenizer.json")]
+    elif edit == "manifest changed":  # SHA256SUMS of the manifest as bundled, then the manifest edited
+        m = _manifest(FILES, max_context=32)
+    else:
+        lines = ["this is not a checksum"]
+    sums = "".join(f"{line}\n" for line in lines).encode()
+    z = _zip(tmp_path / "sums.zip", FILES, m, extra=[("bundle/SHA256SUMS", sums)])
+    _refused(["inspect", z], tmp_path, cache, z, "SHA256SUMS")
+
+
 def test_cache_keeps_the_last_extractions(tmp_path, cache):
     folders = []
     for i in range(archive.KEEP + 2):

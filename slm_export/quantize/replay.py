@@ -7,7 +7,6 @@ same-quant reference from them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,30 +14,21 @@ from pathlib import Path
 from ..errors import SlmExportError
 
 
-def text_fingerprint(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def recorded_calibration_ids(folder: Path, manifest: dict, vocab_size: int) -> list[int]:
     """The calibration token ids an export used, from what its manifest recorded."""
     import numpy as np
 
+    from ..sources import find_text, text_sha256
     from ..text import TextCodec
     from .calibration import MAX_TOKENS, calibration_text
 
     cal = manifest["quant"].get("calibration") or {}
     if cal.get("random_ids"):  # the model had no tokenizer: ExportOptions.calibration's ids
         return np.random.default_rng(0).integers(0, vocab_size, cal["random_ids"]).tolist()
-    path = cal.get("file")
-    if path is None:
-        text = calibration_text()
-    else:
-        p = Path(path)
-        if not p.is_file() or text_fingerprint(p.read_text(encoding="utf-8")) != cal.get("sha256"):
-            raise SlmExportError(f"the same-quant reference needs the calibration text this artifact was exported "
-                                 f"with ({path}, sha256 {str(cal.get('sha256'))[:12]}); it is missing or changed")
-        text = p.read_text(encoding="utf-8")
-    if text_fingerprint(text) != cal.get("sha256", text_fingerprint(text)):
+    if cal.get("file") is not None:  # the user's text: found where this machine read it, or verify --calibration-text
+        return TextCodec(Path(folder), manifest).encode(find_text(cal), add_special_tokens=False)[:MAX_TOKENS]
+    text = calibration_text()
+    if text_sha256(text) != cal.get("sha256", text_sha256(text)):
         raise SlmExportError("the shipped calibration passage differs from the one this artifact was exported with; "
                              "re-export it with this version of slm-export")
     return TextCodec(Path(folder), manifest).encode(text, add_special_tokens=False)[:MAX_TOKENS]
