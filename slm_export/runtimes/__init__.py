@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from ..registry import Registry
 
-RUNTIMES: Registry = Registry("runtime")
+RUNTIMES: Registry = Registry("runtime")  # the manifest's `runtime`: slm-export's runner for the target
+# An app's own runtime that opens an export as it is (`bench --runtime stock`): runtimes/base.StockRunner.
+STOCK_RUNTIMES: Registry = Registry("stock runtime")
 
 
 def _register_builtin_runtimes() -> None:
     from . import coreml, executorch, onnx  # noqa: F401  (register "coreml", "executorch", "onnxruntime"; SDKs load lazily)
+    from . import et_llm, genai  # noqa: F401  (register "executorch-llm-runner", "onnxruntime-genai")
 
 
 _register_builtin_runtimes()
