@@ -53,6 +53,14 @@ def _choices() -> Registry:
     return choices
 
 
+def runtime_words(runtime: str) -> str:
+    """`runtime` if each of its comma-separated words is a choice (else one line listing them), before anything opens."""
+    choices = _choices()
+    for word in runtime.split(","):
+        choices.get(word.strip())
+    return runtime
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -63,7 +71,7 @@ def runtime_plan(manifest: dict, runtime: str, say=_say) -> list[str | None]:
     A stock runtime asked for by `stock` or its name that cannot run (not applicable to the export, not
     installed) is refused in one line; under `all` that line goes to `say` and the rest is measured."""
     choices, plan = _choices(), []
-    for word in [w.strip() for w in runtime.split(",") if w.strip()] or ["ours"]:
+    for word in [w.strip() for w in runtime_words(runtime).split(",")]:
         ours, names = choices.get(word)
         if ours and OURS not in plan:
             plan.append(OURS)

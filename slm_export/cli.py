@@ -128,6 +128,12 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                         "machine has (free memory, cgroup limit, ulimit -v); it may then be killed")
 
 
+def _runtime_words(value: str) -> str:
+    from .bench import runtime_words
+
+    return runtime_words(value)
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int_list_at_least(1), default="32,512",
                    help="comma-separated prompt lengths; default 32,512")
@@ -135,7 +141,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=8, help="decode steps run before timing starts")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per prompt length (medians are reported)")
     p.add_argument("--threads", type=positive_int, default=None, help="runtime threads; default: all cores")
-    p.add_argument("--runtime", default="ours", metavar="NAME[,NAME]",
+    p.add_argument("--runtime", default="ours", metavar="NAME[,NAME]", type=_runtime_words,
                    help="what runs the artifact: ours (slm-export's runner), stock (the runtime an app uses as it is: "
                         "onnxruntime-genai for ONNX, ExecuTorch's TextLLMRunner, executorch-llm-runner, for a .pte), "
                         "all (both, a row each), or a stock runtime's name; measured alike, on this machine")
