@@ -62,7 +62,9 @@ def _say(progress: bool, text: str) -> None:
 
 
 def open_measured(folder: str, runtime: str | None, threads: int | None):
-    """(the runtime's class, its runner on `folder`): the artifact's own runtime, or the stock runtime named."""
+    """(the runtime's class, a function opening its runner on `folder`): the artifact's own runtime by
+    default; else the stock runtime named, or another of ours that runs the same files (executorch-pybind
+    for a .pte, which benchmarks/stock_runtimes.py measures)."""
     from ..manifest import read
     from . import RUNTIMES, STOCK_RUNTIMES, open_folder_runner
 
@@ -71,7 +73,7 @@ def open_measured(folder: str, runtime: str | None, threads: int | None):
         cls = RUNTIMES.get(manifest["runtime"])
         cls.import_sdk()
         return cls, lambda: open_folder_runner(folder, threads)  # this process holds the runtime alone
-    cls = STOCK_RUNTIMES.get(runtime)
+    cls = RUNTIMES.get(runtime) if runtime in RUNTIMES else STOCK_RUNTIMES.get(runtime)
     cls.import_sdk()
     return cls, lambda: cls(Path(folder), manifest, threads)
 
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--runtime", default=None, help="a stock runtime's name (runtimes.STOCK_RUNTIMES); default: the artifact's")
+    ap.add_argument("--runtime", default=None, help="a stock runtime's name (runtimes.STOCK_RUNTIMES) or another runtime that runs the files; default: the artifact's")
     ap.add_argument("--progress", action="store_true", help="print progress lines to stderr")
     a = ap.parse_args(argv)
     from ..errors import SlmExportError
