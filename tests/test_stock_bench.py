@@ -60,12 +60,12 @@ def test_own_kernel_pte_is_refused_by_the_stock_runner_in_one_line(tmp_path_fact
     require_extra("executorch", "executorch")
     art = _export(tmp_path_factory, "executorch", bits=16, kv_bits=16)
     assert art.manifest["target_extra"]["own_kernels"]  # the fp16 KV cache's slm:: ops
-    code, out, err = run_cli("bench", art.path, "--runtime", "stock")
+    short = ("--prompt-tokens", "8", "--decode-tokens", "3", "--repeats", "1", "--warmup", "0")
+    code, out, err = run_cli("bench", art.path, "--runtime", "stock", *short)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
     assert "executorch-llm-runner is not applicable" in err and "slm::sdpa" in err and "--kv-bits 32" in err
     # under `all`: our runner's rows, and that one line (no empty row for the stock runner)
-    code, out, err = run_cli("bench", art.path, "--runtime", "all", "--prompt-tokens", "8", "--decode-tokens", "3",
-                             "--repeats", "1", "--warmup", "0", "--format", "json", "-q")
+    code, out, err = run_cli("bench", art.path, "--runtime", "all", *short, "--format", "json", "-q")
     assert code == 0, err
     assert [r["runtime"] for r in json.loads(out)["results"]] == ["executorch"]
     assert [line for line in err.splitlines() if "executorch-llm-runner" in line] == [
