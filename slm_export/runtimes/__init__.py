@@ -1,8 +1,9 @@
 """Runtimes, registered by name: each executes one target's files behind the `Runner` interface.
 
 This package must never import torch itself: benchmarks measure the runner's memory in a process
-that holds only the runtime, as an app would. (ExecuTorch's Python bindings link libtorch, so that
-one runtime's process holds torch; its results say so and keep the baseline RSS beside the peak.)
+that holds only the runtime, as an app would. (ExecuTorch's Python bindings link libtorch, so the
+processes of the runtimes that use them, executorch-pybind and ExecuTorch's LLM runner, hold torch;
+their results keep the baseline RSS beside the peak.)
 """
 from __future__ import annotations
 
