@@ -2,8 +2,9 @@
 
 Run as `python -m slm_export.runtimes.measure FOLDER --prompt-ids IDS.json [--runtime NAME] ...`; it
 prints one JSON list of BenchResult dicts. The runtime is the artifact's own (slm-export's runner) or a
-stock one (an app's own runtime with its own generation loop, `--runtime onnxruntime-genai`), measured alike. It imports the runtime only (no torch, no tokenizer), so the
-peak RSS is what an app holding this model would pay. Devices run this same module remotely.
+stock one (an app's own runtime with its own generation loop, `--runtime onnxruntime-genai`), measured
+alike. It imports the runtime only (no torch, no tokenizer), so the peak RSS is what an app holding this
+model would pay. Devices run this same module remotely.
 """
 from __future__ import annotations
 
