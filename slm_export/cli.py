@@ -129,6 +129,12 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                         "machine has (free memory, cgroup limit, ulimit -v); it may then be killed")
 
 
+def _runtime_words(value: str) -> str:
+    from .bench import runtime_words
+
+    return runtime_words(value)
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int_list_at_least(1), default="32,512",
                    help="comma-separated prompt lengths; default 32,512")
@@ -136,6 +142,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=8, help="decode steps run before timing starts")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per prompt length (medians are reported)")
     p.add_argument("--threads", type=positive_int, default=None, help="runtime threads; default: all cores")
+    p.add_argument("--runtime", default="ours", metavar="NAME[,NAME]", type=_runtime_words,
+                   help="what runs the artifact: ours (slm-export's runner), stock (the runtime an app uses as it is: "
+                        "onnxruntime-genai for ONNX, ExecuTorch's TextLLMRunner, executorch-llm-runner, for a .pte), "
+                        "all (both, a row each), or a stock runtime's name; measured alike, on this machine")
     p.add_argument("-d", "--device", default=THIS_MACHINE,
                    help="local (this machine, default), ssh://user@host[:port], sim:PROFILE (ARM profiles: the real ARM runtime "
                         "under QEMU, no timings), limits:PROFILE (this machine's runtime under the profile's threads and "
@@ -289,7 +299,7 @@ def _bench(art, a):
                    provision=a.provision or None, remote_python=a.remote_python)
     rows = art.bench(device=a.device, prompt_tokens=a.prompt_tokens,
                      decode_tokens=a.decode_tokens, warmup=a.warmup, repeats=a.repeats, threads=a.threads,
-                     device_options={k: v for k, v in options.items() if v is not None})
+                     runtime=a.runtime, device_options={k: v for k, v in options.items() if v is not None})
     print(PRINTERS[a.format](rows))
     if a.json_out:
         Path(a.json_out).write_text(format_json(rows))
@@ -446,7 +456,7 @@ def _prepare_device(spec: str | None) -> int:
 INSTALL = {
     "torch": "pip install torch==2.13.0 (the CPU build this project is tested with; install it before slm-export)",
     "executorch": 'pip install "slm-export[executorch]"', "torchao": 'pip install "slm-export[executorch]"',
-    "coremltools": 'pip install "slm-export[coreml]"',
+    "coremltools": 'pip install "slm-export[coreml]"', "onnxruntime_genai": 'pip install "slm-export[genai]"',
 }
 NEEDS_TORCH = ("export", "demo", "verify")  # they load the model in PyTorch
 

@@ -16,7 +16,7 @@ class BenchResult:
     system: str  # what ran, e.g. "slm-export onnx int4-g32-sym-a8" or "llama.cpp Q4_0"
     model: str
     target: str = ""
-    runtime: str = ""
+    runtime: str = ""  # what ran it: the artifact's own (slm-export's runner) or a stock one (bench --runtime)
     device: str = "local"
     simulated: bool = False  # measured here under another device's limits: the timings are this machine's
     # The device's CPU emulated (QEMU) running its real runtime build, e.g. "qemu-aarch64 7.2.22 -cpu cortex-a76".
@@ -61,7 +61,7 @@ class BenchResult:
 
 
 TABLE_COLUMNS = [
-    ("system", "system", "{}"), ("model", "model", "{}"), ("artifact_mb", "size MB", "{:.1f}"),
+    ("system", "system", "{}"), ("runtime", "runtime", "{}"), ("model", "model", "{}"), ("artifact_mb", "size MB", "{:.1f}"),
     ("threads", "thr", "{}"), ("load_s", "load s", "{:.2f}"), ("prompt_tokens", "prompt", "{}"),
     ("ttft_ms", "TTFT ms", "{:.1f}"), ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
     ("decode_tok_s", "decode tok/s", "{:.1f}"), ("decode_tok_s_min", "min", "{:.1f}"),

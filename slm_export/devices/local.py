@@ -31,11 +31,13 @@ def describe() -> dict:
 
 
 def measure_command(python: str, folder: str, prompt_file: str, *, decode_tokens: int, warmup: int, repeats: int,
-                    threads: int | None, progress: bool = False) -> list[str]:
+                    threads: int | None, progress: bool = False, runtime: str | None = None) -> list[str]:
     cmd = [python, "-m", "slm_export.runtimes.measure", str(folder), "--prompt-ids", prompt_file,
            "--decode-tokens", str(decode_tokens), "--warmup", str(warmup), "--repeats", str(repeats)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if runtime:
+        cmd += ["--runtime", runtime]
     if progress:
         cmd.append("--progress")
     return cmd
@@ -70,6 +72,7 @@ class LocalDevice:
     simulated = False
     emulates = False  # runs another CPU's build of the runtime under emulation (sim: on an ARM profile)
     emulated = ""  # what emulates the device's CPU, e.g. "qemu-aarch64 7.2 -cpu cortex-a76"; empty when native
+    stock_runtimes = True  # measure(runtime=...) runs an app's own runtime (bench --runtime stock): this machine's
 
     def __init__(self, profile=None, **_ssh_options):  # the CLI's SSH flags mean nothing here
         from .profiles import load_profile
@@ -98,14 +101,14 @@ class LocalDevice:
             raise RuntimeError(f"the runner did not finish within {timeout_s:.0f}s") from None
         return proc.returncode, out, err
 
-    def measure(self, folder, *, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
-                threads: int | None, timeout_s: float = 1800, cap=None) -> list[dict]:
+    def measure(self, folder, *, prompts: list, decode_tokens: int, warmup: int, repeats: int,
+                threads: int | None, timeout_s: float = 1800, cap=None, runtime: str | None = None) -> list[dict]:
         from .. import manifest as mf
 
         prompt_file = write_prompts(prompts)
         try:
             cmd = measure_command("python", folder, prompt_file, decode_tokens=decode_tokens, warmup=warmup,
-                                  repeats=repeats, threads=threads)
+                                  repeats=repeats, threads=threads, runtime=runtime)
             code, out, err = self._run_child(cmd[1:], mf.read(folder)["runtime"], timeout_s, cap)
             return read_measure_output(code, out, err, where=f" under {self.name}" if cap else "")
         finally:

@@ -127,14 +127,15 @@ class LimitedDevice(LocalDevice):
         cap = min(self.profile.big_cores, len(os.sched_getaffinity(0)))
         return min(threads or cap, cap)
 
-    def measure(self, folder, *, prompts, decode_tokens, warmup, repeats, threads, timeout_s: float = 1800):
+    def measure(self, folder, *, prompts, decode_tokens, warmup, repeats, threads, timeout_s: float = 1800,
+                runtime: str | None = None):
         self.check_format(folder)
         cap = MemoryCap(self.profile.app_budget_mb)
         self.last_memory_limit = cap.mechanism
         try:
             return super().measure(folder, prompts=prompts, decode_tokens=decode_tokens, warmup=warmup,
                                    repeats=repeats, threads=self.capped_threads(threads),
-                                   timeout_s=timeout_s, cap=cap)
+                                   timeout_s=timeout_s, cap=cap, runtime=runtime)
         except RunnerKilled as e:
             raise RunnerKilled(
                 f"killed at the {self.profile.name} app memory budget of {self.profile.app_budget_mb:.0f} MB "
@@ -161,6 +162,7 @@ class SimulatedDevice(LimitedDevice):
 
         super().__init__(profile_name, profile, **options)
         self.emulates = bool(self.profile.qemu_cpu) and not host_is_arm()
+        self.stock_runtimes = not self.emulates  # the emulated device has slm-export's runtimes' ARM builds only
         self._arm: dict = {}  # runtime -> its prepared environment
 
     def arm(self, runtime: str):

@@ -1,18 +1,22 @@
 """Runtimes, registered by name: each executes one target's files behind the `Runner` interface.
 
 This package must never import torch itself: benchmarks measure the runner's memory in a process
-that holds only the runtime, as an app would. (ExecuTorch's Python bindings link libtorch, so that
-one runtime's process holds torch; its results say so and keep the baseline RSS beside the peak.)
+that holds only the runtime, as an app would. (ExecuTorch's Python bindings link libtorch, so the
+processes of the runtimes that use them, executorch-pybind and ExecuTorch's LLM runner, hold torch;
+their results keep the baseline RSS beside the peak.)
 """
 from __future__ import annotations
 
 from ..registry import Registry
 
-RUNTIMES: Registry = Registry("runtime")
+RUNTIMES: Registry = Registry("runtime")  # the manifest's `runtime`: slm-export's runner for the target
+# An app's own runtime that opens an export as it is (`bench --runtime stock`): runtimes/base.StockRunner.
+STOCK_RUNTIMES: Registry = Registry("stock runtime")
 
 
 def _register_builtin_runtimes() -> None:
     from . import coreml, executorch, onnx  # noqa: F401  (register "coreml", "executorch", "onnxruntime"; SDKs load lazily)
+    from . import et_llm, genai  # noqa: F401  (register "executorch-llm-runner", "onnxruntime-genai")
 
 
 _register_builtin_runtimes()

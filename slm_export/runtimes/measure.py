@@ -1,8 +1,10 @@
 """Measure one artifact in this process: load, time to first token, prefill and decode speed, RSS.
 
-Run as `python -m slm_export.runtimes.measure FOLDER --prompt-ids IDS.json ...`; it prints one JSON
-list of BenchResult dicts. It imports the runtime only (no torch, no tokenizer), so the
-peak RSS is what an app holding this model would pay. Devices run this same module remotely.
+Run as `python -m slm_export.runtimes.measure FOLDER --prompt-ids IDS.json [--runtime NAME] ...`; it
+prints one JSON list of BenchResult dicts. The runtime is the artifact's own (slm-export's runner) or a
+stock one (an app's own runtime with its own generation loop, `--runtime onnxruntime-genai`), measured
+alike. It imports the runtime only (no torch, no tokenizer), so the peak RSS is what an app holding this
+model would pay. Devices run this same module remotely.
 """
 from __future__ import annotations
 
@@ -62,34 +64,40 @@ def _say(progress: bool, text: str) -> None:
         print(f"progress: {text}", file=sys.stderr, flush=True)
 
 
-def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: int, repeats: int,
-            threads: int | None, progress: bool = False) -> list[dict]:
+def open_measured(folder: str, runtime: str | None, threads: int | None):
+    """(the runtime's class, a function opening its runner on `folder`): the artifact's own runtime by
+    default; else the stock runtime named, or another of ours that runs the same files (executorch-pybind
+    for a .pte, which benchmarks/stock_runtimes.py measures)."""
     from ..manifest import read
-    from . import RUNTIMES, open_folder_runner
+    from . import RUNTIMES, STOCK_RUNTIMES, open_folder_runner
 
-    runtime = RUNTIMES.get(read(Path(folder))["runtime"])  # the parent checked the files
-    runtime.import_sdk()
+    manifest = read(Path(folder))  # the parent checked the files
+    if runtime is None or runtime == manifest["runtime"]:
+        cls = RUNTIMES.get(manifest["runtime"])
+        cls.import_sdk()
+        return cls, lambda: open_folder_runner(folder, threads)  # this process holds the runtime alone
+    cls = RUNTIMES.get(runtime) if runtime in RUNTIMES else STOCK_RUNTIMES.get(runtime)
+    cls.import_sdk()
+    return cls, lambda: cls(Path(folder), manifest, threads)
+
+
+def measure(folder: str, prompts: list, decode_tokens: int, warmup: int, repeats: int,
+            threads: int | None, progress: bool = False, runtime: str | None = None) -> list[dict]:
+    """Each prompt (its ids, or {"ids", "text"}): `repeats` runs to the first token, then one run of
+    warmup + decode_tokens more tokens, the last decode_tokens timed; the same for every runtime."""
+    cls, open_runner = open_measured(folder, runtime, threads)
     baseline = rss_mb()  # Python + the runtime's library, before the model
     t0 = time.perf_counter()
-    runner = open_folder_runner(folder, threads)  # this process holds the runtime alone
+    runner = open_runner()
     load_s = time.perf_counter() - t0
     _say(progress, f"loaded in {load_s:.2f}s ({rss_mb():.0f} MB resident)")
     rows = []
-    for ids in prompts:
+    for prompt in prompts:
+        ids, text = (prompt["ids"], prompt.get("text")) if isinstance(prompt, dict) else (prompt, None)
         p = len(ids)
         runner.check_room(p + warmup + decode_tokens)
-        ttft = []
-        for _ in range(repeats):
-            runner.reset(p + warmup + decode_tokens + 1)
-            t = time.perf_counter()
-            tok = int(np.argmax(runner.forward(ids)[-1]))
-            ttft.append((time.perf_counter() - t) * 1000)
-        steps = []
-        for i in range(warmup + decode_tokens):
-            t = time.perf_counter()
-            tok = int(np.argmax(runner.forward([tok])[-1]))
-            if i >= warmup:
-                steps.append((time.perf_counter() - t) * 1000)
+        ttft = [runner.timed_generate(ids, 1, text).ttft_ms for _ in range(repeats)]
+        steps = runner.timed_generate(ids, 1 + warmup + decode_tokens, text).step_ms[warmup:]
         tok_s = sorted(1000.0 / s for s in steps)
         ttft_med = statistics.median(ttft)
         _say(progress, f"prompt {p}: TTFT {ttft_med:.1f} ms, decode {statistics.median(tok_s):.1f} tok/s")
@@ -103,7 +111,7 @@ def measure(folder: str, prompts: list[list[int]], decode_tokens: int, warmup: i
         r.update(load_s=load_s, threads=runner.threads, kv_capacity=runner.capacity,
                  peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline)
     # The point of this process is the runtime's memory: nothing heavy the runtime does not itself load.
-    for heavy in ("transformers", "tokenizers") + (() if runtime.imports_torch else ("torch",)):
+    for heavy in ("transformers", "tokenizers") + (() if cls.imports_torch else ("torch",)):
         if heavy in sys.modules:
             raise RuntimeError(f"{heavy} was imported by the measuring process")
     return rows
@@ -117,13 +125,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--runtime", default=None, help="a stock runtime's name (runtimes.STOCK_RUNTIMES) or another runtime that runs the files; default: the artifact's")
     ap.add_argument("--progress", action="store_true", help="print progress lines to stderr")
     a = ap.parse_args(argv)
     from ..errors import SlmExportError
 
     try:
         prompts = json.loads(open(a.prompt_ids).read())
-        rows = measure(a.folder, prompts, a.decode_tokens, a.warmup, a.repeats, a.threads, a.progress)
+        rows = measure(a.folder, prompts, a.decode_tokens, a.warmup, a.repeats, a.threads, a.progress, a.runtime)
     except SlmExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
