@@ -114,7 +114,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
     bos, eos = _special_ids(loaded)
     options = ExportOptions(max_context=max_context, compute_precision=precision, kv_bits=kv_bits,
-                            bos_token_id=bos, eos_token_ids=tuple(eos), **text)
+                            bos_token_id=bos, eos_token_ids=tuple(eos), model_name=_model_id(loaded.source), **text)
 
     t1 = time.perf_counter()
     ids = options.calibration(MAX_TOKENS, decoder.vocab_size) if reads_text else None
@@ -158,6 +158,13 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     drop_note(tmp)  # before the manifest lists the folder's files
     mf.write(tmp, manifest)
     return result.report.format_summary()
+
+
+def _model_id(source: dict) -> str:
+    """The source's hub id (org/name), else its short name or its file's or folder's base name."""
+    if source.get("kind") == "hub":
+        return source["id"]
+    return source.get("name") or Path(source.get("path") or "model").name
 
 
 def calibrates(exporter, spec: QuantSpec, kv_bits: int) -> bool:

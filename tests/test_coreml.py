@@ -67,9 +67,9 @@ def test_package_layout_spec_and_report(llama_int4):
     assert m["runtime"] == "coreml" and m["target_extra"]["compute_precision"] == "float16"
     assert m["quant"]["label"] == "int4-g32-sym-wo"  # Core ML quantizes weights only: the label says so
     f = m["io"]["functions"]["main"]
-    assert list(f["inputs"]) == ["input_ids", "position"] and list(f["outputs"]) == ["logits"]
-    assert f["states"]["key_cache"] == {"dtype": "float16", "shape": [2, 2, 128, 16]}
-    assert m["io"]["prefill_chunk"] == 64
+    assert list(f["inputs"]) == ["inputIds", "causalMask"] and list(f["outputs"]) == ["logits"]
+    assert f["states"]["keyCache"] == {"dtype": "float16", "shape": [2, 2, 128, 16]}
+    assert m["io"]["prefill_chunk"] == 127  # a whole prompt in one call
     # the tied embedding and lm_head are one table, at the finer of the two rules (embedding int8)
     report = json.loads((art.path / "quant_report.json").read_text())["weights"]
     emb = next(e for e in report if e["name"] == "embed_tokens")
@@ -108,11 +108,11 @@ def test_checks_fail_on_a_wrong_reference_or_manifest(llama_int4, tmp_path):
     result = check_weights(art.path, art.manifest, nudged)
     assert not result["passed"] and result["detail"].startswith("layers.1.down:"), result["detail"]
     wrong = json.loads(json.dumps(art.manifest))
-    wrong["io"]["functions"]["main"]["states"]["key_cache"]["shape"][2] = 256
-    wrong["io"]["prefill_chunk"] = 32
+    wrong["io"]["functions"]["main"]["states"]["keyCache"]["shape"][2] = 256
+    wrong["io"]["functions"]["main"]["inputs"]["inputIds"]["shape"] = [1, "1..32"]
     result = check_spec(art.path, wrong)
     assert not result["passed"]
-    assert "state key_cache" in result["detail"] and "query length range" in result["detail"]
+    assert "state keyCache" in result["detail"] and "input inputIds size ranges" in result["detail"]
 
 
 @pytest.mark.parametrize("inter, bits, group, reason", [
@@ -200,25 +200,101 @@ def test_cli_export_and_verify_from_a_local_folder(tiny_dir, tmp_path):
     assert "perplexity on" in stdout and "Running MIL" not in stderr  # no coremltools progress bars
 
 
-def test_swift_example_and_bundle_readme_use_the_recorded_names(llama_int4, tmp_path):
+def test_swift_program_and_bundle_readme_use_swift_transformers(llama_int4, tmp_path):
+    from slm_export.exporters.coreml.handoff import SWIFT_TRANSFORMERS
+
     _, art = llama_int4
     swift = (art.path / "SlmExportExample.swift").read_text()
-    for name in ("input_ids", "position", "logits"):
-        assert f'"{name}"' in swift
-    assert "makeState()" in swift and "prediction(from: input, using: state)" in swift
-    assert "prefillChunk = 64" in swift and "import CoreML" in swift
-    assert swift.count("{") == swift.count("}")
+    for call in ("LanguageModel.loadCompiled(url: compiledModel", "AutoTokenizer.from(modelFolder: tokenizerFolder)",
+                 "await model.resetState()", "model.generate(config: config, tokens: promptTokens)",
+                 "config.doSample = false", "MLModel.compileModel(at:", "import Models", "@main"):
+        assert call in swift, call
+    assert f'swift-transformers", exact: "{SWIFT_TRANSFORMERS}")' in swift
+    assert "`inputIds` (int32, 1...127 tokens)" in swift and "states `keyCache` and `valueCache`" in swift
+    assert swift.count("{") == swift.count("}") and swift.count("(") == swift.count(")")
     out = art.bundle(out=tmp_path / "bundle")
     readme = (out / "README.md").read_text()
-    assert "iOS 18 / macOS 15" in readme and "`input_ids` int32" in readme and "SlmExportExample.swift" in readme
+    assert "iOS 18 / macOS 15" in readme and "`inputIds` int32" in readme and "SlmExportExample.swift" in readme
+    assert f"swift-transformers {SWIFT_TRANSFORMERS}" in readme and "LanguageModelWithStatefulKVCache" in readme
+    assert "model.mlmodelc" in readme and "did not compile or run it" in readme
+    assert "`tokenizer.json`, `tokenizer_config.json`" in readme
     assert (out / "SlmExportExample.swift").is_file()
+
+
+def test_package_is_what_swift_transformers_loads(llama_int4):
+    """The spec has what swift-transformers 1.3.3 (tag commit 2fa33e1f, Sources/Models/LanguageModel.swift)
+    needs to run it as `LanguageModelWithStatefulKVCache`, read with coremltools as an app would see it:
+    - states named `keyCache` and `valueCache` (Keys, lines 137-149; kvCacheAvailability, 269-277);
+    - `inputIds` int32 whose last axis is a range with upper - lower > 1 (contextRange, 95-123; the
+      stateful init, 499-503): the whole prompt goes in one call, then one token;
+    - `causalMask` float16 accepting [1, 1, 1, tokens + 1] (predictNextTokenScores, 543-551), and no other
+      input (a prediction gets only these two);
+    - output `logits` of rank 3 (lines 554-558);
+    - user-defined metadata `co.huggingface.exporters.name` (modelName, 227-238)."""
+    import coremltools as ct
+
+    from slm_export.exporters.coreml.quant import load_program
+
+    _, art = llama_int4
+    max_context = art.manifest["max_context"]
+    spec = ct.models.MLModel(str(art.path / "model.mlpackage"), skip_model_load=True).get_spec()
+    desc = spec.description
+    arrays = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+    assert spec.specificationVersion >= 9  # iOS 18 / macOS 15: states
+    assert {s.name: s.type.stateType.arrayType.dataType for s in desc.state} == {
+        "keyCache": arrays.FLOAT16, "valueCache": arrays.FLOAT16}
+    inputs = {i.name: i.type.multiArrayType for i in desc.input}
+    assert list(inputs) == ["inputIds", "causalMask"]
+    ids, mask = inputs["inputIds"], inputs["causalMask"]
+    assert ids.dataType == arrays.INT32 and mask.dataType == arrays.FLOAT16
+    ids_ranges = [(r.lowerBound, r.upperBound) for r in ids.shapeRange.sizeRanges]
+    assert ids_ranges == [(1, 1), (1, max_context - 1)]
+    assert ids_ranges[-1][1] - ids_ranges[-1][0] > 1
+    mask_ranges = [(r.lowerBound, r.upperBound) for r in mask.shapeRange.sizeRanges]
+    # swift-transformers' mask [1, 1, 1, tokens + 1] fits for every prompt the query range takes
+    assert mask_ranges[:3] == [(1, 1), (1, 1), (1, max_context - 1)] and mask_ranges[3] == (1, max_context)
+    assert [o.name for o in desc.output] == ["logits"]
+    _, prog = load_program(art.path / "model.mlpackage")
+    logits = prog.functions["main"].outputs[0]
+    assert logits.rank == 3 and logits.shape[-1] == art.manifest["model"]["vocab_size"]
+    assert desc.metadata.userDefined["co.huggingface.exporters.name"] == "LlamaForCausalLM"
+
+
+def test_swift_transformers_calls_generate_what_our_runner_does(llama_int4):
+    """The calls swift-transformers makes (a zero mask one wider than the tokens so far, the whole prompt
+    in one call, then the last token alone) give the same greedy tokens and logits as our runner, on the
+    converted program with the package's weights (Core ML itself cannot run here). Its mask leaves
+    cache slot 0 empty: without the model masking that slot the logits move by ~0.1 (measured)."""
+    import torch
+
+    from slm_export.exporters import TARGETS
+
+    model, art = llama_int4
+    runner = TARGETS.get("coreml")().stand_in_runner(model, art.path, art.manifest)
+    prompt = list(np.random.default_rng(0).integers(3, 90, 20))
+    runner.reset(runner.max_context)
+    ours, tokens = [runner.forward(prompt)[-1]], list(prompt)
+    for _ in range(24):
+        tokens.append(int(ours[-1].argmax()))
+        ours.append(runner.forward(tokens[-1:])[-1])
+
+    runner.reset(runner.max_context)
+    module, theirs, seq = runner.module, [], list(prompt)
+    with torch.no_grad():
+        for step in range(25):
+            new = seq if step == 0 else seq[-1:]  # prefilling, then extending
+            mask = torch.zeros(1, 1, 1, len(seq) + 1, dtype=torch.float16)  # LanguageModel.swift line 546
+            theirs.append(module(torch.tensor([new], dtype=torch.int32), mask)[0, -1].float().numpy())
+            seq.append(int(theirs[-1].argmax()))
+    assert seq[:-1] == tokens
+    assert np.abs(np.stack(ours) - np.stack(theirs)).max() < 0.01
 
 
 def test_cli_inspect_shows_function_and_state(llama_int4):
     _, art = llama_int4
     p = subprocess.run([sys.executable, "-m", "slm_export.cli", "inspect", str(art.path)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "function      main(input_ids, position) -> logits; state key_cache, value_cache" in p.stdout
+    assert "function      main(inputIds, causalMask) -> logits; state keyCache, valueCache" in p.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -26,7 +26,7 @@ def test_int4_package_size_and_report(package_dir):
     summary = manifest["quant"]["summary"]
     # one tied embedding/lm_head table + 30 layers x 7 linears, none left float
     assert summary["kept_float"] == [] and summary["weights"] == 1 + 30 * 7
-    assert manifest["io"]["functions"]["main"]["states"]["key_cache"]["shape"] == [30, 3, 2048, 64]
+    assert manifest["io"]["functions"]["main"]["states"]["keyCache"]["shape"] == [30, 3, 2048, 64]
 
 
 def test_verify_checks_the_package_on_linux(package_dir, tmp_path):

@@ -27,6 +27,7 @@ class ExportOptions:
     text_record: dict | None = None  # how to find that text again: {"file": path or None (shipped), "sha256"}
     bos_token_id: int | None = None  # the tokenizer's BOS id, if it has one (a runtime may record it in the model file)
     eos_token_ids: tuple[int, ...] = ()  # the stop ids: the generation config's and the tokenizer's EOS
+    model_name: str = "model"  # the source's hub id, else its short name (a runtime may record it in the model file)
 
     def calibration(self, n: int, vocab_size: int) -> tuple[list[int], str]:
         """(ids, what they are) for calibration: the text's first n tokens (or all, if fewer).

@@ -1,7 +1,8 @@
 """Core ML runner: the .mlpackage through coremltools' `MLModel` with its state (macOS 15+ only).
 
 The KV cache is the model's state: `reset` makes a fresh one with `make_state()`, and each call
-appends 1..prefill_chunk tokens at `position`. Off macOS, Core ML cannot execute at all: the
+appends 1..prefill_chunk tokens; the mask input's last dimension says how many tokens the cache holds
+after the call (the feature names are the manifest's). Off macOS, Core ML cannot execute at all: the
 runner says so in one sentence (RuntimeUnavailable, exit code 4), and `verify` checks the package
 and the converted PyTorch program instead.
 """
@@ -48,6 +49,8 @@ class CoreMLRunner(Runner):
         except Exception as e:  # Core ML's own message (unsupported OS, corrupt package) names the cause
             raise SlmExportError(f"Core ML could not load {self.folder / manifest['model_file']}: {e}") from None
         self.chunk = int(manifest["io"]["prefill_chunk"])
+        main = manifest["io"]["functions"]["main"]
+        (self.ids_name, self.mask_name), (self.out_name,) = list(main["inputs"]), list(main["outputs"])
         self.capacity = self.max_context  # the state is sized at export
         self.state = None
 
@@ -66,8 +69,8 @@ class CoreMLRunner(Runner):
         rows = []
         for i in range(0, len(token_ids), self.chunk):
             part = np.asarray(token_ids[i:i + self.chunk], dtype=np.int32)[None, :]
-            out = self.model.predict({"input_ids": part, "position": np.array([self.position], dtype=np.int32)},
-                                     state=self.state)["logits"][0]
+            mask = np.zeros((1, 1, 1, self.position + part.shape[1]), dtype=np.float16)  # only its shape is read
+            out = self.model.predict({self.ids_name: part, self.mask_name: mask}, state=self.state)[self.out_name][0]
             self.position += part.shape[1]
             rows.append(out if all_logits else out[-1:])
         return np.concatenate(rows).astype(np.float32) if all_logits else rows[-1].astype(np.float32)

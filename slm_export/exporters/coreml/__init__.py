@@ -16,6 +16,7 @@ from .. import TARGETS, ExporterBase, ExportOptions, TargetOutput
 
 MODEL_FILE = "model.mlpackage"
 SWIFT_FILE = "SlmExportExample.swift"
+MODEL_NAME_KEY = "co.huggingface.exporters.name"  # user-defined metadata swift-transformers reads
 
 
 def require_sdk() -> None:
@@ -90,8 +91,11 @@ class CoreMLExporter(ExporterBase):
         io = describe_io(decoder, options.max_context, fp16)
         convert.save(mlmodel, Path(out_dir) / MODEL_FILE, {
             "description": f"slm-export {decoder.architecture} decoder, {spec.label()}, KV cache as state",
+            # swift-transformers' LanguageModel.modelName (its Hub id for config and tokenizer, when no
+            # tokenizer is passed in; otherwise a label)
+            MODEL_NAME_KEY: options.model_name,
             "slm_export.io": io_summary(io)})
-        (Path(out_dir) / SWIFT_FILE).write_text(swift_example(io, decoder.vocab_size))
+        (Path(out_dir) / SWIFT_FILE).write_text(swift_example(io, options.eos_token_ids))
         extra = {"compute_precision": "float16" if fp16 else "float32",
                  "minimum_deployment_target": "iOS 18 / macOS 15",
                  "activations": "float16" if fp16 else "float32",
@@ -127,12 +131,16 @@ def describe_io(decoder, max_context: int, fp16: bool) -> dict:
     chunk = prefill_chunk(max_context)
     cache = [decoder.num_layers, decoder.num_kv_heads, max_context, decoder.head_dim]
     kv_bytes = 2 * math.prod(cache) * 2  # keys and values, float16
+    ids, mask = INPUTS
     return {
         "functions": {"main": {
             "inputs": {
-                INPUTS[0]: {"dtype": "int32", "shape": [1, f"1..{chunk}"],
-                            "note": "new tokens; feed a longer prompt in chunks of at most this many"},
-                INPUTS[1]: {"dtype": "int32", "shape": [1], "note": "cache position of input_ids[0] (tokens so far)"},
+                ids: {"dtype": "int32", "shape": [1, f"1..{chunk}"],
+                      "note": "the new tokens: a whole prompt (or a chunk of it), then one token per call"},
+                mask: {"dtype": "float16", "shape": [1, 1, f"1..{chunk}", f"1..{max_context}"],
+                       "note": f"only its shape is read: its last dimension is the number of tokens in the cache "
+                               f"after this call (the new tokens go to the slots from that minus {ids}' length); "
+                               "its values are not read, the model masks causally itself"},
             },
             "outputs": {OUTPUT: {"dtype": "float16" if fp16 else "float32", "shape": [1, "q", decoder.vocab_size]}},
             "states": {s: {"dtype": "float16", "shape": cache} for s in STATES},

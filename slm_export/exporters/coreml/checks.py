@@ -75,8 +75,8 @@ class ProgramRunner(Runner):
                             "(Core ML's stand-in: the same graph and weights, not Core ML's kernels)")
 
     def reset(self, capacity: int) -> None:
-        self.module.key_cache.zero_()
-        self.module.value_cache.zero_()
+        for cache in self.module.caches():
+            cache.zero_()
         self.position = 0
 
     def forward(self, token_ids, all_logits: bool = False) -> np.ndarray:
@@ -87,8 +87,9 @@ class ProgramRunner(Runner):
         with torch.no_grad():
             for i in range(0, len(token_ids), self.chunk):
                 part = list(token_ids[i:i + self.chunk])
+                end = self.position + len(part)  # the mask's shape carries the position (module.py)
                 logits = self.module(torch.tensor([part], dtype=torch.int32),
-                                     torch.tensor([self.position], dtype=torch.int32))[0]
+                                     torch.zeros(1, 1, 1, end, dtype=torch.float16))[0]
                 self.position += len(part)
                 rows.append(logits if all_logits else logits[-1:])
         return torch.cat(rows).float().numpy() if all_logits else rows[-1].float().numpy()
@@ -106,7 +107,14 @@ def _array_desc(feature) -> dict:
     return {"dtype": _DTYPES.get(a.dataType, str(a.dataType)), "shape": shape, "ranges": ranges}
 
 
+def _ranges(shape: list) -> list[list[int]]:
+    """The manifest's shape ([1, "1..127"]) as the spec's size ranges ([[1, 1], [1, 127]])."""
+    return [[int(d), int(d)] if isinstance(d, int) else [int(x) for x in d.split("..")] for d in shape]
+
+
 def check_spec(folder: Path, manifest: dict) -> dict:
+    from . import MODEL_NAME_KEY
+
     spec, prog = load_program(folder / manifest["model_file"])
     want = manifest["io"]["functions"]["main"]
     problems = []
@@ -121,10 +129,10 @@ def check_spec(folder: Path, manifest: dict) -> dict:
         g = got_in.get(name)
         if g and g["dtype"] != w["dtype"]:
             problems.append(f"input {name} is {g['dtype']}, manifest says {w['dtype']}")
-    ids = got_in.get("input_ids")
-    chunk = manifest["io"]["prefill_chunk"]
-    if ids and (not ids["ranges"] or ids["ranges"][-1] != [1, chunk]):
-        problems.append(f"input_ids query length range {ids['ranges']} != [1, {chunk}]")
+        if g and g["ranges"] != _ranges(w["shape"]):
+            problems.append(f"input {name} size ranges {g['ranges']} != manifest {_ranges(w['shape'])}")
+    if not spec.description.metadata.userDefined.get(MODEL_NAME_KEY):
+        problems.append(f"no {MODEL_NAME_KEY} in the metadata")
     if list(got_out) != list(want["outputs"]):
         problems.append(f"outputs {list(got_out)} != manifest {list(want['outputs'])}")
     for name, w in want["outputs"].items():

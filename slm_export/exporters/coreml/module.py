@@ -1,17 +1,25 @@
 """The PyTorch program we convert to Core ML, built from the neutral `Decoder` description.
 
-Method `forward(input_ids [1, q] int32, position [1] int32) -> logits [1, q, vocab]`: appends q
-tokens (1 <= q <= the prefill chunk) at cache position `position[0]` and returns their logits.
+Its names are the ones Hugging Face's swift-transformers looks up (Sources/Models/LanguageModel.swift,
+`LanguageModel.Keys`), so the package loads as its `LanguageModelWithStatefulKVCache`:
+`forward(inputIds [1, q] int32, causalMask [1, 1, m, end] float16) -> logits [1, q, vocab]` appends
+q tokens (1 <= q <= the query range) and returns their logits. Like Apple's and Hugging Face's stateful
+Mistral / Llama exports, the cache position comes from the mask's shape: the new tokens go to slots
+[end - q, end). Only the mask's shape is read (swift-transformers sends zeros of shape
+[1, 1, 1, tokens + 1]); the causal and sliding-window masks are built here from the positions.
 
-The KV cache is two registered buffers, `key_cache` and `value_cache`, each
+The KV cache is two registered buffers, `keyCache` and `valueCache`, each
 [layers, kv_heads, max_context, head_dim] float16. torch.export records the in-place writes as
-buffer mutations and coremltools turns them into Core ML state (`ct.StateType`), updated in place
-by the model; the app creates it once per conversation with `makeState()`. Core ML states are
-float16 only, so the buffers are float16 here too and the PyTorch program computes with exactly
-what Core ML stores.
+buffer mutations and coremltools turns them into Core ML state (`ct.StateType`) named after the
+buffers, updated in place by the model; the app creates it once per conversation with `makeState()`.
+Core ML states are float16 only, so the buffers are float16 here too and the PyTorch program computes
+with exactly what Core ML stores.
 
-Attention reads the whole fixed-size cache with a causal mask built from `position` (static
-shapes, as Core ML prefers); rows past the current position are masked out.
+Attention reads the whole fixed-size cache with a causal mask built from the positions (static
+shapes, as Core ML prefers); rows past the current position are masked out, and so are slots before
+it that were never written. makeState() zeroes the state, and a written key is never all zeros, so a
+slot of zeros is a hole: swift-transformers' mask is one wider than the tokens it has, which leaves
+slot 0 empty and shifts every position by one (RoPE depends only on the offset between positions).
 
 float16 compute: small LMs carry hidden-state entries in the hundreds, whose squares overflow
 float16 (max 65504) inside RMSNorm. The norm here divides by the row's largest magnitude first,
@@ -28,6 +36,11 @@ from ..torch_parts import (linear_module, lm_head_module, rope_tables, rotate_ha
                            weight_sources)
 
 CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
+# The Core ML feature names: forward's arguments, the output, the cache buffers (-> states). They are
+# swift-transformers' `LanguageModel.Keys` (inputIds, causalMask, logits, keyCache, valueCache).
+INPUTS = ("inputIds", "causalMask")
+OUTPUT = "logits"
+STATES = ("keyCache", "valueCache")
 
 
 class RMSNorm(nn.Module):
@@ -130,15 +143,18 @@ class CoreMLDecoder(nn.Module):
         self.head_dim = dec.head_dim
         self.register_buffer("key_positions", torch.arange(max_context), persistent=False)
         cache = (dec.num_layers, dec.num_kv_heads, max_context, dec.head_dim)
-        self.register_buffer("key_cache", torch.zeros(cache, dtype=CACHE_DTYPE), persistent=False)
-        self.register_buffer("value_cache", torch.zeros(cache, dtype=CACHE_DTYPE), persistent=False)
+        for name in STATES:
+            self.register_buffer(name, torch.zeros(cache, dtype=CACHE_DTYPE), persistent=False)
 
-    def forward(self, input_ids, position):
-        q_len = input_ids.shape[1]
-        start = position[0].item()
+    def caches(self):
+        return [getattr(self, name) for name in STATES]
+
+    def forward(self, inputIds, causalMask):  # noqa: N803 (the Core ML input names)
+        q_len = inputIds.shape[1]
+        end = causalMask.shape[-1]  # tokens in the cache after this call
+        start = end - q_len
         torch._check(start >= 0)
-        torch._check(start + q_len <= self.max_context)
-        positions = position.long() + torch.arange(q_len)  # [q] (index ops take int64)
+        positions = torch.arange(q_len) + start  # [q] (index ops take int64)
         dtype = self.rope_cos.dtype
         cos = self.rope_cos.index_select(0, positions).view(1, 1, q_len, self.head_dim)
         sin = self.rope_sin.index_select(0, positions).view(1, 1, q_len, self.head_dim)
@@ -147,13 +163,17 @@ class CoreMLDecoder(nn.Module):
         big = torch.tensor(-3e4 if dtype == torch.float16 else -1e9, dtype=dtype)  # finite: fp16-safe
         zero = torch.zeros((), dtype=dtype)
         causal = torch.where(offset <= 0, zero, big)
+        # slots before `start` never written (all-zero keys in layer 0): masked (see the module docstring)
+        key_cache, value_cache = self.caches()
+        hole = key_cache[0].abs().amax(dim=(0, 2)) == 0  # [max_context]
+        causal = torch.where(self.key_positions < start, torch.where(hole, big, causal), causal)
         # (nested where, not `&`: coremltools has no converter for a bool tensor `and`)
         masks = (causal, torch.where(offset > -self.window, causal, big) if self.window else causal)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(inputIds)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         for layer in self.layers:
-            x = layer(x, cos, sin, self.rot_t, start, masks, self.key_cache, self.value_cache)
+            x = layer(x, cos, sin, self.rot_t, start, masks, key_cache, value_cache)
         logits = self.lm_head(self.norm(x))
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
