@@ -71,6 +71,27 @@ def round_activations(x, rounding: str):
     return x
 
 
+def fake_quant(w, plan):
+    """Torch weight `w` [out, in] rounded as `plan` stores it, for the search: rtn's symmetric scales at
+    the plan's scale precision (round half to even here; the search needs the error's size, not the codes)."""
+    import torch
+
+    from .codes import grid
+    from .methods import METHODS
+
+    if not plan.symmetric:
+        return torch.from_numpy(METHODS.get("rtn")(w.numpy(), plan).dequantize())
+    out, k = w.shape
+    group = plan.group_for(k)
+    wg = torch.nn.functional.pad(w, (0, -k % group)).view(out, -1, group)
+    qmin, qmax = grid(plan.bits, True)
+    ext = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))
+    s = ext / qmin if plan.signed_scales else torch.where(ext < 0, ext / qmin, ext / qmax)
+    s = torch.where(ext == 0, torch.ones_like(s), s)
+    s = s.to({"bfloat16": torch.bfloat16, "float16": torch.float16}.get(plan.scale_dtype, torch.float32)).float()
+    return (torch.clamp(torch.round(wg / s), qmin, qmax) * s).view(out, -1)[:, :k]
+
+
 def _scales(x_mean: np.ndarray, w_max: np.ndarray, alpha: float | None) -> np.ndarray:
     """AWQ's per-channel scales (float32) for one alpha; None: no rescaling (all ones)."""
     if alpha is None:
@@ -114,15 +135,14 @@ class _Group:
         """The alpha (or None: no rescaling) with the least output error, the target's rounding simulated."""
         import torch
 
-        from .methods import METHODS
-
         x = self.x[:tokens]
-        ref = x @ torch.from_numpy(np.concatenate([w for _, w in self.consumers])).T
+        ws = [(p, torch.from_numpy(w)) for p, w in self.consumers]
+        ref = x @ torch.cat([w for _, w in ws]).T
         best, best_err = None, np.inf
         for alpha in (None, *ALPHAS):
-            s = self.expand(self.scales(alpha))
-            wq = np.concatenate([METHODS.get("rtn")(w * s[None], p).dequantize() for p, w in self.consumers])
-            y = round_activations(x / torch.from_numpy(s), rounding) @ torch.from_numpy(wq).T
+            s = torch.from_numpy(self.expand(self.scales(alpha)))
+            wq = torch.cat([fake_quant(w * s[None], p) for p, w in ws])
+            y = round_activations(x / s, rounding) @ wq.T
             err = float(((y - ref) ** 2).mean())
             if err < best_err:
                 best, best_err = alpha, err
