@@ -74,6 +74,10 @@ class Decoder:
     rope_cos: np.ndarray  # [max_context, rotary_dim // 2]
     rope_sin: np.ndarray
     layers: list[Layer]
+    # PyTorch parameter name of each RMSNorm weight stored as the scale it multiplies by, keyed
+    # "layers.{i}.attn_norm", "layers.{i}.ffn_norm", "final_norm" (empty for Gemma's (1 + w) norms):
+    # where a rescaled norm (quantize/awq.py) goes back into the PyTorch model.
+    norm_sources: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -214,6 +218,9 @@ def _llama_like(model, max_context: int, *, fused_qkv: bool = False, gemma: bool
             raise SlmExportError(f"{config.model_type}: output-projection biases are not supported")
         layers.append(layer)
 
+    norm_sources = {} if gemma else {"final_norm": "model.norm.weight"} | {
+        f"layers.{i}.{slot}": f"model.layers.{i}.{name}.weight" for i in range(len(layers))
+        for slot, name in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"))}
     embed = _np(inner.embed_tokens.weight)
     tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
     cos, sin = _rope_tables(model, max_context)
@@ -243,6 +250,7 @@ def _llama_like(model, max_context: int, *, fused_qkv: bool = False, gemma: bool
         rope_cos=cos,
         rope_sin=sin,
         layers=layers,
+        norm_sources=norm_sources,
     )
 
 

@@ -92,8 +92,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="8 or 4; default: --bits. 8 at --bits 4 keeps the output layer int8 (like llama.cpp's "
                         "Q4_0, whose output tensor is Q8_0): lower KL, slower decode on large vocabularies")
     p.add_argument("--quant-method", default=None, metavar="NAME",
-                   help="how codes and scales are chosen: rtn, mse, hqq, gptq (calibrated on text; see "
-                        "docs/quantization.md); default: the target's")
+                   help="how codes and scales are chosen: rtn, mse, hqq, gptq, awq (gptq and awq are calibrated "
+                        "on text; awq first rescales norms and weights; see docs/quantization.md); default: the "
+                        "target's")
     p.add_argument("--mixed-precision", type=float, default=None, metavar="FRACTION",
                    help="at --bits 4, up to FRACTION more size for int8 on the weights whose int4 rounding costs "
                         "the most (measured on the calibration text), like llama.cpp's Q4_K_M; 0 = off; "
@@ -119,7 +120,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="maximum tokens in the KV cache; default min(2048, the model's limit)")
     p.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="calibrate on this UTF-8 text (up to 2048 tokens) instead of the shipped calibration passage: "
-                        "--quant-method gptq, --mixed-precision, and ONNX --kv-bits 8's cache scales")
+                        "--quant-method gptq or awq, --mixed-precision, and ONNX --kv-bits 8's cache scales")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="export without the model's tokenizer (a model without tokenizer files is refused otherwise); "
                         "generate then cannot run, verify and bench use random token ids")

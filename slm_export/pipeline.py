@@ -23,7 +23,7 @@ from .memory import (available_memory, check_memory, estimate_export, estimate_f
 from .quantize import QuantSpec
 from .quantize.calibration import MAX_TOKENS
 from .quantize.spec import quant_label, resolve_spec
-from .quantize.methods import CALIBRATED
+from .quantize.methods import CALIBRATED, EQUALIZING
 from .sources import model_record
 from .staging import check_destination, check_free_space, drop_note, staged_folder, write_note
 
@@ -59,6 +59,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     reads_text = calibrates(exporter, spec, kv_bits)
     user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
     _check_tokenizer_options(tokenizer, no_tokenizer, calibration_text)
+    _check_text_for(method, tokenizer_present=not no_tokenizer, why="--no-tokenizer")
 
     # Memory and disk, before the model loads: from its config where it can be read without the weights
     budget = _Budget(f"exporting {_model_name(model)} to {target} {_short_quant(spec, precision)}",
@@ -99,6 +100,8 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     if no_tokenizer:
         loaded.tokenizer = None
     check_tokenizer(loaded.tokenizer, mf.source_label(loaded.source))
+    _check_text_for((spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None,
+                    tokenizer_present=loaded.tokenizer is not None, why="this model has no tokenizer")
     log(f"loaded {mf.source_label(loaded.source)} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
         f"in {time.perf_counter() - t0:.1f}s")
@@ -250,6 +253,14 @@ def _read_calibration_text(path, reads_text: bool, target: str, kv_bits: int, me
         raise SlmExportError(f"--calibration-text {path} is empty; pass at least {MIN_CALIBRATION_TOKENS} tokens "
                              f"of text like your users' (up to {MAX_TOKENS} are used)")
     return text
+
+
+def _check_text_for(method: str | None, tokenizer_present: bool, why: str) -> None:
+    """Refuse awq without text to choose its scales on (GPTQ falls back to random token ids; AWQ's
+    scales would then follow no real activations)."""
+    if method in EQUALIZING and not tokenizer_present:
+        raise SlmExportError(f"--quant-method {method} chooses its scales on calibration text, which needs the "
+                             f"model's tokenizer ({why}); use --quant-method gptq, or export with the tokenizer")
 
 
 def _check_tokenizer_options(tokenizer, no_tokenizer: bool, calibration_text) -> None:

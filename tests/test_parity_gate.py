@@ -132,6 +132,36 @@ def test_pte_weights_are_the_quantizers_and_a_1pct_change_is_named(arch, bits, k
         assert not bad["passed"] and bad["detail"].startswith("layers.1.attn.k.bias:"), bad["detail"]
 
 
+# --- AWQ: rescaled norms, reproduced from the recorded alphas ----------------------------------------
+
+@pytest.mark.parametrize("target", ["onnx", "executorch"])
+def test_awq_export_passes_the_weight_check_and_same_quant_parity(target, tmp_path):
+    """An awq export's rescaled norms and weights are rebuilt exactly from its recorded alphas (the weight
+    check passes; a 1% change of a norm fails it), and the same-quant reference carries the rescaled
+    norms (its KL against the artifact stays at the runtime's own error)."""
+    if target == "executorch":
+        require_extra("executorch", "executorch")
+    from conftest import tiny_bpe_tokenizer
+
+    from slm_export.exporters import TARGETS
+
+    check_weights = __import__(f"slm_export.exporters.{target}.checks", fromlist=["check_weights"]).check_weights
+    model = tiny_model("llama")
+    art = _quiet_export(model, tmp_path, target, 4, quant_method="awq", tokenizer=tiny_bpe_tokenizer())
+    alphas = art.manifest["quant"]["calibration"]["awq"]["alphas"]
+    assert any(a is not None for a in alphas.values()), alphas
+    ok = check_weights(art.path, art.manifest, model)
+    assert ok["passed"], ok["detail"]
+    bad = check_weights(art.path, art.manifest, _scaled(model, "model.layers.0.input_layernorm.weight"))
+    assert not bad["passed"] and "layers.0" in bad["detail"].split(":")[0], bad["detail"]
+    norms = TARGETS.get(target)().same_quant_weights(model, art.path, art.manifest)
+    stored = norms["model.layers.0.input_layernorm.weight"]
+    assert not np.array_equal(stored, model.model.layers[0].input_layernorm.weight.detach().numpy())
+    report = art.verify(reference=model, prompt_tokens=16, decode_steps=4, perplexity=False)
+    same = next(c for c in report.comparisons if c.reference == "same-quant")
+    assert same.mean_kl < 0.01, report.format()
+
+
 # --- float bounds and top-1 -------------------------------------------------------------------------
 
 def test_margin_follows_the_bounds():

@@ -7,7 +7,7 @@ from slm_export.quantize.codes import round_scales
 from slm_export.quantize.methods import METHODS
 from slm_export.quantize.plan import WeightPlan
 
-from conftest import ARCHS, require_extra, tiny_model
+from conftest import ARCHS, require_extra, tiny_bpe_tokenizer, tiny_model
 
 
 def _ort_quantize(w, bits, block, symmetric):
@@ -130,8 +130,8 @@ def test_the_calibration_forward_is_the_model(arch):
 
 
 def test_unknown_method_and_useless_combinations_are_refused():
-    with pytest.raises(SlmExportError, match="--quant-method awq is not known; use one of: .*gptq"):
-        QuantSpec(method="awq")
+    with pytest.raises(SlmExportError, match="--quant-method nf4 is not known; use one of: awq, gptq"):
+        QuantSpec(method="nf4")
     with pytest.raises(SlmExportError, match="--bits 16 quantizes nothing"):
         QuantSpec(bits=16, method="gptq")
     assert QuantSpec(method="gptq").label() == "int4-g32-sym-a8-gptq"
@@ -245,3 +245,93 @@ def test_asymmetric_onnx_export_stays_close_to_fp32(tmp_path):
         report = art.verify(reference=model, prompt_tokens=32, decode_steps=8, perplexity=False)
         kl[sym] = next(c for c in report.comparisons if c.reference == "fp32").mean_kl
     assert kl[False] < 3 * kl[True] + 1e-3, kl
+
+
+# --- AWQ: scales folded into the norms and rows before the weights they feed ------------------------
+
+def _awq_decoder(arch: str, target: str, outliers: bool = False, **spec_kw):
+    """(decoder, exporter, resolved spec, calibration ids) of a tiny model; `outliers`: a few loud input
+    channels before every weight group, as real LMs have."""
+    from slm_export.architectures import to_decoder
+    from slm_export.exporters import TARGETS
+    from slm_export.quantize.spec import resolve_spec
+
+    dec = to_decoder(tiny_model(arch), 64)
+    if outliers:
+        for layer in dec.layers:
+            for attr in ("attn_norm", "ffn_norm"):
+                v = getattr(layer, attr).copy()
+                v[:3] *= 25
+                setattr(layer, attr, v)
+    exporter = TARGETS.get(target)()
+    ids = np.random.default_rng(0).integers(0, dec.vocab_size, 512).tolist()
+    return dec, exporter, resolve_spec(exporter, QuantSpec(**spec_kw)), ids
+
+
+@pytest.mark.parametrize("arch, target", [("llama", "executorch"), ("phi3", "onnx"), ("qwen2", "executorch")])
+def test_awq_rescaling_leaves_the_float_model_unchanged(arch, target):
+    """The rescaled decoder (norms / s, weights * s, v and up rows / s) computes what the original does."""
+    import torch
+
+    from slm_export.quantize.awq import activation_rounding, equalize
+    from slm_export.quantize.calibration import DecoderForward
+
+    dec, exporter, spec, ids = _awq_decoder(arch, target, method="awq")
+    probe = torch.randint(0, dec.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    before, norm0 = DecoderForward(dec)(probe), dec.layers[0].attn_norm.copy()
+    plan = exporter.plan(dec, spec)
+    alphas = equalize(dec, plan, ids, activation_rounding(plan.limits, spec))
+    assert any(a is not None for a in alphas.values())  # something was rescaled
+    assert not np.array_equal(norm0, dec.layers[0].attn_norm) or alphas["layers.0.qkv"] is None
+    after = DecoderForward(dec)(probe)
+    assert (before - after).abs().max().item() < 1e-4 * before.abs().max().item()
+
+
+def _output_kl(dec, exporter, spec, ids, probe):
+    """Mean KL(float || quantized) of the next-token distributions on `probe`, `dec` exported under `spec`
+    and run as the target runs it (its int8 activations rounded per token before every linear)."""
+    import copy
+
+    import torch
+
+    from slm_export.quantize.awq import activation_rounding, round_activations
+    from slm_export.quantize.calibration import DecoderForward
+
+    class Rounded(DecoderForward):
+        def linear(self, x, lin):
+            flat = round_activations(x.reshape(-1, x.shape[-1]), rounding)
+            return super().linear(flat.reshape(x.shape), lin)
+
+    ref = torch.log_softmax(DecoderForward(dec)(probe).double(), -1)
+    work = copy.deepcopy(dec)
+    plan, codes = exporter.quantize(work, spec, None, ids)
+    rounding = activation_rounding(plan.limits, spec)
+    got = torch.log_softmax(Rounded(work, {name: qw.dequantize() for name, qw in codes.items()})(probe).double(), -1)
+    return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+def test_awq_lowers_the_output_error_of_gptq_where_inputs_have_outlier_channels():
+    """On a model with a few loud input channels, AWQ's scales then GPTQ's rounding stay closer to the
+    float model than GPTQ alone, at the same size (ExecuTorch's plan: int4 groups, bfloat16 scales)."""
+    import torch
+
+    dec, exporter, gptq_spec, ids = _awq_decoder("llama", "executorch", outliers=True, method="gptq",
+                                                mixed_precision=0)
+    awq_spec = gptq_spec.__class__(**{**gptq_spec.to_dict(), "method": "awq"})
+    probe = torch.tensor([np.random.default_rng(5).integers(0, dec.vocab_size, 64).tolist()])
+    kl_gptq = _output_kl(dec, exporter, gptq_spec, ids, probe)
+    kl_awq = _output_kl(dec, exporter, awq_spec, ids, probe)
+    assert kl_awq < 0.9 * kl_gptq, (kl_awq, kl_gptq)
+
+
+def test_awq_refuses_what_it_cannot_rescale_or_store(tmp_path):
+    import slm_export
+
+    with pytest.raises(SlmExportError, match="--quant-method awq rescales the RMSNorm weights, and gemma2 stores"):
+        slm_export.export(tiny_model("gemma2"), tokenizer=tiny_bpe_tokenizer(), target="onnx", quant_method="awq",
+                          out=tmp_path / "g", max_context=64, log=lambda *a: None)
+    with pytest.raises(SlmExportError, match="awq chooses its scales on calibration text, which needs the model's "
+                                             "tokenizer"):
+        slm_export.export(tiny_model("llama"), target="onnx", quant_method="awq", out=tmp_path / "n",
+                          max_context=64, log=lambda *a: None)  # a model object without a tokenizer
+    assert not list(tmp_path.iterdir())

@@ -69,9 +69,10 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = Non
 
 
 def run_child(py: Path, child: Path, cfg: dict, what: str) -> dict:
-    """py child CONFIG -> the JSON it prints (protocol.child_main); PeerError naming `what` if it fails."""
+    """py child CONFIG -> the JSON it prints (protocol.child_main); PeerError naming `what` if it fails.
+    The caller's PYTHONPATH is kept, so a child of our venv reads the checkout being measured."""
     r = subprocess.run([str(py), str(child), json.dumps(cfg)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(HERE)})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))})
     if r.returncode != 0:
         raise PeerError(f"{what} failed (exit {r.returncode}): {last_line(r.stderr)}")
     return json.loads(r.stdout.strip().splitlines()[-1])

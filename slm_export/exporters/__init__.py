@@ -161,15 +161,22 @@ class ExporterBase:
         return plan_for_decoder(spec, self.limits(compute_precision), decoder, self.default_method)
 
     def quantize(self, decoder, spec, compute_precision: str | None = None, calibration_ids=None,
-                 int8_units: list[str] | None = None):
+                 int8_units: list[str] | None = None, awq_alphas: dict | None = None):
         """(plan, codes): the plan and the one quantizer's codes for it, as an export makes them.
 
-        With mixed precision, the units moved to int8 are measured on the calibration text, or given
-        (`int8_units`, as an export recorded them)."""
+        With awq, `decoder` is first rescaled in place (quantize/awq.py; the float model computes the
+        same), so what is written and checked afterwards is that model; its scales are chosen on the
+        calibration text, or given (`awq_alphas`, as an export recorded them). With mixed precision,
+        the units moved to int8 are measured on the calibration text, or given (`int8_units`)."""
         from ..quantize.mixed import promote, promote_units, unit_sensitivity
         from ..quantize.quantizer import quantize
 
         plan = self.plan(decoder, spec, compute_precision)
+        if plan.equalizes:
+            from ..quantize.awq import activation_rounding, equalize
+
+            alphas = equalize(decoder, plan, calibration_ids, activation_rounding(plan.limits, spec), awq_alphas)
+            plan.calibration["awq"] = {"alphas": alphas}
         if spec.mixed_precision and not spec.palettize:
             if int8_units is not None:
                 plan = promote_units(plan, int8_units, spec.mixed_precision)

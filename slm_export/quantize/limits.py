@@ -41,6 +41,9 @@ class TargetLimits:
     # per scale), "per-token" (one scale per row), or "none" (weight-only targets).
     activation_rounding: str = "per-block"
     weight_only_bits: tuple[int, ...] = (4, 8)  # what --weight-only (float activations) may be
+    # Whether an export may rescale the norms before rounding (awq, quantize/awq.py): verify's same-quant
+    # reference must then carry the rescaled norms, which this target's verify gives back.
+    rescaled_norms: bool = True
     float_bytes: int = 4  # bytes per weight kept float
     # The runtime's attention kernel: the head sizes it runs (a multiple of this), and its name for the message.
     head_dim_multiple: int = 1
@@ -80,6 +83,12 @@ class TargetLimits:
         if not spec.symmetric and not self.zero_points:
             raise SlmExportError(f"--asymmetric is not supported by the {t} target: its int4/int8 linear kernels "
                                  "store no zero points; drop --asymmetric")
+        from .methods import EQUALIZING
+
+        if spec.method in EQUALIZING and not self.rescaled_norms:
+            raise SlmExportError(f"--quant-method {spec.method} is not available for the {t} target yet: it rescales "
+                                 "the norms, which this target's verify cannot give back to PyTorch; use "
+                                 "--quant-method gptq")
         if spec.activations == "float" and spec.bits not in self.weight_only_bits:
             raise SlmExportError(
                 f"--weight-only with --bits {spec.bits} is not supported by the {t} target: its float-activation "

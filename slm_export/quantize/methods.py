@@ -14,6 +14,8 @@ receive `hessian`: X^T X / n of the weight's input over the calibration text ([i
         rounding error spread over the columns not yet quantized through the inverse Hessian; group
         scales chosen first by the activation-weighted version of `mse` (static groups, so the
         stored layout is the plain one every target reads).
+  awq   AWQ's per-channel scales (quantize/awq.py), folded into the preceding norms and rows before
+        anything is rounded, then GPTQ's rounding of the rescaled weights.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from .codes import QuantizedWeight, grid, round_scales
 METHODS: Registry = Registry("quantization method (--quant-method)")
 # Methods that need calibration text (their statistics come from running the model on it).
 CALIBRATED: set[str] = set()
+# Methods that first rescale the model, outputs unchanged (quantize/awq.py), then round like another.
+EQUALIZING: set[str] = {"awq"}
 
 _FRACTIONS = np.linspace(0.80, 1.0, 11, dtype=np.float32)[::-1]  # 1.0 first: ties keep rtn's scale
 _ROWS_PER_CHUNK = 4096  # bounds the temporaries of the searches (~10 copies of a [rows, in] chunk)
@@ -246,3 +250,9 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
     codes = Q[:, torch.argsort(order)].numpy()
     return QuantizedWeight(codes.astype(np.int8 if plan.symmetric else np.uint8), scales.astype(np.float32),
                            None if zero is None else zero.astype(np.uint8), plan.bits, group)
+
+
+@method("awq", calibrated=True)
+def awq(weight: np.ndarray, plan, hessian: np.ndarray | None = None) -> QuantizedWeight:
+    """The rounding half of AWQ: GPTQ on a weight that quantize/awq.py has already rescaled."""
+    return gptq(weight, plan, hessian)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .limits import SCALE_BYTES, TargetLimits
-from .methods import CALIBRATED, METHODS
+from .methods import CALIBRATED, EQUALIZING, METHODS
 from .spec import QuantSpec, block_size_for
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -79,6 +79,11 @@ class QuantPlan:
     @property
     def calibrated(self) -> bool:
         return any(w.method in CALIBRATED for w in self.weights if w.quantized)
+
+    @property
+    def equalizes(self) -> bool:
+        """Whether the model is rescaled before rounding (AWQ, quantize/awq.py)."""
+        return any(w.method in EQUALIZING for w in self.weights if w.quantized)
 
     def stored_bytes(self, w: WeightPlan) -> int:
         """Bytes the target stores for weight `w` (codes, scales, zero points; or float)."""

@@ -59,10 +59,9 @@ def source_decoder(model, max_context: int):
     return to_decoder(as_transformers_llama(model) if is_plain_module(model) else model, max_context)
 
 
-def requantize(exporter, model, folder: Path, manifest: dict, decoder=None):
-    """(plan, codes) of the artifact in `folder`, quantized again from `model` (its source).
-
-    `decoder`: `source_decoder(model, manifest["max_context"])` if the caller has made it already."""
+def requantize(exporter, model, folder: Path, manifest: dict):
+    """(plan, codes, decoder) of the artifact in `folder`, quantized again from `model` (its source);
+    `decoder` is the model as the export wrote it (an awq export's rescaled norms and weights)."""
     from .spec import QuantSpec
 
     key = (exporter.name, str(Path(folder).resolve()), json.dumps(manifest["quant"], sort_keys=True, default=str))
@@ -71,12 +70,15 @@ def requantize(exporter, model, folder: Path, manifest: dict, decoder=None):
         return last[2]
     spec = QuantSpec.from_dict(manifest["quant"]["spec"])
     precision = manifest.get("target_extra", {}).get("compute_precision")
-    dec = decoder if decoder is not None else source_decoder(model, manifest["max_context"])
+    dec = source_decoder(model, manifest["max_context"])
     cal = manifest["quant"].get("calibration") or {}
     units = (cal.get("mixed_precision") or {}).get("int8_units")  # as the export measured them
+    alphas = (cal.get("awq") or {}).get("alphas")  # as the export chose them
     plan = exporter.plan(dec, spec, precision)
     ids = recorded_calibration_ids(Path(folder), manifest, dec.vocab_size) if plan.calibrated else None
-    out = exporter.quantize(dec, spec, precision, ids, int8_units=units if spec.mixed_precision else None)
+    plan, codes = exporter.quantize(dec, spec, precision, ids, int8_units=units if spec.mixed_precision else None,
+                                    awq_alphas=alphas)
+    out = (plan, codes, dec)
     if _reuse["on"]:
         _reuse["last"] = (model, key, out)
     return out

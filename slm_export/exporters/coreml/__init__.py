@@ -66,7 +66,8 @@ class CoreMLExporter(ExporterBase):
         return TargetLimits("coreml", min_group=16, indivisible="int8", int8_per_channel=True, zero_points=True,
                             signed_scales=False, scale_dtype={4: scales, 8: scales}, embedding_bits=(8, 4),
                             embedding_min_group=16, embedding_scale_dtype=scales, tied_table="shared",
-                            activation_rounding="none", float_bytes=2 if scales == "float16" else 4)
+                            activation_rounding="none", float_bytes=2 if scales == "float16" else 4,
+                            rescaled_norms=False)
 
 
     def check(self, spec, compute_precision: str) -> None:

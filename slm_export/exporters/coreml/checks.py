@@ -205,7 +205,7 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     fp16 = _fp16(manifest)
     stored = read_weights(folder / manifest["model_file"])
     palettized = manifest["quant"]["spec"].get("palettize")
-    plan, codes = (None, None) if palettized else requantize(CoreMLExporter(), model, folder, manifest)
+    plan, codes, _ = (None, None, None) if palettized else requantize(CoreMLExporter(), model, folder, manifest)
     problems, n_quant, n_float = [], 0, 0
     # in forward order, the lm_head (a tied table with it) last: with a calibrated method a changed weight
     # moves the codes downstream of it too, and the first difference names the weight that changed

@@ -175,11 +175,13 @@ class ExecuTorchExporter(ExporterBase):
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
         # The recorded plan quantized again from `model` by the same quantizer; verify's weight check
         # (package_checks) reads the .pte's codes and scales back and requires exactly these.
+        # With awq the norms were rescaled too: those of the model as exported.
+        from ...quantize.awq import rescaled_norms
         from ...quantize.replay import requantize
         from .quant import dequantized_weights
 
-        plan, codes = requantize(self, model, folder, manifest)
-        return dequantized_weights(plan, codes)
+        plan, codes, dec = requantize(self, model, folder, manifest)
+        return dequantized_weights(plan, codes) | (rescaled_norms(dec) if plan.equalizes else {})
 
     def package_checks(self, folder: Path, manifest: dict, model=None) -> list[dict]:
         """The .pte's weights read back and compared with the re-quantized reference, exactly (checks.py)."""

@@ -262,15 +262,14 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     """{name, passed, detail}: the .pte's weights against the re-quantized reference (module docstring)."""
     from ...errors import SlmExportError
     from ...quantize.plan import EMBEDDING
-    from ...quantize.replay import requantize, source_decoder
+    from ...quantize.replay import requantize
     from . import ExecuTorchExporter
 
     folder = Path(folder)
     name = f"{manifest['model_file']} weights are the quantizer's"
     fp16 = manifest.get("target_extra", {}).get("compute_precision") == "float16"
-    dec = source_decoder(model, manifest["max_context"])
     try:
-        plan, codes = requantize(ExecuTorchExporter(), model, folder, manifest, decoder=dec)
+        plan, codes, dec = requantize(ExecuTorchExporter(), model, folder, manifest)
     except SlmExportError as e:  # e.g. the calibration text the export named is gone: nothing to compare with
         return {"name": name, "passed": False, "detail": f"cannot quantize the reference again: {e}"}
     (filters, constants, embeddings), *rest = read_pte(folder / manifest["model_file"], ("forward", "logits"))

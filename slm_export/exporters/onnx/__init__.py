@@ -101,7 +101,13 @@ class OnnxExporter(ExporterBase):
         return TargetOutput(MODEL_FILE, io, report, extra)
 
     def same_quant_weights(self, model, folder: Path, manifest: dict) -> dict:
-        return read_weights(folder, manifest)  # the weights as stored, dequantized: `model` is not needed
+        from ...quantize.awq import rescaled
+        from ...quantize.replay import source_decoder
+
+        weights = read_weights(folder, manifest)  # the weights as stored, dequantized
+        if rescaled(manifest):  # awq rescaled the norms too: those stored, under `model`'s names for them
+            weights |= read_norms(folder, manifest, source_decoder(model, manifest["max_context"]).norm_sources)
+        return weights
 
     def package_checks(self, folder: Path, manifest: dict, model=None) -> list[dict]:
         """The file's weights read back and compared with the re-quantized reference, exactly (checks.py)."""
@@ -119,6 +125,17 @@ class OnnxExporter(ExporterBase):
         from .genai import PACKAGE, write_genai_config
 
         return {PACKAGE: write_genai_config(folder, manifest)}
+
+
+def read_norms(folder: Path, manifest: dict, names: dict[str, str]) -> dict:
+    """The norm weights stored in the file (graph.py names them "layers.{i}.attn_norm", ..., "final_norm"),
+    by the PyTorch names `names` gives for those."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(folder) / manifest["model_file"]))
+    inits = {t.name: t for t in model.graph.initializer}
+    return {name: numpy_helper.to_array(inits[slot]) for slot, name in names.items()}
 
 
 def read_weights(folder: Path, manifest: dict) -> dict:

@@ -84,15 +84,14 @@ def check_weights(folder: Path, manifest: dict, model) -> dict:
     from ...quantize import QuantSpec
     from ...quantize.plan import EMBEDDING
     from ...quantize.quantizer import linear_codes, linear_plan
-    from ...quantize.replay import requantize, source_decoder
+    from ...quantize.replay import requantize
     from . import OnnxExporter
     from .graph import build_decoder_graph, named_linears
 
     folder = Path(folder)
     name = f"{manifest['model_file']} weights are the quantizer's"
-    dec = source_decoder(model, manifest["max_context"])
     try:
-        plan, codes = requantize(OnnxExporter(), model, folder, manifest, decoder=dec)
+        plan, codes, dec = requantize(OnnxExporter(), model, folder, manifest)
     except SlmExportError as e:  # e.g. the calibration text the export named is gone: nothing to compare with
         return {"name": name, "passed": False, "detail": f"cannot quantize the reference again: {e}"}
     expected, _ = build_decoder_graph(dec, QuantSpec.from_dict(manifest["quant"]["spec"]), plan, codes)
