@@ -149,7 +149,7 @@ def _top1(c: dict) -> str:
 def _summary_bench(data: dict | None) -> dict | None:
     if not data:
         return None
-    keep = ("prompt_tokens", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "threads", "error")
+    keep = ("runtime", "prompt_tokens", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "threads", "error")
     rows = data.get("results", [])
     return {"saved": data.get("saved"), "machine": rows[0].get("machine") if rows else None,
             "results": [{k: r.get(k) for k in keep} for r in rows]}
@@ -220,8 +220,10 @@ def format_inspect(info: dict) -> str:
     b = info["bench"]
     if b and b["results"]:
         m = b.get("machine") or {}
-        runs = "; ".join(f"prompt {r['prompt_tokens']}: TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB"
-                         if not r.get("error") else f"prompt {r['prompt_tokens']}: FAILED {r['error']}" for r in b["results"])
+        several = len({r.get("runtime") for r in b["results"]}) > 1  # `bench --runtime all`: name each row's runtime
+        runs = "; ".join((f"{r.get('runtime')} " if several else "") + (
+            f"prompt {r['prompt_tokens']}: TTFT {r['ttft_ms']:.1f} ms, decode {r['decode_tok_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB"
+            if not r.get("error") else f"prompt {r['prompt_tokens']}: FAILED {r['error']}") for r in b["results"])
         lines.append(f"  last bench    {runs} ({m.get('cpu')}, {m.get('cores')} cores, {b['results'][0].get('threads')} threads) on {b.get('saved')}")
     else:
         lines.append("  last bench    none recorded (run `slm-export bench`)")
