@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .argtypes import float_in, int_list_at_least, non_negative_int, positive_int
 from .errors import SlmExportError
+from .install import INSTALL
 from .units import GB, MB
 
 # Each command and the one line `slm-export --help` says about it, in the order a newcomer meets them.
@@ -453,12 +454,6 @@ def _prepare_device(spec: str | None) -> int:
     return 0
 
 
-# The packages pip does not install with slm-export itself, and how to get each (pyproject.toml's extras).
-INSTALL = {
-    "torch": "pip install torch==2.13.0 (the CPU build this project is tested with; install it before slm-export)",
-    "executorch": 'pip install "slm-export[executorch]"', "torchao": 'pip install "slm-export[executorch]"',
-    "coremltools": 'pip install "slm-export[coreml]"', "onnxruntime_genai": 'pip install "slm-export[genai]"',
-}
 NEEDS_TORCH = ("export", "demo", "verify")  # they load the model in PyTorch
 
 

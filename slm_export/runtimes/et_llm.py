@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from typing import Sequence
 
+from ..install import INSTALL
 from . import STOCK_RUNTIMES
 from .base import StockRunner, TimedRun
 
@@ -30,7 +31,7 @@ class TextLLMRunnerStock(StockRunner):
     name = NAME
     target = "executorch"
     module = "executorch"
-    install = 'pip install "slm-export[executorch]"'
+    install = INSTALL["executorch"]
     packages = ("executorch", "torch")
     imports_torch = True
     takes_text = True

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Sequence
 
+from ..install import INSTALL
 from . import STOCK_RUNTIMES
 from .base import StockRunner, TimedRun
 
@@ -27,7 +28,7 @@ class GenaiRunner(StockRunner):
     name = NAME
     target = "onnx"
     module = "onnxruntime_genai"
-    install = 'pip install "slm-export[genai]"'
+    install = INSTALL["onnxruntime_genai"]
     packages = ("onnxruntime-genai", "onnxruntime")
 
     @classmethod
