@@ -228,23 +228,31 @@ def require_extra(module: str, extra: str) -> None:
         pytest.skip(why, allow_module_level=True)
 
 
+def require_gxx() -> None:
+    """Skip without g++ (the C++ runner and examples are built with it), or fail when SLM_EXPORT_REQUIRE_SDKS=1
+    (CI installs it: a skip there would hide a broken setup)."""
+    import os
+    import shutil
+
+    if not shutil.which("g++"):
+        why = "no g++ here (apt install g++; scripts/setup-test-system.sh, run by scripts/test.sh, does it as root)"
+        if os.environ.get("SLM_EXPORT_REQUIRE_SDKS"):
+            pytest.fail(f"SLM_EXPORT_REQUIRE_SDKS is set but {why}", pytrace=False)
+        pytest.skip(why)
+
+
 def run_cpp_example(folder: Path, prompt: str | None = None) -> str:
     """Run the "## C++ without the runner" block of an ExecuTorch bundle's README as written (with `prompt` in place of its
     sample prompt) and check what it generated against our runner; returns what it printed."""
     import os
     import re
-    import shutil
     import subprocess
     import sys
 
     import slm_export
     from slm_export.runtimes.base import generate
 
-    if not shutil.which("g++"):
-        why = "no g++ here to build the C++ example (apt install g++; scripts/setup-test-system.sh, run by scripts/test.sh, does it as root)"
-        if os.environ.get("SLM_EXPORT_REQUIRE_SDKS"):  # CI installs it: a skip there would hide a broken setup
-            pytest.fail(f"SLM_EXPORT_REQUIRE_SDKS is set but {why}", pytrace=False)
-        pytest.skip(why)
+    require_gxx()
     readme = (folder / "README.md").read_text()
     script = re.search(r"## C\+\+ without the runner[^\n]*\n.*?```sh\n(.*?)```", readme, re.S).group(1)
     if prompt is not None:

@@ -9,7 +9,7 @@ import pytest
 import slm_export
 from slm_export import SlmExportError
 
-from conftest import assert_runner_tokens, require_extra, text_llm_runner, tiny_bpe_tokenizer, tiny_model
+from conftest import assert_runner_tokens, require_extra, require_gxx, text_llm_runner, tiny_bpe_tokenizer, tiny_model
 
 require_extra("executorch", "executorch")
 
@@ -118,8 +118,7 @@ def test_fp16_cache_runs_in_executorch_llm_runner_with_our_own_ops_only(tmp_path
     from slm_export.runtimes.base import generate
     from slm_export.text import format_chat
 
-    if not shutil.which("g++"):
-        pytest.skip("no g++ here (apt install g++)")
+    require_gxx()
     root = native._executorch_root()
     lib = tmp_path / "libslm_own_ops.so"
     subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-DSLM_EXPORT_OWN_OPS_ONLY",
