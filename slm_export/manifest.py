@@ -79,6 +79,9 @@ def check_sums(text: str, manifest: dict, manifest_sha256: str, where: str) -> N
 def read(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
+    if folder.exists() and not folder.is_dir():
+        raise SlmExportError(f"{folder} is a file, not an artifact folder; pass the folder an export wrote "
+                             "(`slm-export inspect` also takes a bundle .zip)")
     if not folder.is_dir():
         raise SlmExportError(f"artifact folder {folder} does not exist; export one first with `slm-export export --target onnx`")
     if not path.is_file():

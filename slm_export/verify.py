@@ -429,6 +429,10 @@ def _verify(artifact, reference, *, prompt_tokens, decode_steps, perplexity, per
     calibration = artifact.manifest["quant"].get("calibration") or {}
     if calibration.get("file") is not None:  # the user's text, which the weight check quantizes with again
         find_text(calibration, calibration_text)
+    elif calibration_text is not None:  # a flag that would be ignored is refused, not dropped
+        read_from = "the shipped calibration passage" if calibration else "no calibration text"
+        raise SlmExportError(f"--calibration-text {calibration_text}: this artifact was exported with {read_from}, "
+                             "so verify needs none; leave the flag out")
     codec, ids = _prompt_ids(artifact, prompt_tokens)
     dev = _open_verify_device(device, device_options)
     if reference is None:

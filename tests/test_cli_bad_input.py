@@ -412,3 +412,17 @@ def test_a_live_writers_partial_is_never_swept(tmp_path):
         assert sweep_stale(tmp_path) == [tmp_path / ".old.zip.partial"]
         assert tmp.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_file_for_a_folder_and_an_unneeded_calibration_text_are_one_line(tmp_path, tiny_dir):
+    code, _, err = run_cli("inspect", tiny_dir / "config.json")
+    assert code == 2 and err.strip().endswith("is a file, not an artifact folder; pass the folder an export wrote "
+                                              "(`slm-export inspect` also takes a bundle .zip)")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("--model", tiny_dir, "--out", tmp_path / "f", "--bits", "16", "--max-context", "256")
+    assert code == 0, err
+    before = sorted(p.name for p in (tmp_path / "f").rglob("*"))
+    code, _, err = run_cli("verify", tmp_path / "f", "--calibration-text", tmp_path / "nope.txt", "--model", tiny_dir)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "this artifact was exported with no calibration text, so verify needs none; leave the flag out" in err
+    assert sorted(p.name for p in (tmp_path / "f").rglob("*")) == before  # nothing written
