@@ -6,12 +6,14 @@ changes. Adding a family: write `_adapter(model) -> Decoder` and register it by 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import SlmExportError
 from .registry import Registry
+from .stored import Stored, materialize, rows, stacked
 
 ARCHITECTURES: Registry = Registry("architecture")
 
@@ -29,6 +31,8 @@ class Linear:
         PyTorch parameter (Phi-3's qkv_proj) keeps that parameter as its source, and its rows in it."""
         if not self.split:
             return [self]
+        if isinstance(self.weight, Stored):  # still in the checkpoint: parts that read only their own rows
+            return self._stored_parts()
         bounds = np.cumsum(self.split)[:-1]
         weights = np.split(self.weight, bounds)
         biases = np.split(self.bias, bounds) if self.bias is not None else [None] * len(weights)
@@ -37,6 +41,14 @@ class Linear:
         starts = np.concatenate([[0], bounds]).tolist()
         return [Linear(np.ascontiguousarray(w), b, [self.sources[0]], rows=(s, s + len(w)))
                 for w, b, s in zip(weights, biases, starts)]
+
+    def _stored_parts(self) -> list[Linear]:
+        starts = np.concatenate([[0], np.cumsum(self.split)]).tolist()
+        biases = [None if self.bias is None else self.bias[a:b] for a, b in zip(starts, starts[1:])]
+        if len(self.sources) == len(self.split):
+            return [Linear(w, b, [src]) for w, b, src in zip(self.weight.parts, biases, self.sources)]
+        return [Linear(rows(self.weight, a, b), bias, [self.sources[0]], rows=(a, b))
+                for a, b, bias in zip(starts, starts[1:], biases)]
 
 
 @dataclass
@@ -87,6 +99,25 @@ class Decoder:
     def max_context(self) -> int:
         return int(self.rope_cos.shape[0])
 
+    @property
+    def streamed(self) -> bool:
+        """Whether its weight matrices are still in the checkpoint (slm_export/stored.py)."""
+        return isinstance(self.embed, Stored)
+
+    def materialized(self) -> Decoder:
+        """This decoder with every stored weight read into memory (for code that needs arrays)."""
+        if not self.streamed:
+            return self
+
+        def lin(x: Linear) -> Linear:
+            return dataclasses.replace(x, weight=materialize(x.weight))
+
+        layers = [dataclasses.replace(layer, qkv=lin(layer.qkv), o=lin(layer.o), gate_up=lin(layer.gate_up),
+                                      down=lin(layer.down)) for layer in self.layers]
+        embed = materialize(self.embed)
+        lm_head = embed if self.tied_embeddings else materialize(self.lm_head)
+        return dataclasses.replace(self, embed=embed, lm_head=lm_head, layers=layers)
+
 
 def supported() -> list[str]:
     return ARCHITECTURES.names()
@@ -120,9 +151,28 @@ def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy().copy()
 
 
-def _linear(module, name: str) -> Linear:
-    bias = getattr(module, "bias", None)
-    return Linear(_np(module.weight), None if bias is None else _np(bias), [f"{name}.weight"])
+class _Params:
+    """A model's parameters by name: copied out of a loaded model, or, for a model whose weights are
+    still in its checkpoint (a skeleton on the meta device, `model.slm_checkpoint`), matrices as
+    `Stored` weights read when used and vectors (norms, biases) read now."""
+
+    def __init__(self, model):
+        self.model = model
+        self.checkpoint = getattr(model, "slm_checkpoint", None)
+
+    def matrix(self, name: str):
+        if self.checkpoint is None:
+            return _np(self.model.get_parameter(name))
+        ckpt = self.checkpoint
+        return Stored(lambda: ckpt.read(name), ckpt.shape(name), name, lambda a, b: ckpt.read(name, rows=(a, b)))
+
+    def vector(self, name: str) -> np.ndarray:
+        return _np(self.model.get_parameter(name)) if self.checkpoint is None else self.checkpoint.read(name)
+
+    def linear(self, module, name: str) -> Linear:
+        bias = getattr(module, "bias", None)
+        return Linear(self.matrix(f"{name}.weight"), None if bias is None else self.vector(f"{name}.bias"),
+                      [f"{name}.weight"])
 
 
 def _fuse(parts: list[Linear]) -> Linear:
@@ -132,8 +182,9 @@ def _fuse(parts: list[Linear]) -> Linear:
         bias = np.concatenate(biases)
     else:
         bias = None
+    weights = [p.weight for p in parts]
     return Linear(
-        np.concatenate([p.weight for p in parts]),
+        stacked(weights) if any(isinstance(w, Stored) for w in weights) else np.concatenate(weights),
         bias,
         [s for p in parts for s in p.sources],
         [p.weight.shape[0] for p in parts],
@@ -149,6 +200,8 @@ def _rope_tables(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     rotary = model.model.rotary_emb
+    if any(b.is_meta for b in rotary.buffers()):  # a skeleton's (weights still in the checkpoint): make its tables
+        rotary = type(rotary)(config=model.config)
     pos = torch.arange(max_context, dtype=torch.long)[None]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
@@ -186,34 +239,35 @@ def _llama_like(model, max_context: int, *, fused_qkv: bool = False, gemma: bool
     _check_context(config, max_context)
     inner = model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params = _Params(model)
     # Gemma stores RMSNorm scales as (w - 1): its norm multiplies by (1 + w). Fold the 1 in here.
-    norm = (lambda w: _np(w) + 1.0) if gemma else _np
+    norm = (lambda name: params.vector(f"{name}.weight") + 1.0) if gemma else (lambda name: params.vector(f"{name}.weight"))
     layers = []
     for i, block in enumerate(inner.layers):
         p = f"model.layers.{i}"
         attn, mlp = block.self_attn, block.mlp
         if fused_qkv:  # Phi-3 ships q|k|v and gate|up fused already
-            qkv = _linear(attn.qkv_proj, f"{p}.self_attn.qkv_proj")
+            qkv = params.linear(attn.qkv_proj, f"{p}.self_attn.qkv_proj")
             q = config.num_attention_heads * head_dim
             kv = config.num_key_value_heads * head_dim
             qkv.split = [q, kv, kv]
-            gate_up = _linear(mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
+            gate_up = params.linear(mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
             gate_up.split = [config.intermediate_size] * 2
         else:
-            qkv = _fuse([_linear(getattr(attn, n), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")])
-            gate_up = _fuse([_linear(getattr(mlp, n), f"{p}.mlp.{n}") for n in ("gate_proj", "up_proj")])
+            qkv = _fuse([params.linear(getattr(attn, n), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")])
+            gate_up = _fuse([params.linear(getattr(mlp, n), f"{p}.mlp.{n}") for n in ("gate_proj", "up_proj")])
         layer = Layer(
-            attn_norm=norm(block.input_layernorm.weight),
+            attn_norm=norm(f"{p}.input_layernorm"),
             qkv=qkv,
-            o=_linear(attn.o_proj, f"{p}.self_attn.o_proj"),
-            ffn_norm=norm((block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm).weight),
+            o=params.linear(attn.o_proj, f"{p}.self_attn.o_proj"),
+            ffn_norm=norm(f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"),
             gate_up=gate_up,
-            down=_linear(mlp.down_proj, f"{p}.mlp.down_proj"),
+            down=params.linear(mlp.down_proj, f"{p}.mlp.down_proj"),
             sliding_window=_window(config, i),
         )
         if gemma:
-            layer.post_attn_norm = norm(block.post_attention_layernorm.weight)
-            layer.post_ffn_norm = norm(block.post_feedforward_layernorm.weight)
+            layer.post_attn_norm = norm(f"{p}.post_attention_layernorm")
+            layer.post_ffn_norm = norm(f"{p}.post_feedforward_layernorm")
         if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
             raise SlmExportError(f"{config.model_type}: output-projection biases are not supported")
         layers.append(layer)
@@ -221,8 +275,9 @@ def _llama_like(model, max_context: int, *, fused_qkv: bool = False, gemma: bool
     norm_sources = {} if gemma else {"final_norm": "model.norm.weight"} | {
         f"layers.{i}.{slot}": f"model.layers.{i}.{name}.weight" for i in range(len(layers))
         for slot, name in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"))}
-    embed = _np(inner.embed_tokens.weight)
-    tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+    embed = params.matrix("model.embed_tokens.weight")
+    tied = model.lm_head.weight is inner.embed_tokens.weight or (
+        not inner.embed_tokens.weight.is_meta and model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr())
     cos, sin = _rope_tables(model, max_context)
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     activations = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -241,8 +296,8 @@ def _llama_like(model, max_context: int, *, fused_qkv: bool = False, gemma: bool
         embed=embed,
         # Gemma multiplies embeddings by sqrt(hidden) rounded to the activation dtype (fp32 here).
         embed_scale=float(np.float32(config.hidden_size**0.5)) if gemma else 1.0,
-        final_norm=norm(inner.norm.weight),
-        lm_head=embed if tied else _np(model.lm_head.weight),
+        final_norm=norm("model.norm"),
+        lm_head=embed if tied else params.matrix("lm_head.weight"),
         tied_embeddings=tied,
         attn_scale=(config.query_pre_attn_scalar**-0.5) if gemma else head_dim**-0.5,
         attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0) if gemma else 0.0,

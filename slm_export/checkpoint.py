@@ -76,25 +76,32 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(e.length for e in self._entries.values())
 
-    def read(self, name) -> np.ndarray:
-        """The tensor as a fresh C-contiguous float32 array, read from its file alone."""
+    def read(self, name, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or its rows [start, stop) along the first axis) as a fresh C-contiguous float32
+        array, read from its file alone."""
         e = self._entry(name)
         _check_supported(name, e)
-        out = np.empty(e.shape, dtype=np.float32)
+        start, stop = rows if rows is not None else (0, e.shape[0] if e.shape else 1)
+        if e.shape and not 0 <= start <= stop <= e.shape[0]:
+            raise ValueError(f"rows {start}:{stop} of {name!r} with shape {e.shape}")
+        shape = (stop - start, *e.shape[1:]) if e.shape else ()
+        row = int(np.prod(e.shape[1:], dtype=np.int64)) if e.shape else 1
+        out = np.empty(shape, dtype=np.float32)
         flat = out.reshape(-1)
+        stored = SUPPORTED[e.dtype]
+        base = e.start + start * row * stored.itemsize
         with open(e.file, "rb", buffering=0) as f:
             if e.dtype == "F32":
-                _read_into(f, e, e.start, memoryview(flat.view(np.uint8)), name)
+                _read_into(f, e, base, memoryview(flat.view(np.uint8)), name)
                 if sys.byteorder == "big":
                     flat.byteswap(inplace=True)
                 return out
-            stored = SUPPORTED[e.dtype]
             per_chunk = max(1, CHUNK_BYTES // stored.itemsize)
             chunk = np.empty(min(per_chunk, flat.size), dtype=stored)
             for first in range(0, flat.size, per_chunk):
                 n = min(per_chunk, flat.size - first)
                 part = chunk[:n]
-                _read_into(f, e, e.start + first * stored.itemsize, memoryview(part.view(np.uint8)), name)
+                _read_into(f, e, base + first * stored.itemsize, memoryview(part.view(np.uint8)), name)
                 if e.dtype == "BF16":  # bf16 is the top half of a float32: shift it there, exactly
                     np.left_shift(part, 16, out=flat[first:first + n].view(np.uint32), dtype=np.uint32)
                 else:

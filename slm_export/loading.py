@@ -46,9 +46,14 @@ def default_gguf_path() -> Path:
 
 
 def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = False,
-         tokenizer: bool = True) -> LoadedModel:
+         tokenizer: bool = True, stream: bool = False) -> LoadedModel:
     """Load `source` (None = the bundled SmolLM2-135M-Instruct) as a float32 model and its tokenizer
-    (tokenizer=False: the model alone; its `tokenizer` is None)."""
+    (tokenizer=False: the model alone; its `tokenizer` is None).
+
+    stream=True: a safetensors checkpoint (a folder, or one from the hub) is not loaded; the model is
+    a skeleton on the meta device with `slm_checkpoint` (slm_export/checkpoint.py) to read each weight
+    from when it is used (what an export does: architectures.to_decoder then holds `Stored` weights).
+    A GGUF file or .bin weights load whole either way."""
     if source is None or str(source) == DEFAULT_MODEL:
         path = default_gguf_path()
         loaded = _load_gguf(path, trust_remote_code, tokenizer)
@@ -60,12 +65,12 @@ def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = F
         if path.is_file() and path.suffix == ".gguf":
             return _load_gguf(path, trust_remote_code, tokenizer)
         if path.is_dir():
-            return _load_dir(path, trust_remote_code, tokenizer)
+            return _load_dir(path, trust_remote_code, tokenizer, stream)
         raise SlmExportError(f"model path {path} is neither a .gguf file nor a model folder")
     looks_like_path = text.startswith(("/", ".", "~")) or text.endswith(".gguf") or text.count("/") > 1
     if looks_like_path or not _HUB_ID.match(text):
         raise SlmExportError(f"model path {text} does not exist; pass an existing folder, a .gguf file or a hub id like org/name")
-    return _load_hub(text, trust_remote_code, tokenizer)
+    return _load_hub(text, trust_remote_code, tokenizer, stream)
 
 
 def from_object(model, tokenizer=None) -> LoadedModel:
@@ -97,7 +102,7 @@ def check_tokenizer(tokenizer, what: str) -> None:
 def _from_pretrained(where: str, trust_remote_code: bool, what: str, tokenizer: bool = True,
                      **kwargs) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one summary line from us instead of per-tensor bars
@@ -116,15 +121,19 @@ def _from_pretrained(where: str, trust_remote_code: bool, what: str, tokenizer: 
     except Exception as e:  # noqa: BLE001 - any failure to parse a user's file is a problem with that file
         _reraise_if_out_of_memory(e)  # but running out of memory is not (a MemoryError, an mmap's ENOMEM)
         raise SlmExportError(f"could not load {what}: {type(e).__name__}: {_first_line(e)}") from None
-    if not tokenizer:
-        return LoadedModel(model.eval(), None)
+    return LoadedModel(model.eval(), _tokenizer(where, trust_remote_code, what, **kwargs) if tokenizer else None)
+
+
+def _tokenizer(where: str, trust_remote_code: bool, what: str, **kwargs):
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # noqa: BLE001
         _reraise_if_out_of_memory(e)
         raise SlmExportError(f"could not load the tokenizer of {what}: {_one_line(e)}; {NO_TOKENIZER_HINT}") from None
     check_tokenizer(tok, what)
-    return LoadedModel(model.eval(), tok)
+    return tok
 
 
 def _load_gguf(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
@@ -173,7 +182,7 @@ def gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
-def _load_dir(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
+def _load_dir(path: Path, trust_remote_code: bool, tokenizer: bool = True, stream: bool = False) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise SlmExportError(f"model folder {path} has no config.json; pass a Hugging Face model folder or a .gguf file")
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
@@ -183,10 +192,46 @@ def _load_dir(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> Lo
     if tokenizer and not any(next(path.glob(name), None) for name in TOKENIZER_FILES):
         raise SlmExportError(f"model folder {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                              f"copy the model's tokenizer files into it, {NO_TOKENIZER_HINT}")
+    if stream:
+        from .checkpoint import NotSafetensors
+
+        try:
+            loaded = _stream_dir(path, trust_remote_code, tokenizer)
+        except NotSafetensors:  # .bin weights: transformers loads them whole
+            loaded = None
+        if loaded is not None:
+            loaded.source = {"kind": "dir", "path": str(path.resolve())}
+            return loaded
     # transformers unpickles .bin files with torch.load(weights_only=True): no arbitrary code runs.
     loaded = _from_pretrained(str(path), trust_remote_code, f"model folder {path}", tokenizer)
     loaded.source = {"kind": "dir", "path": str(path.resolve())}
     return loaded
+
+
+def _stream_dir(path: Path, trust_remote_code: bool, tokenizer: bool) -> LoadedModel:
+    """A skeleton model (meta device: no weights in memory) whose `slm_checkpoint` reads the folder's
+    safetensors tensor by tensor, checked against the shapes its config.json implies."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .checkpoint import check_shapes, expected_shapes, open_checkpoint
+
+    what = f"model folder {path}"
+    ckpt = open_checkpoint(path)  # headers only; a truncated shard or a missing one is said here
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a bad config.json is the user's file
+        raise SlmExportError(f"could not read the config.json of {what}: {_first_line(e)}") from None
+    config.dtype = torch.float32
+    expected, optional = expected_shapes(config, trust_remote_code)
+    check_shapes(ckpt, expected, optional)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.slm_checkpoint = ckpt
+    if (path / "generation_config.json").is_file():
+        with contextlib.suppress(Exception):  # transformers' own default from the config stays otherwise
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return LoadedModel(model.eval(), _tokenizer(str(path), trust_remote_code, what) if tokenizer else None)
 
 
 def _check_model_type(config_file: Path) -> None:
@@ -209,7 +254,7 @@ def hub_timeouts() -> None:
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 
 
-def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
+def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True, stream: bool = False) -> LoadedModel:
     hub_timeouts()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -226,7 +271,7 @@ def _load_hub(repo_id: str, trust_remote_code: bool, tokenizer: bool = True) -> 
         ) from None
     except (HfHubHTTPError, OSError) as e:
         raise SlmExportError(f"downloading '{repo_id}' from the hub failed: {_first_line(e)}") from None
-    loaded = _load_dir(Path(local), trust_remote_code, tokenizer)
+    loaded = _load_dir(Path(local), trust_remote_code, tokenizer, stream)
     loaded.source = {"kind": "hub", "id": repo_id, "path": local}
     return loaded
 

@@ -55,7 +55,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     check_destination(out, force)
     check_min_context(max_context)
     exporter.check(spec, precision)  # what this target cannot do is said before the model loads
-    method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
+    method = method_of(exporter, spec)
     reads_text = calibrates(exporter, spec, kv_bits)
     user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
     _check_tokenizer_options(tokenizer, no_tokenizer, calibration_text)
@@ -92,7 +92,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     t0 = time.perf_counter()
     with progress.stage(f"loading {_model_name(model)}"):
         loaded = model if isinstance(model, LoadedModel) else (
-            load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer)
+            load(model, trust_remote_code=trust_remote_code, tokenizer=not no_tokenizer, stream=True)
             if model is None or isinstance(model, (str, os.PathLike)) else from_object(model, tokenizer))
     loaded_hook()  # the parsed GGUF is not needed past here
     if tokenizer is not None:
@@ -100,7 +100,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     if no_tokenizer:
         loaded.tokenizer = None
     check_tokenizer(loaded.tokenizer, mf.source_label(loaded.source))
-    _check_text_for((spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None,
+    _check_text_for(method_of(exporter, spec),
                     tokenizer_present=loaded.tokenizer is not None, why="this model has no tokenizer")
     log(f"loaded {mf.source_label(loaded.source)} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
@@ -112,6 +112,11 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
         limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
         max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
+    method = method_of(exporter, spec)
+    # a writer that needs every weight in memory, or a method that rescales them in place (awq), reads them all first
+    if decoder.streamed and (not exporter.streams_weights or method in EQUALIZING):
+        with progress.stage("reading the weights"):
+            decoder = decoder.materialized()
     exporter.check_model(decoder, precision)  # what this target's runtime cannot run, before any quantization
     # only an export that calibrates (GPTQ, static KV scales) reads text: tokenizing is wasted work elsewhere
     text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
@@ -170,10 +175,15 @@ def _model_id(source: dict) -> str:
     return source.get("name") or Path(source.get("path") or "model").name
 
 
+def method_of(exporter, spec: QuantSpec) -> str | None:
+    """The quantization method the resolved `spec` runs on this target (None: not quantized)."""
+    return (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
+
+
 def calibrates(exporter, spec: QuantSpec, kv_bits: int) -> bool:
     """Whether exporting under the resolved `spec` runs text through the model (GPTQ, mixed precision,
     static KV-cache scales)."""
-    method = (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
+    method = method_of(exporter, spec)
     return method in CALIBRATED or bool(spec.mixed_precision) or exporter.calibrates(kv_bits)
 
 

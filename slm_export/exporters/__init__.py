@@ -116,6 +116,10 @@ class ExporterBase:
     # weights' storage is in its `limits`).
     kv_bytes = 4  # bytes per KV-cache element
     runtime_overhead_mb = 52.0  # the runtime and its arenas in an app, beyond weights, KV cache and activations
+    # Whether write() reads the decoder's weights only through np.asarray, one at a time (a `Stored`
+    # weight is then read from the checkpoint when used: slm_export/stored.py); else the pipeline
+    # reads them all into memory first.
+    streams_weights = False
     # What an export to this target needs in memory at its peak (slm_export/memory.py): the interpreter
     # and libraries it loads (MB: the peak RSS of a tiny model's export), and resident bytes per fp32
     # weight byte of the model at each --bits (loading, quantizing without calibration, writing; a

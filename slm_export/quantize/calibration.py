@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..stored import is_stored
+
 CHUNK = 512  # tokens per calibration sequence (attention is causal within a chunk)
 MAX_TOKENS = 2048  # calibration tokens used at most (measured on SmolLM2-135M: 4096 gave GPTQ no better KL)
 MIN_TOKENS = 256
@@ -48,14 +50,35 @@ class DecoderForward:
         from .plan import decoder_weights
 
         self.dec = dec
-        self.w = {name: _t(arr) for name, _, arr, _ in decoder_weights(dec)}
+        # in-memory weights as tensors sharing their arrays; weights still in the checkpoint (Stored)
+        # are read when first used and dropped again by release()
+        self.w = {name: arr if is_stored(arr) else _t(arr) for name, _, arr, _ in decoder_weights(dec)}
+        self._stored = {name: arr for name, arr in self.w.items() if is_stored(arr)}
         self._fused: dict[tuple, object] = {}  # a fused Linear's parts stacked once (q|k|v), until set()
         if weights:
             self.set(weights)
 
     def set(self, weights: dict[str, np.ndarray]) -> None:
-        self.w.update({k: _t(v) for k, v in weights.items()})
+        """Use these weights from now on (a `Stored` one goes back to being read when used)."""
+        self.w.update({k: v if is_stored(v) else _t(v) for k, v in weights.items()})
         self._fused = {key: w for key, w in self._fused.items() if not set(key) & set(weights)}
+
+    def weight(self, name: str, keep: bool = True):
+        """The weight as a tensor (one read from the checkpoint is kept until release(), unless keep=False)."""
+        w = self.w[name]
+        if is_stored(w):
+            w = _t(w.read())
+            if keep:
+                self.w[name] = w
+        return w
+
+    def release(self, names) -> None:
+        """Forget the float copies of these weights where they can be read again from the checkpoint."""
+        names = set(names)
+        self.set({n: self._stored[n] for n in names if n in self._stored})
+
+    def release_layer(self, layer) -> None:
+        self.release(s for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for s in lin.sources)
 
     # --- pieces
     def norm(self, x, weight):
@@ -69,7 +92,7 @@ class DecoderForward:
 
         key = tuple(lin.sources)
         if key not in self._fused:
-            self._fused[key] = torch.cat([self.w[s] for s in key]).T if len(key) > 1 else self.w[key[0]].T
+            self._fused[key] = torch.cat([self.weight(s) for s in key]).T if len(key) > 1 else self.weight(key[0]).T
         y = x @ self._fused[key]
         return y if lin.bias is None else y + _t(lin.bias)
 
@@ -111,6 +134,13 @@ class DecoderForward:
         scores = scores.masked_fill(~allowed, float("-inf"))
         return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, q_size)
 
+    def _rows(self, name: str, index):
+        """Rows of a [vocab, hidden] table (a stored one is read, indexed and not kept)."""
+        import torch
+
+        w = self.w[name]
+        return torch.from_numpy(w.take(np.asarray(index))) if is_stored(w) else w[index]
+
     def act(self, x):
         import torch
 
@@ -119,14 +149,14 @@ class DecoderForward:
         return torch.nn.functional.gelu(x, approximate="tanh")
 
     def embed(self, ids):
-        x = self.w["model.embed_tokens.weight"][ids]
+        x = self._rows("model.embed_tokens.weight", ids)
         return x * self.dec.embed_scale if self.dec.embed_scale != 1.0 else x
 
     def logits(self, h, rows=None):
         """Logits of hidden states h (of vocabulary `rows` only, if given)."""
         import torch
 
-        head = self.w["lm_head.weight"] if rows is None else self.w["lm_head.weight"][rows]
+        head = self.weight("lm_head.weight", keep=False) if rows is None else self._rows("lm_head.weight", rows)
         y = self.norm(h, self.dec.final_norm) @ head.T
         if self.dec.final_softcap:
             y = torch.tanh(y / self.dec.final_softcap) * self.dec.final_softcap
@@ -163,6 +193,7 @@ class DecoderForward:
             x = self.embed(torch.as_tensor(ids))
             for layer in self.dec.layers:
                 x = self.layer(layer, x)
+                self.release_layer(layer)
             return self.logits(x)
 
 
@@ -190,6 +221,7 @@ def walk(dec, ids: list[int], on_unit: Callable, progress=None) -> None:
                 flat = inputs.reshape(-1, inputs.shape[-1])
                 on_unit(f"layers.{i}.{unit}", (flat.T @ flat / flat.shape[0]).numpy(), forward)
             x = forward.layer(layer, x, observe)
+            forward.release_layer(layer)
             if progress:
                 progress(i + 1)
         h = forward.norm(x, dec.final_norm)

@@ -15,6 +15,7 @@ from .. import progress
 from .calibration import DecoderForward, chunks
 from .methods import METHODS
 from .plan import QuantPlan, WeightPlan, at_bits, decoder_weights
+from ..stored import materialize
 
 SENSITIVITY_TOKENS = 64  # calibration tokens the KL is measured on (enough to rank; keeps it cheap)
 PROBE_METHOD = "rtn"  # the int4 rounding each unit is probed with (data-free and fast)
@@ -50,16 +51,19 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
         xs = [fwd.embed(seq)]
         for layer in dec.layers:
             xs.append(fwd.layer(layer, xs[-1]))
+            fwd.release_layer(layer)  # a checkpoint's weights are read again when used (slm_export/stored.py)
         keep, ref = _vocab_subset(fwd, xs[-1])
         out = {}
         for unit, ws in progress.steps(units.items(), "measuring each weight group's int4 cost", total=len(units)):
-            probe = {w.name: METHODS.get(PROBE_METHOD)(arrays[w.name], dataclasses.replace(w, method=PROBE_METHOD))
-                     .dequantize() for w in ws}
+            probe = {w.name: METHODS.get(PROBE_METHOD)(materialize(arrays[w.name]),
+                                                        dataclasses.replace(w, method=PROBE_METHOD)).dequantize()
+                     for w in ws}
             fwd.set(probe)
             start = int(unit.split(".")[1]) if unit.startswith("layers.") else dec.num_layers
             x = xs[start]
             for layer in dec.layers[start:]:
                 x = fwd.layer(layer, x)
+                fwd.release_layer(layer)
             out[unit] = _kl(ref, fwd.logits(x, rows=keep))
             fwd.set({name: arrays[name] for name in probe})
     return out

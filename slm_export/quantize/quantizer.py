@@ -14,14 +14,28 @@ from .calibration import chunks, walk
 from .codes import QuantizedWeight
 from .methods import CALIBRATED, METHODS
 from .plan import QuantPlan, WeightPlan, decoder_weights
+from ..stored import is_stored, materialize
 
 
 def _storage(w: WeightPlan) -> tuple:
     return w.method, w.bits, w.group, w.symmetric, w.scale_dtype, w.signed_scales, w.shape[1]
 
 
-def _quantize_one(w: WeightPlan, array: np.ndarray, hessian=None) -> QuantizedWeight:
-    return METHODS.get(w.method)(array, w, hessian) if w.method in CALIBRATED else METHODS.get(w.method)(array, w)
+# Every method rounds each output row on its own (GPTQ too: all rows share one Hessian), so a large
+# weight is quantized in row blocks of at most this many float32 bytes: a method's working copies are
+# then those of one block, not of a whole 128k-row embedding. Smaller weights go in one piece, so
+# their codes are the same bytes they always were.
+ROW_BLOCK_BYTES = 256 * 2**20
+
+
+def _quantize_one(w: WeightPlan, array, hessian=None) -> QuantizedWeight:
+    method = METHODS.get(w.method)
+    run = (lambda a: method(a, w, hessian)) if w.method in CALIBRATED else (lambda a: method(a, w))
+    if array.nbytes <= ROW_BLOCK_BYTES:
+        return run(materialize(array))  # a weight still in the checkpoint is read now, and dropped after
+    step = max(1, ROW_BLOCK_BYTES // (4 * array.shape[1]))
+    rows = array.read_rows if is_stored(array) else (lambda a, b: array[a:b])  # a stored one: block by block
+    return QuantizedWeight.concat([run(rows(r, min(r + step, array.shape[0]))) for r in range(0, array.shape[0], step)])
 
 
 def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None) -> dict[str, QuantizedWeight]:
@@ -32,7 +46,8 @@ def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None) -> 
     arrays = {name: arr for name, _, arr, _ in decoder_weights(dec)}
     todo = [w for w in plan.weights if w.quantized]
     out: dict[str, QuantizedWeight] = {}
-    free = [w for w in todo if w.method not in CALIBRATED]
+    # the largest first: their working copies come and go before the codes of the rest are held
+    free = sorted((w for w in todo if w.method not in CALIBRATED), key=lambda w: -w.shape[0] * w.shape[1])
     for w in progress.steps(free, f"quantizing weights ({', '.join(sorted({w.method for w in free}))})"):
         out[w.name] = _quantize_one(w, arrays[w.name])
     calibrated = [w for w in todo if w.method in CALIBRATED]

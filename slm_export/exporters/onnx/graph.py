@@ -15,9 +15,16 @@ Inputs and outputs follow onnxruntime-genai's names, so its tooling and app code
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
+
+from pathlib import Path
 
 from ...architectures import Decoder, Linear
 from ...quantize import QuantizedWeight, QuantPlan, QuantReport, QuantSpec, WeightEntry
@@ -28,18 +35,32 @@ from .quant import pack_matmul_nbits
 OPSET = 23  # RMSNormalization (standard since opset 23) for the norms that have no residual
 LOGITS_TO_KEEP_DEFAULT = 0  # when the caller does not feed logits_to_keep: all positions
 MS = "com.microsoft"
+EXTERNAL_MIN = 1024  # bytes (as sys.getsizeof counts them) from which an initializer goes to the data file
 
 
 class _Graph:
-    """Collects nodes and initializers; every helper returns its output name(s)."""
+    """Collects nodes and initializers; every helper returns its output name(s).
 
-    def __init__(self):
+    With `data`, an open external-data file, every initializer of EXTERNAL_MIN bytes or more is
+    written to it as it is made and only its place is kept, as onnx.save_model(save_as_external_data=True,
+    size_threshold=EXTERNAL_MIN) would write it at the end: the same bytes, without the whole model's
+    weights held in the graph first.
+    """
+
+    def __init__(self, data=None, location: str | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
+        self.data, self.location = data, location
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        tensor = numpy_helper.from_array(np.asarray(array), name)
+        if self.data is not None and sys.getsizeof(tensor.raw_data) >= EXTERNAL_MIN:  # onnx's own size test
+            offset = self.data.tell()
+            self.data.write(tensor.raw_data)
+            set_external_data(tensor, self.location, offset, len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+        self.inits.append(tensor)
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None, **attrs):
@@ -67,20 +88,36 @@ def named_linears(dec: Decoder) -> list[tuple[str, Linear]]:
 
 
 class DecoderGraphBuilder:
-    def __init__(self, dec: Decoder, spec: QuantSpec, plan: QuantPlan, codes: dict[str, QuantizedWeight]):
+    def __init__(self, dec: Decoder, spec: QuantSpec, plan: QuantPlan, codes: dict[str, QuantizedWeight],
+                 data=None, location: str | None = None):
         self.dec, self.spec, self.plan, self.codes = dec, spec, plan, codes
-        self.g = _Graph()
+        self.g = _Graph(data, location)
         self.report = QuantReport()
         self._packed: dict[str, tuple] = {}  # name -> (PackedWeight, initializer names): a table shared once
+        # Writing to a data file, the codes of a weight are dropped once the graph no longer needs them
+        # (the caller hands them over): at most one weight is held twice, as codes and packed.
+        self._uses = Counter(s for _, lin in named_linears(dec) for s in dict.fromkeys(lin.sources)) \
+            if data is not None else None
 
-    def _pack(self, name: str, qw: QuantizedWeight) -> tuple:
+    def _pack(self, name: str, codes_of) -> tuple:
+        """(PackedWeight, its initializers) of node `name`, packed from `codes_of()` the first time."""
         if name not in self._packed:
-            pw, g = pack_matmul_nbits(qw), self.g
+            pw, g = pack_matmul_nbits(codes_of()), self.g
             inputs = [g.const(f"{name}.qweight", pw.packed), g.const(f"{name}.scales", pw.scales)]
             if pw.zero_points is not None:
                 inputs.append(g.const(f"{name}.zero_points", pw.zero_points))
+            if self.g.data is not None:  # written: keep its shape and size, not its bytes
+                pw = dataclasses.replace(pw, packed=np.broadcast_to(np.zeros((), np.uint8), pw.packed.shape))
             self._packed[name] = (pw, inputs)
         return self._packed[name]
+
+    def _done_with(self, lin: Linear) -> None:
+        if self._uses is None:
+            return
+        for source in dict.fromkeys(lin.sources):
+            self._uses[source] -= 1
+            if self._uses[source] == 0:
+                self.codes.pop(source, None)
 
     # ------------------------------------------------------------------ weights
 
@@ -94,7 +131,8 @@ class DecoderGraphBuilder:
             y = g.op("MatMul", [x, wt], name=name)
             entry = WeightEntry(name, lin.sources, [n, k], "float32 MatMul", None, None, w.nbytes, w.nbytes, plan.reason, lin.split)
         else:
-            pw, inputs = self._pack(name, linear_codes(self.codes, lin))
+            pw, inputs = self._pack(name, lambda: linear_codes(self.codes, lin))
+            self._done_with(lin)
             # accuracy_level 4 = int8 activations (VNNI kernels); 0 = float activations (weight-only)
             level = 4 if self.spec.activations == "int8" else 0
             y = g.op("MatMulNBits", inputs=[x] + inputs, domain=MS, name=name,
@@ -115,7 +153,7 @@ class DecoderGraphBuilder:
             # Tied and quantized alike: gather rows straight out of the lm_head's MatMulNBits
             # weights [vocab, blocks, bytes] (no copy, no Reshape that constant folding would
             # duplicate), so the table is stored and held in memory once.
-            pw, (qweight, *_) = self._pack("lm_head", self.codes[LM_HEAD])
+            pw, (qweight, *_) = self._pack("lm_head", lambda: self.codes[LM_HEAD])
             scales = g.const("embed_tokens.scales", pw.scales.reshape(table.shape[0], -1, 1))
             rows = g.op("GatherBlockQuantized", [qweight, ids, scales], domain=MS, name="embed_tokens",
                         bits=pw.bits, block_size=pw.block_size, gather_axis=0, quantize_axis=2)
@@ -245,7 +283,13 @@ class DecoderGraphBuilder:
         return model
 
 
-def build_decoder_graph(dec: Decoder, spec: QuantSpec, plan: QuantPlan,
-                        codes: dict[str, QuantizedWeight]) -> tuple[onnx.ModelProto, QuantReport]:
-    builder = DecoderGraphBuilder(dec, spec, plan, codes)
-    return builder.build(), builder.report
+def build_decoder_graph(dec: Decoder, spec: QuantSpec, plan: QuantPlan, codes: dict[str, QuantizedWeight],
+                        data_file: Path | None = None) -> tuple[onnx.ModelProto, QuantReport]:
+    """The graph and its quant report; with `data_file`, its large initializers are written there as the
+    graph is built (the model then refers to them by offset: save it with onnx.save_model(model, path))."""
+    if data_file is None:
+        builder = DecoderGraphBuilder(dec, spec, plan, codes)
+        return builder.build(), builder.report
+    with open(data_file, "xb") as data:
+        builder = DecoderGraphBuilder(dec, spec, plan, codes, data, Path(data_file).name)
+        return builder.build(), builder.report
