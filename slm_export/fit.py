@@ -268,7 +268,10 @@ def fit(profile, *, target: str = "onnx", spec=None, context: int = 2048, prompt
     full, _ = decode_roofline(profile, per_token_weights, kv_per_token * context, ops, int8)
     mb = MB
     total = weights_total + kv_per_token * context + act + exporter.runtime_overhead_mb * mb
-    export_peak = estimate_export(exporter, spec, kv_bits, fp32_bytes or fp32_weight_bytes(shape), target).peak_bytes
+    from .loading import streamable
+
+    export_peak = estimate_export(exporter, spec, kv_bits, fp32_bytes or fp32_weight_bytes(shape), target, shape,
+                                  artifact is None and streamable(model)).peak_bytes
     return FitReport(
         device=profile.name, target=target, quant=quant, context=context, weights_source=source,
         weights_mb=round(weights_total / mb, 1), kv_cache_mb=round(kv_per_token * context / mb, 1), kv_bits=kv_bits,

@@ -73,6 +73,14 @@ def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = F
     return _load_hub(text, trust_remote_code, tokenizer, stream)
 
 
+def streamable(source) -> bool:
+    """Whether `source` is a local safetensors checkpoint that load(stream=True) reads tensor by tensor."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source).expanduser()
+    return path.is_dir() and (path / "config.json").is_file() and next(path.glob("*.safetensors"), None) is not None
+
+
 def from_object(model, tokenizer=None) -> LoadedModel:
     """Wrap a model the user already holds (for example one they trained) for export."""
     import torch

@@ -164,11 +164,19 @@ class ExportEstimate:
         return f"{self.what} needs about {gb(self.peak_bytes)} of memory at its peak"
 
 
-def estimate_export(exporter, spec, kv_bits: int, fp32_bytes: int, what: str) -> ExportEstimate:
-    """The estimate of exporting a model of `fp32_bytes` with `exporter` under the resolved `spec`."""
-    from .pipeline import calibrates
+def estimate_export(exporter, spec, kv_bits: int, fp32_bytes: int, what: str, shape=None,
+                    from_checkpoint: bool = False) -> ExportEstimate:
+    """The estimate of exporting a model of `fp32_bytes` with `exporter` under the resolved `spec`.
 
-    peak = export_peak_bytes(exporter, fp32_bytes, spec.bits, calibrates(exporter, spec, kv_bits))
+    from_checkpoint: the model is a safetensors checkpoint the export can stream (loading.streamable);
+    with its `shape` (fit.Shape), an exporter that streams weights is estimated as it streams."""
+    from .pipeline import calibrates, streams
+
+    calibrated = calibrates(exporter, spec, kv_bits)
+    if from_checkpoint and shape is not None and streams(exporter, spec):
+        peak = streamed_peak_bytes(exporter, shape, spec.quantized, calibrated)
+    else:
+        peak = export_peak_bytes(exporter, fp32_bytes, spec.bits, calibrated)
     return ExportEstimate(what, exporter.name, peak, int(fp32_bytes))
 
 
@@ -197,6 +205,30 @@ def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) 
     if calibrated:
         per_byte = max(per_byte, CALIBRATION_PEAK)
     return int(exporter.export_base_mb * MB + per_byte * fp32_bytes)
+
+
+# A streamed export (slm_export/stored.py) holds: the interpreter and libraries (`export_base_mb`); the
+# quantizer's codes of every weight until the writer packs them (codes.HELD_PER_FP32_BYTE); and a working
+# set, the larger of: the weight or row block being quantized (quantizer.ROW_BLOCK_BYTES at most) times
+# STREAM_BLOCK_COPIES (its float32 read, the method's temporaries, its codes); and, calibrating, the layer
+# being calibrated times STREAM_LAYER_COPIES (its weights as read, quantized and put back, the activations).
+# Fitted to benchmarks/streaming_export.py's peaks (benchmarks/STREAMING_EXPORT.md).
+STREAM_BLOCK_COPIES = 3.5
+STREAM_LAYER_COPIES = 4.0
+
+
+def streamed_peak_bytes(exporter, shape, quantized: bool, calibrated: bool) -> int:
+    """Peak resident memory of an export that streams its checkpoint, from the model's shapes."""
+    from .quantize.codes import HELD_PER_FP32_BYTE
+    from .quantize.quantizer import ROW_BLOCK_BYTES
+
+    matrices = [4 * rows * cols for name, (rows, cols) in shape.weights]
+    held = HELD_PER_FP32_BYTE * fp32_weight_bytes(shape) if quantized else 0
+    work = STREAM_BLOCK_COPIES * min(max(matrices), ROW_BLOCK_BYTES)
+    if calibrated:
+        layer = 4 * sum(rows * cols for name, (rows, cols) in shape.weights if ".layers.0." in f".{name}")
+        work = max(work, STREAM_LAYER_COPIES * layer)
+    return int(exporter.export_base_mb * MB + held + work)
 
 
 def fp32_weight_bytes(shape) -> int:

@@ -17,7 +17,7 @@ from .architectures import check_min_context, to_decoder
 from .errors import OutOfMemory, SlmExportError
 from .exporters import TARGETS, ExportOptions
 from .fit import shape_before_loading
-from .loading import DEFAULT_MODEL, LoadedModel, check_tokenizer, from_object, gguf_parsed_once, load
+from .loading import DEFAULT_MODEL, LoadedModel, check_tokenizer, from_object, gguf_parsed_once, load, streamable
 from .memory import (available_memory, check_memory, estimate_export, estimate_for_target,
                      fp32_weight_bytes, is_out_of_memory, out_of_memory)
 from .quantize import QuantSpec
@@ -70,7 +70,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
             shape = shape_before_loading(model, trust_remote_code)
             if shape is not None:
                 check_free_space(out, _artifact_bytes(shape, spec, exporter, precision), budget.what)
-                budget.check(fp32_weight_bytes(shape))
+                budget.check(fp32_weight_bytes(shape), shape, streamable(model))
             t0 = time.perf_counter()
             with staged_folder(out, log=log, note=budget.note()) as tmp:
                 summary = _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_context,
@@ -112,9 +112,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
         limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or 2048
         max_context = min(2048, limit)
     decoder = to_decoder(loaded.model, max_context)
-    method = method_of(exporter, spec)
-    # a writer that needs every weight in memory, or a method that rescales them in place (awq), reads them all first
-    if decoder.streamed and (not exporter.streams_weights or method in EQUALIZING):
+    if decoder.streamed and not streams(exporter, spec):  # every weight read into memory first
         with progress.stage("reading the weights"):
             decoder = decoder.materialized()
     exporter.check_model(decoder, precision)  # what this target's runtime cannot run, before any quantization
@@ -180,6 +178,12 @@ def method_of(exporter, spec: QuantSpec) -> str | None:
     return (spec.method or exporter.default_method(spec.bits, spec.symmetric)) if spec.quantized else None
 
 
+def streams(exporter, spec: QuantSpec) -> bool:
+    """Whether an export reads a checkpoint's weights one at a time when used (slm_export/stored.py):
+    its writer reads them so, and its method does not rescale them in place (awq)."""
+    return exporter.streams_weights and method_of(exporter, spec) not in EQUALIZING
+
+
 def calibrates(exporter, spec: QuantSpec, kv_bits: int) -> bool:
     """Whether exporting under the resolved `spec` runs text through the model (GPTQ, mixed precision,
     static KV-cache scales)."""
@@ -228,9 +232,10 @@ class _Budget:
     estimate: object = None  # memory.ExportEstimate, once the model's size is known
     have: object = None  # memory.Available when it was checked
 
-    def check(self, fp32_bytes: int) -> None:
+    def check(self, fp32_bytes: int, shape=None, from_checkpoint: bool = False) -> None:
         """Refuse (one line, exit 2) when this machine cannot hold the export's peak, unless skipped."""
-        self.estimate = estimate_export(self.exporter, self.spec, self.kv_bits, fp32_bytes, self.what)
+        self.estimate = estimate_export(self.exporter, self.spec, self.kv_bits, fp32_bytes, self.what, shape,
+                                        from_checkpoint)
         self.have = available_memory() if self.skip else check_memory(
             self.estimate, lambda name: estimate_for_target(name, self.asked, fp32_bytes))
 

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# What the codes of a weight hold per float32 byte of it: one int8 code per element and a float32
+# scale per group of 32 (the smallest group a plan chooses by default).
+HELD_PER_FP32_BYTE = (1 + 4 / 32) / 4
+
+
 def grid(bits: int, symmetric: bool) -> tuple[int, int]:
     """(qmin, qmax) of the integer codes."""
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)

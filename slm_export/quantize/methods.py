@@ -209,10 +209,11 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
     out, k = w.shape
     group = plan.group_for(k)
     qmin, qmax = grid(plan.bits, plan.symmetric)
-    h = torch.from_numpy(np.asarray(hessian, np.float32)).clone()
+    # H is [in, in] (268 MB at 8192 inputs): permuted once and factored in place of copies where it can be
+    h = torch.from_numpy(np.asarray(hessian, np.float32))
     dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
-    h[dead, dead] = 1.0
-    importance = torch.diagonal(h).float().numpy()
+    diag = torch.where(dead, torch.ones_like(torch.diagonal(h)), torch.diagonal(h))
+    importance = diag.numpy()
     # Static group scales from the activation-weighted search, chosen before any column moves.
     wg = _groups(w, group)
     imp = np.concatenate([importance, np.zeros(wg.shape[1] * group - k, np.float32)]).reshape(-1, group)
@@ -222,11 +223,15 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
     Rg = torch.where(Sg != 0, 1.0 / torch.where(Sg != 0, Sg, torch.ones_like(Sg)), torch.zeros_like(Sg))
     Zg = torch.zeros_like(Sg) if zero is None else torch.from_numpy(zero).t().contiguous()
 
-    order = torch.argsort(torch.diagonal(h), descending=True)  # act-order: the busiest inputs first
+    order = torch.argsort(diag, descending=True)  # act-order: the busiest inputs first
     col_group = (order // group).tolist()  # the group of each column, in quantization order
     h = h[order][:, order]
-    h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diagonal(h))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    torch.diagonal(h).copy_(diag[order])
+    torch.diagonal(h).add_((torch.ones(1) * damp * torch.mean(torch.diagonal(h)))[0])  # dampening: as eye * damp * mean
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    hinv = torch.linalg.cholesky(h, upper=True)
+    del h
     # Transposed (one row per input column, contiguous): each step reads and updates whole rows.
     Wt = torch.from_numpy(w).t()[order].contiguous()
     Qt = torch.empty_like(Wt)

@@ -22,7 +22,6 @@ from collections import Counter
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import set_external_data
 
 from pathlib import Path
 
@@ -54,12 +53,21 @@ class _Graph:
         self.data, self.location = data, location
 
     def const(self, name: str, array: np.ndarray) -> str:
-        tensor = numpy_helper.from_array(np.asarray(array), name)
-        if self.data is not None and sys.getsizeof(tensor.raw_data) >= EXTERNAL_MIN:  # onnx's own size test
-            offset = self.data.tell()
-            self.data.write(tensor.raw_data)
-            set_external_data(tensor, self.location, offset, len(tensor.raw_data))
+        array = np.asarray(array)
+        if self.data is not None and sys.getsizeof(b"") + array.nbytes >= EXTERNAL_MIN:  # onnx's own size test
+            # The tensor never holds its bytes: protobuf keeps a cleared field's memory until the message dies.
+            tensor = numpy_helper.from_array(np.empty((0,) * array.ndim, array.dtype), name)
+            del tensor.dims[:]
+            tensor.dims.extend(array.shape)
             tensor.ClearField("raw_data")
+            offset = self.data.tell()
+            self.data.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).data)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+        else:
+            tensor = numpy_helper.from_array(array, name)
         self.inits.append(tensor)
         return name
 

@@ -34,20 +34,27 @@ def _nibbles(values: np.ndarray) -> np.ndarray:
     return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
+PACK_ROWS_BYTES = 32 * 2**20  # codes packed per step
+
+
 def pack_matmul_nbits(qw: QuantizedWeight) -> PackedWeight:
     """The quantizer's codes for one [N, K] weight in MatMulNBits' layout."""
     n, k = qw.shape
     block, bits = qw.group, qw.bits
     k_blocks = -(-k // block)
     mid = 1 << (bits - 1)
-    if qw.symmetric:
-        stored = (qw.codes.astype(np.int16) + mid).astype(np.uint8)
-        pad = np.full((n, k_blocks * block - k), mid, np.uint8)
-    else:
-        stored = qw.codes.astype(np.uint8)
-        pad = np.repeat(qw.zero_points[:, -1:], k_blocks * block - k, axis=1).astype(np.uint8)
-    q = np.concatenate([stored, pad], axis=1).reshape(n, k_blocks, block)
-    packed = _nibbles(q) if bits == 4 else q
+    packed = np.empty((n, k_blocks, block // 2 if bits == 4 else block), np.uint8)
+    step = max(1, PACK_ROWS_BYTES // max(1, k_blocks * block))  # rows at a time: a few temporaries of a block, not of N rows
+    for r in range(0, n, step):
+        rows = slice(r, min(r + step, n))
+        if qw.symmetric:
+            stored = (qw.codes[rows].astype(np.int16) + mid).astype(np.uint8)
+            pad = np.full((stored.shape[0], k_blocks * block - k), mid, np.uint8)
+        else:
+            stored = qw.codes[rows].astype(np.uint8)
+            pad = np.repeat(qw.zero_points[rows, -1:], k_blocks * block - k, axis=1).astype(np.uint8)
+        q = np.concatenate([stored, pad], axis=1).reshape(-1, k_blocks, block)
+        packed[rows] = _nibbles(q) if bits == 4 else q
     zp = None
     if not qw.symmetric:
         z = qw.zero_points.astype(np.uint8)
@@ -56,7 +63,7 @@ def pack_matmul_nbits(qw: QuantizedWeight) -> PackedWeight:
             zp = _nibbles(z).reshape(-1)
         else:
             zp = z.reshape(-1)
-    return PackedWeight(np.ascontiguousarray(packed), qw.scales.astype(np.float32).reshape(n, k_blocks), zp,
+    return PackedWeight(packed, qw.scales.astype(np.float32).reshape(n, k_blocks), zp,
                         bits, block, k, n)
 
 
