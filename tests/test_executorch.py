@@ -160,6 +160,8 @@ def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
     assert shortcuts["fused_edge_passes"] is True
     assert shortcuts["idle_linear_conversion_skipped"].count > 0, shortcuts
     assert shortcuts["delegate_outputs_reused"].count > 0, shortcuts
+    assert shortcuts["constants_shared_with_preprocess"].count > 0, shortcuts
+    assert shortcuts["compact_dependency_closure"].count > 0, shortcuts
     if bits < 16:  # torchao quant ops exist only in quantized graphs
         assert shortcuts["quant_op_shapes_memoized"].count > 0, shortcuts
 

@@ -97,8 +97,8 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
     from torch.export import Dim, export
 
     from .contract import FORWARD, LOGITS
-    from .edge_passes import (delegate_outputs_reused, fused_edge_passes, idle_linear_conversion_skipped,
-                              quant_op_shapes_memoized)
+    from .edge_passes import (compact_dependency_closure, constants_shared_with_preprocess, delegate_outputs_reused,
+                              fused_edge_passes, idle_linear_conversion_skipped, quant_op_shapes_memoized)
 
     chunk = chunk_for(max_context)
     seq, rows = Dim("seq", min=1, max=chunk), Dim("rows", min=1, max=chunk)
@@ -118,6 +118,8 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
                 programs[LOGITS] = export(module, (torch.tensor([0, 1]),), dynamic_shapes=({0: rows},), strict=False)
         use(fast, "fused_edge_passes", fused_edge_passes)
         use(fast, "idle_linear_conversion_skipped", idle_linear_conversion_skipped)
+        use(fast, "constants_shared_with_preprocess", constants_shared_with_preprocess)
+        use(fast, "compact_dependency_closure", compact_dependency_closure)
         edge = to_edge_transform_and_lower(programs, partitioner=[_partitioner()], compile_config=config,
                                            constant_methods=metadata or None)
     if not stock_passes:
