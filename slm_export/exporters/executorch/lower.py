@@ -19,6 +19,12 @@ down:
     delegated node (~8 s); torchao's quant ops learn their output shapes once per input shape instead
     of running their Python decomposition at every node of every walk (~25 s).
   All of them build the same bytes as the stock passes (tests/test_executorch.py, four graphs).
+
+Memory: the module's quantized weights are the quantizer's codes (module.py, quant.py), and the
+lowering copies no constant wholesale (edge_passes.py's `constants_shared_with_preprocess`, and
+`compact_dependency_closure` for the partitioner's O(nodes^2) sets). What it does hold: XNNPACK
+serializes each delegated constant into new bytes (int4 packed two to a byte), kept until the .pte
+is written, and `write_pte` writes the program's pieces as they are, never joined into one buffer.
 """
 from __future__ import annotations
 
