@@ -160,8 +160,40 @@ def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
     assert shortcuts["fused_edge_passes"] is True
     assert shortcuts["idle_linear_conversion_skipped"].count > 0, shortcuts
     assert shortcuts["delegate_outputs_reused"].count > 0, shortcuts
+    assert shortcuts["constants_shared_with_preprocess"].count > 0, shortcuts
+    assert shortcuts["compact_dependency_closure"].count > 0, shortcuts
     if bits < 16:  # torchao quant ops exist only in quantized graphs
         assert shortcuts["quant_op_shapes_memoized"].count > 0, shortcuts
+
+
+@pytest.mark.parametrize("arch, bits, weight_only", [("qwen2", 4, False), ("llama", 8, True)])
+def test_module_built_with_quantized_weights_lowers_to_the_bytes_of_one_packed_after(arch, bits, weight_only):
+    # build_module makes each quantized weight a torchao tensor as its module is made (no float copy
+    # of it ever) and takes float weights as views of the Decoder's arrays: the program must be byte for
+    # byte the one from a float module whose weights are replaced afterwards (the way it used to be built).
+    import torch
+
+    from slm_export.architectures import to_decoder
+    from slm_export.exporters.executorch import build_module
+    from slm_export.exporters.executorch.lower import export_program
+    from slm_export.exporters.executorch.module import ExportableDecoder
+    from slm_export.exporters.executorch.quant import pack_weight
+    from slm_export.exporters.torch_parts import split_biases
+    from slm_export.quantize import QuantSpec
+
+    spec = QuantSpec(bits=bits, activations="float" if weight_only else "int8", embedding_bits=bits, method="rtn")
+    decoder = to_decoder(tiny_model(arch), 64)
+    plan, codes = ExecuTorchExporter().quantize(decoder, spec)
+    module, _ = build_module(decoder, spec, plan, codes, 64)
+    with torch.no_grad():
+        packed = ExportableDecoder(decoder, 64, chunk=64).eval()
+        if weight_only:
+            split_biases(packed)
+        for fqn, (source, rows) in packed.sources.items():
+            if plan[source].quantized:
+                qw = codes[source] if rows is None else codes[source].rows(*rows)
+                pack_weight(packed.get_submodule(fqn), qw, spec.activations)
+    assert export_program(module, 64).buffer == export_program(packed, 64).buffer
 
 
 def test_edge_pass_fusion_is_on_with_the_pinned_executorch():

@@ -1,21 +1,48 @@
 """Plain-PyTorch building blocks shared by the exporters that trace a module of their own
 (ExecuTorch, Core ML): nn.Linear from a Decoder Linear, the lm_head, the weight -> PyTorch-name
 table, rope as tables plus a rotate-half matrix, and an RMSNorm that float16 cannot overflow.
+
+Weights: a Decoder's arrays may be read from disk on demand (np.asarray reads one), so each is read
+once, where its module is made. `copy=False` makes the module's float weights views of those arrays
+(for a module whose weights nothing writes in place); a ready `weight` (a quantized tensor) replaces
+the float one, which is then never read.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 
-def linear_module(lin) -> nn.Linear:
+def float_tensor(array, copy: bool = True) -> torch.Tensor:
+    """A Decoder array (or one read on demand) as a tensor: a copy, or a view of it with copy=False."""
+    t = torch.from_numpy(np.asarray(array))
+    return t.clone() if copy else t
+
+
+def _parameter(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def linear_module(lin, weight: torch.Tensor | None = None, copy: bool = True) -> nn.Linear:
     out_f, in_f = lin.weight.shape
-    m = nn.Linear(in_f, out_f, bias=lin.bias is not None)
+    if weight is not None and tuple(weight.shape) != (out_f, in_f):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit {lin.sources[0]} {(out_f, in_f)}")
+    m = nn.Linear(in_f, out_f, bias=lin.bias is not None, device="meta")  # no float weight made to be replaced
     m.source = lin.sources[0]
     m.rows = lin.rows  # the rows of that source it holds (a part of Phi-3's fused qkv_proj), or None
-    m.weight = nn.Parameter(torch.from_numpy(lin.weight).clone(), requires_grad=False)
+    m.weight = _parameter(float_tensor(lin.weight, copy) if weight is None else weight)
     if lin.bias is not None:
-        m.bias = nn.Parameter(torch.from_numpy(lin.bias).clone(), requires_grad=False)
+        m.bias = _parameter(float_tensor(lin.bias, copy))
+    return m
+
+
+def embedding_module(dec, weight: torch.Tensor | None = None, copy: bool = True) -> nn.Embedding:
+    """The token embedding (frozen), from `dec.embed` or a ready `weight` of its shape."""
+    if weight is not None and tuple(weight.shape) != tuple(dec.embed.shape):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit the embedding {tuple(dec.embed.shape)}")
+    m = nn.Embedding(dec.vocab_size, dec.hidden_size, device="meta")
+    m.weight = _parameter(float_tensor(dec.embed, copy) if weight is None else weight)
     return m
 
 
@@ -46,11 +73,13 @@ def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     return r
 
 
-def lm_head_module(dec) -> nn.Linear:
-    """A separate copy even when tied: the embedding (a gather) and the lm_head (a matmul) may be
+def lm_head_module(dec, weight: torch.Tensor | None = None, copy: bool = True) -> nn.Linear:
+    """A weight of its own even when tied: the embedding (a gather) and the lm_head (a matmul) may be
     quantized differently, each in the form its kernel reads fastest."""
-    head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False)
-    head.weight = nn.Parameter(torch.from_numpy(dec.lm_head).clone(), requires_grad=False)
+    if weight is not None and tuple(weight.shape) != (dec.vocab_size, dec.hidden_size):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit the lm_head {(dec.vocab_size, dec.hidden_size)}")
+    head = nn.Linear(dec.hidden_size, dec.vocab_size, bias=False, device="meta")
+    head.weight = _parameter(float_tensor(dec.lm_head, copy) if weight is None else weight)
     return head
 
 

@@ -29,20 +29,21 @@ def require_sdk() -> None:
 
 
 def build_module(decoder, spec, plan, codes, max_context: int, kv_bits: int = 32, float16: bool = False):
-    """The quantized PyTorch program that is exported: (module, QuantReport)."""
+    """The quantized PyTorch program that is exported: (module, QuantReport). Its quantized weights are
+    torchao tensors made from `codes` as the module is built; its float ones views of the Decoder's."""
     import torch
 
     from ..torch_parts import split_biases
     from .lower import chunk_for
     from .module import ExportableDecoder
-    from .quant import pack_module
+    from .quant import quant_report, quantized_weights
 
     with torch.no_grad():
-        module = ExportableDecoder(decoder, max_context, kv_bits, float16, chunk_for(max_context)).eval()
+        weights = quantized_weights(plan, codes, spec.activations)
+        module = ExportableDecoder(decoder, max_context, kv_bits, float16, chunk_for(max_context), weights).eval()
         if spec.quantized and spec.activations == "float":
             split_biases(module)  # XNNPACK's weight-only linear takes no bias (weight_only.py)
-        report = pack_module(module, plan, codes, spec.activations)
-    return module, report
+    return module, quant_report(module, plan, codes, spec.activations)
 
 
 @TARGETS.register("executorch")

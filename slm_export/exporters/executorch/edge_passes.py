@@ -1,4 +1,5 @@
-"""Shortcuts through torch's, ExecuTorch's and torchao's export passes: fewer and cheaper graph walks.
+"""Shortcuts through torch's, ExecuTorch's and torchao's export passes: fewer and cheaper graph walks,
+and (the last two) less memory while XNNPACK partitions and preprocesses.
 
 Each is a context manager that patches one thing for the duration of an export, checks first that
 the installed versions are the ones it was written against (else it stands aside), and builds the
@@ -274,3 +275,93 @@ def quant_op_shapes_memoized():
         for op in ops:
             del op.py_kernels[cia]
             op._dispatch_cache.clear()
+
+
+@contextlib.contextmanager
+def constants_shared_with_preprocess():
+    """Within this block, the copy of each delegate's program that `to_backend` hands to XNNPACK's
+    preprocessing shares the program's constant tensors instead of copying them.
+
+    ExecuTorch deep-copies every partition's program before preprocessing any ("in case backends change
+    graph inside preprocess"), so all delegated weights existed twice at once: +135 MB of int8 codes for
+    SmolLM2-135M int4, every fp32 weight for a float program. XNNPACK changes only the copy's graph
+    and reads the constants (to serialize them into new bytes); the graph is still copied, the
+    tensors are not. Yields a Shortcut counting the programs copied so.
+    """
+    import copy
+
+    import torch
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend.backend_details import BackendDetails
+
+    name = "copy_exported_program_for_preprocess"
+    stock = vars(BackendDetails).get(name)
+    if stock is None or name in vars(XnnpackBackend):  # not the ExecuTorch this was written for
+        yield Shortcut(on=False)
+        return
+    taken = Shortcut(on=True)
+
+    def copy_sharing_constants(cls, edge_program, compile_specs):
+        tensors = [*edge_program.state_dict.values(), *edge_program.constants.values()]
+        taken.count += 1
+        # deepcopy takes what its memo holds as already copied: the same tensor objects, in a new graph
+        return copy.deepcopy(edge_program, {id(t): t for t in tensors if isinstance(t, torch.Tensor)})
+
+    setattr(XnnpackBackend, name, classmethod(copy_sharing_constants))
+    try:
+        yield taken
+    finally:
+        delattr(XnnpackBackend, name)
+
+
+def _nodes_of(nodes: list, mask: int):
+    """The nodes whose indices are the set bits of `mask`, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield nodes[low.bit_length() - 1]
+        mask ^= low
+
+
+@contextlib.contextmanager
+def compact_dependency_closure():
+    """Within this block, ExecuTorch's group partitioner keeps each node's transitive downstream
+    nodes as one integer bitmask instead of a Python set.
+
+    Its `_DependencyViewer` builds, for every node, the set of all nodes downstream of it and the set
+    of all upstream: nodes^2 set entries, ~590 MB for SmolLM2-135M's ~6,000-node graph, alive while
+    XNNPACK partitions (the export's peak). The partitioner reads only the downstream ones, each as
+    `any(n in group for n in downstreams_of(node))`; bitmasks hold the same closure in nodes^2 / 8
+    bytes and yield the same nodes, so the partitions are the same. Yields a Shortcut counting the
+    closures read.
+    """
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+
+    class CompactDependencyViewer:
+        def __init__(self, graph_module):
+            self._nodes = list(graph_module.graph.nodes)
+            self._index = {n: i for i, n in enumerate(self._nodes)}
+            self._down = self._closure(reversed(self._nodes), lambda n: n.users)
+            self._up = None  # the stock viewer's upstream sets are never read: made only if asked
+
+        def _closure(self, order, neighbours) -> dict:
+            masks: dict = {}
+            for node in order:
+                mask = 0
+                for other in neighbours(node):
+                    mask |= (1 << self._index[other]) | masks.get(other, 0)
+                masks[node] = mask
+            return masks
+
+        def downstreams_of(self, node):
+            taken.count += 1
+            return _nodes_of(self._nodes, self._down.get(node, 0))
+
+        def upstreams_of(self, node):
+            if self._up is None:
+                self._up = self._closure(self._nodes, lambda n: n.all_input_nodes)
+            return _nodes_of(self._nodes, self._up.get(node, 0))
+
+    taken = Shortcut(on=True)
+    with _swapped(group_partitioner, "_DependencyViewer", group_partitioner._DependencyViewer,
+                  CompactDependencyViewer, taken) as result:
+        yield result

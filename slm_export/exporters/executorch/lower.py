@@ -19,6 +19,12 @@ down:
     delegated node (~8 s); torchao's quant ops learn their output shapes once per input shape instead
     of running their Python decomposition at every node of every walk (~25 s).
   All of them build the same bytes as the stock passes (tests/test_executorch.py, four graphs).
+
+Memory: the module's quantized weights are the quantizer's codes (module.py, quant.py), and the
+lowering copies no constant wholesale (edge_passes.py's `constants_shared_with_preprocess`, and
+`compact_dependency_closure` for the partitioner's O(nodes^2) sets). What it does hold: XNNPACK
+serializes each delegated constant into new bytes (int4 packed two to a byte), kept until the .pte
+is written, and `write_pte` writes the program's pieces as they are, never joined into one buffer.
 """
 from __future__ import annotations
 
@@ -97,8 +103,8 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
     from torch.export import Dim, export
 
     from .contract import FORWARD, LOGITS
-    from .edge_passes import (delegate_outputs_reused, fused_edge_passes, idle_linear_conversion_skipped,
-                              quant_op_shapes_memoized)
+    from .edge_passes import (compact_dependency_closure, constants_shared_with_preprocess, delegate_outputs_reused,
+                              fused_edge_passes, idle_linear_conversion_skipped, quant_op_shapes_memoized)
 
     chunk = chunk_for(max_context)
     seq, rows = Dim("seq", min=1, max=chunk), Dim("rows", min=1, max=chunk)
@@ -118,6 +124,8 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
                 programs[LOGITS] = export(module, (torch.tensor([0, 1]),), dynamic_shapes=({0: rows},), strict=False)
         use(fast, "fused_edge_passes", fused_edge_passes)
         use(fast, "idle_linear_conversion_skipped", idle_linear_conversion_skipped)
+        use(fast, "constants_shared_with_preprocess", constants_shared_with_preprocess)
+        use(fast, "compact_dependency_closure", compact_dependency_closure)
         edge = to_edge_transform_and_lower(programs, partitioner=[_partitioner()], compile_config=config,
                                            constant_methods=metadata or None)
     if not stock_passes:

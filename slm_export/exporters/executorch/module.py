@@ -23,8 +23,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..torch_parts import (linear_module as _linear, lm_head_module, rope_tables, rotate_half_matrix,
-                           scaled_rms_norm, weight_sources)
+from ...quantize.plan import EMBEDDING, LM_HEAD
+from ..torch_parts import (embedding_module, float_tensor, linear_module, lm_head_module, rope_tables,
+                           rotate_half_matrix, scaled_rms_norm, weight_sources)
+
+
+def _float_weights(source, rows, embedding=False):
+    return None  # every weight float, from the Decoder's arrays
+
+
+def _linear(lin, weights):
+    """nn.Linear of a Decoder Linear: its quantized weight from `weights`, else a view of its float one
+    (nothing writes into a module's weights here; `self.half()` makes new tensors)."""
+    return linear_module(lin, weights(lin.sources[0], lin.rows), copy=False)
 
 
 def _custom_ops() -> None:
@@ -41,11 +52,11 @@ def _custom_ops() -> None:
 class RMSNorm(nn.Module):
     def __init__(self, weight, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.from_numpy(weight).clone(), requires_grad=False)
+        self.weight = nn.Parameter(float_tensor(weight, copy=False), requires_grad=False)
         self.eps = eps
         # The mean of squares as a [hidden -> 1] matmul: XNNPACK runs it inside the delegate, where
         # a reduction op would split the delegate and need a layout pass at lowering time.
-        h = weight.shape[0]
+        h = self.weight.shape[0]
         self.register_buffer("mean_w", torch.full((1, h), 1.0 / h), persistent=False)
 
     def forward(self, x):
@@ -88,15 +99,15 @@ def _rotate(x, cos, sin, rot_t):
 
 
 class Attention(nn.Module):
-    def __init__(self, dec, layer, max_context: int, kv_bits: int = 32):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int = 32, weights=_float_weights):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
         self.scale = float(dec.attn_scale)
         self.softcap = float(dec.attn_softcap)
         self.window = layer.sliding_window if layer.sliding_window and layer.sliding_window < max_context else None
         q, k, v = layer.qkv.parts()
-        self.q, self.k, self.v = _linear(q), _linear(k), _linear(v)
-        self.o = _linear(layer.o)
+        self.q, self.k, self.v = _linear(q, weights), _linear(k, weights), _linear(v, weights)
+        self.o = _linear(layer.o, weights)
         shape = (1, max_context, self.kv_heads, self.head_dim)
         # int8 cache: each cached row (one token, one head) is int8 with its own fp32 scale and
         # int8 zero point, read by custom_quantized_sdpa; a quarter of the fp32 cache's memory.
@@ -170,15 +181,15 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dec, layer, max_context: int, kv_bits: int, norm=RMSNorm):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int, norm=RMSNorm, weights=_float_weights):
         super().__init__()
         eps = dec.rms_eps
         self.attn_norm = norm(layer.attn_norm, eps)
-        self.attn = Attention(dec, layer, max_context, kv_bits)
+        self.attn = Attention(dec, layer, max_context, kv_bits, weights)
         self.ffn_norm = norm(layer.ffn_norm, eps)
         gate, up = layer.gate_up.parts()
-        self.gate, self.up = _linear(gate), _linear(up)
-        self.down = _linear(layer.down)
+        self.gate, self.up = _linear(gate, weights), _linear(up, weights)
+        self.down = _linear(layer.down, weights)
         self.post_attn_norm = norm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
         self.post_ffn_norm = norm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
         self.act = _silu if dec.activation == "silu" else nn.GELU(approximate="tanh")
@@ -202,21 +213,25 @@ class ExportableDecoder(nn.Module):
     fp32): XNNPACK takes no dtype conversion inside a delegate, so a mixed program would split it
     at every cast. Its norms rescale (ScaledRMSNorm) and its attention is slm::sdpa over an fp16
     cache, which widens q and computes in fp32.
+
+    `weights(source, rows, embedding)` gives the quantized tensor of a weight (quant.quantized_weights)
+    or None to keep it float; the float ones are views of the Decoder's arrays, read once each.
     """
 
-    def __init__(self, dec, max_context: int, kv_bits: int = 32, float16: bool = False, chunk: int | None = None):
+    def __init__(self, dec, max_context: int, kv_bits: int = 32, float16: bool = False, chunk: int | None = None,
+                 weights=_float_weights):
         super().__init__()
         _custom_ops()
         if float16 and kv_bits != 16:
             raise ValueError("an fp16 program keeps an fp16 KV cache (kv_bits=16)")
         norm = ScaledRMSNorm if float16 else RMSNorm
         self.max_context = max_context
-        self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
+        self.embed_tokens = embedding_module(dec, weights(EMBEDDING, None, embedding=True), copy=False)
         self.embed_scale = float(dec.embed_scale)
-        self.layers = nn.ModuleList(Block(dec, layer, max_context, kv_bits, norm) for layer in dec.layers)
+        self.layers = nn.ModuleList(Block(dec, layer, max_context, kv_bits, norm, weights) for layer in dec.layers)
         self.sources = weight_sources(self.layers)
         self.norm = norm(dec.final_norm, dec.rms_eps)
-        self.lm_head = lm_head_module(dec)
+        self.lm_head = lm_head_module(dec, weights(LM_HEAD, None), copy=False)
         self.final_softcap = float(dec.final_softcap)
         cos, sin = rope_tables(dec, max_context)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -2,7 +2,8 @@
 
 Each quantized weight becomes a torchao `IntxUnpackedToInt8Tensor` built straight from the given codes
 (int8 values, scales [out, groups], block (1, group)), as ExecuTorch's own LLM export does for
-pre-quantized checkpoints; nothing is re-rounded here. Linears with int8 activations carry torchao's
+pre-quantized checkpoints; nothing is re-rounded here, and the module is built with these tensors in
+place (module.py), so no float copy of a quantized weight is ever made. Linears with int8 activations carry torchao's
 per-token dynamic activation quantization (8da4w / 8da8w: XNNPACK's fastest CPU kernels); embeddings
 and --weight-only linears carry none (weight_only.py). The lowering turns them into XNNPACK's
 qd8-f32-qb4w / qc8w GEMMs and ExecuTorch's quantized embedding ops.
@@ -13,6 +14,7 @@ int8 per-channel and embedding scales stay float32.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,32 +22,54 @@ from ...quantize import QuantizedWeight, QuantReport, WeightEntry
 from ...quantize.plan import EMBEDDING, LM_HEAD
 
 
-def pack_weight(module: nn.Module, qw: QuantizedWeight, activations: str) -> None:
-    """Replace `module.weight` (nn.Linear or nn.Embedding, [out, in]) by the torchao tensor of `qw`."""
+def torchao_weight(qw: QuantizedWeight, activations: str, embedding: bool = False,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The torchao tensor of `qw` ([out, in]) for a linear, or with embedding=True an embedding table.
+
+    Symmetric int8 codes are taken as they are (a view, not a copy: nothing writes into them)."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization)
 
-    w = module.weight
-    out_f, in_f = w.shape
-    if qw.shape != (out_f, in_f):
-        raise ValueError(f"codes {qw.shape} do not fit weight {(out_f, in_f)}")
-    scale = torch.from_numpy(qw.scales.copy()).to(w.dtype).reshape(out_f, -1)
+    out_f = qw.shape[0]
+    scale = torch.from_numpy(qw.scales.copy()).to(dtype).reshape(out_f, -1)
     # torchao keeps codes in the signed range; asymmetric codes and zero points [0, 2**bits) shift
     # down by 2**(bits-1) together, which leaves (code - zero point) unchanged.
-    shift = 0 if qw.symmetric else 1 << (qw.bits - 1)
-    codes = torch.from_numpy(qw.codes.astype("int16") - shift).to(torch.int8)
+    if qw.symmetric and qw.codes.dtype == np.int8:
+        codes = torch.from_numpy(np.ascontiguousarray(qw.codes))
+    else:
+        shift = 0 if qw.symmetric else 1 << (qw.bits - 1)
+        codes = torch.from_numpy(qw.codes.astype("int16") - shift).to(torch.int8)
     zero = torch.zeros(scale.shape, dtype=torch.int8) if qw.symmetric else \
         torch.from_numpy(qw.zero_points.astype("int16") - shift).to(torch.int8)
-    embedding = isinstance(module, nn.Embedding)
     act = ActivationQuantization.INT8_ASYM_PER_TOKEN if not embedding and activations == "int8" else None
-    module.weight = nn.Parameter(IntxUnpackedToInt8Tensor(
+    return IntxUnpackedToInt8Tensor(
         qdata=codes, scale=scale, zero_point=zero, target_dtype=torch.int4 if qw.bits == 4 else torch.int8,
-        block_size=(1, qw.group), dtype=w.dtype, activation_quantization=act), requires_grad=False)
+        block_size=(1, qw.group), dtype=dtype, activation_quantization=act)
 
 
-def pack_module(module, plan, codes: dict[str, QuantizedWeight], activations: str) -> QuantReport:
-    """Pack every planned weight of `module` (an ExportableDecoder); returns the per-weight report."""
+def pack_weight(module: nn.Module, qw: QuantizedWeight, activations: str) -> None:
+    """Replace `module.weight` (nn.Linear or nn.Embedding, [out, in]) by the torchao tensor of `qw`."""
+    w = module.weight
+    if qw.shape != tuple(w.shape):
+        raise ValueError(f"codes {qw.shape} do not fit weight {tuple(w.shape)}")
+    module.weight = nn.Parameter(torchao_weight(qw, activations, isinstance(module, nn.Embedding), w.dtype),
+                                 requires_grad=False)
+
+
+def quantized_weights(plan, codes: dict[str, QuantizedWeight], activations: str):
+    """`weight(source, rows, embedding)`: the torchao tensor of a planned weight (the `rows` of it, if
+    given), or None for one kept float; what ExportableDecoder builds its quantized modules with."""
+    def weight(source: str, rows: tuple[int, int] | None, embedding: bool = False):
+        if not plan[source].quantized:
+            return None
+        qw = codes[source] if rows is None else codes[source].rows(*rows)
+        return torchao_weight(qw, activations, embedding)
+    return weight
+
+
+def quant_report(module, plan, codes: dict[str, QuantizedWeight], activations: str) -> QuantReport:
+    """The per-weight report of `module` (an ExportableDecoder built with `quantized_weights`)."""
     report = QuantReport()
     for fqn, (source, rows) in module.sources.items():
         mod = module.get_submodule(fqn)
@@ -61,7 +85,6 @@ def pack_module(module, plan, codes: dict[str, QuantizedWeight], activations: st
                                    float_bytes, w.numel() * w.element_size(), p.reason))
             continue
         qw = codes[source] if rows is None else codes[source].rows(*rows)
-        pack_weight(mod, qw, activations)
         where = f"group={qw.group}" if qw.group != in_f else "per-row" if embedding else "per-channel"
         op = "Embedding" if embedding else "weight-only" if activations == "float" else f"8da{qw.bits}w"
         scheme = f"int{qw.bits} {where} {'sym' if qw.symmetric else 'asym'} {op} {p.method}"
@@ -80,4 +103,4 @@ def dequantized_weights(plan, codes: dict[str, QuantizedWeight]) -> dict:
     return out
 
 
-__all__ = ["pack_weight", "pack_module", "dequantized_weights", "EMBEDDING", "LM_HEAD"]
+__all__ = ["torchao_weight", "pack_weight", "quantized_weights", "quant_report", "dequantized_weights", "EMBEDDING", "LM_HEAD"]
