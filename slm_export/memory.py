@@ -174,7 +174,7 @@ def estimate_export(exporter, spec, kv_bits: int, fp32_bytes: int, what: str, sh
 
     calibrated = calibrates(exporter, spec, kv_bits)
     if from_checkpoint and shape is not None and streams(exporter, spec):
-        peak = streamed_peak_bytes(exporter, shape, spec.quantized, calibrated)
+        peak = streamed_peak_bytes(exporter, shape, spec.bits, calibrated)
     else:
         peak = export_peak_bytes(exporter, fp32_bytes, spec.bits, calibrated)
     return ExportEstimate(what, exporter.name, peak, int(fp32_bytes))
@@ -208,23 +208,27 @@ def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) 
 
 
 # A streamed export (slm_export/stored.py) holds: the interpreter and libraries (`export_base_mb`); the
-# quantizer's codes of every weight until the writer packs them (codes.HELD_PER_FP32_BYTE); and a working
-# set, the larger of: the weight or row block being quantized (quantizer.ROW_BLOCK_BYTES at most) times
-# STREAM_BLOCK_COPIES (its float32 read, the method's temporaries, its codes); and, calibrating, the layer
-# being calibrated times STREAM_LAYER_COPIES (its weights as read, quantized and put back, the activations).
-# Fitted to benchmarks/streaming_export.py's peaks (benchmarks/STREAMING_EXPORT.md).
+# quantizer's codes of every weight until the writer packs them (codes.HELD_PER_FP32_BYTE); what the
+# writer itself holds per fp32 weight byte (`stream_write` of the exporter, at each --bits); and a working
+# set, the larger of: the weight or row block being quantized (quantizer.ROW_BLOCK_BYTES at most; a float
+# export's largest weight) times STREAM_BLOCK_COPIES (its float32 read, the method's temporaries, its
+# codes); and, calibrating, the layer being calibrated times STREAM_LAYER_COPIES (its weights as read,
+# quantized and put back, GPTQ's Hessians, the activations). Fitted to the peaks of
+# benchmarks/streaming_export.py (benchmarks/STREAMING_EXPORT.md).
 STREAM_BLOCK_COPIES = 3.5
 STREAM_LAYER_COPIES = 4.0
 
 
-def streamed_peak_bytes(exporter, shape, quantized: bool, calibrated: bool) -> int:
+def streamed_peak_bytes(exporter, shape, bits: int, calibrated: bool) -> int:
     """Peak resident memory of an export that streams its checkpoint, from the model's shapes."""
     from .quantize.codes import HELD_PER_FP32_BYTE
     from .quantize.quantizer import ROW_BLOCK_BYTES
 
+    quantized = bits < 16
+    fp32 = fp32_weight_bytes(shape)
     matrices = [4 * rows * cols for name, (rows, cols) in shape.weights]
-    held = HELD_PER_FP32_BYTE * fp32_weight_bytes(shape) if quantized else 0
-    work = STREAM_BLOCK_COPIES * min(max(matrices), ROW_BLOCK_BYTES)
+    held = (HELD_PER_FP32_BYTE if quantized else 0) * fp32 + exporter.stream_write[bits] * fp32
+    work = STREAM_BLOCK_COPIES * (min(max(matrices), ROW_BLOCK_BYTES) if quantized else max(matrices))
     if calibrated:
         layer = 4 * sum(rows * cols for name, (rows, cols) in shape.weights if ".layers.0." in f".{name}")
         work = max(work, STREAM_LAYER_COPIES * layer)

@@ -127,6 +127,8 @@ class ExporterBase:
     # are fitted to peak RSS measured by benchmarks/export_memory.py (benchmarks/EXPORT_MEMORY.md).
     export_base_mb = 524.0
     export_peak = {4: 4.4, 8: 4.4, 16: 5.9}
+    # Streaming a checkpoint, what write() holds per fp32 weight byte beyond the quantizer's codes (memory.py)
+    stream_write = {4: 1.0, 8: 1.0, 16: 1.0}
 
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits

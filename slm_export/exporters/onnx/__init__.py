@@ -22,9 +22,11 @@ class OnnxExporter(ExporterBase):
     # benchmarks/export_memory.py's measurements: a tiny model's export 439 MiB; SmolLM2-135M (513 MiB
     # of fp32 weights, the bundled GGUF) rtn int4 2023, rtn int8 2207, float 3376; the Qwen2.5-0.5B
     # shape (1884 MiB) float 11490. Estimates within 0..+3% of them.
-    streams_weights = True
     export_base_mb = 461.0
     export_peak = {4: 3.1, 8: 3.5, 16: 5.9}
+    streams_weights = True
+    # initializers go to the data file as the graph is built, and each weight's codes are dropped once packed
+    stream_write = {4: 0.0, 8: 0.0, 16: 0.0}
 
     def limits(self, compute_precision: str | None = None) -> TargetLimits:
         # MatMulNBits: int4/int8 in blocks (a power of two >= 16; a width none divides is zero-padded),
