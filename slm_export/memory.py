@@ -213,10 +213,12 @@ def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) 
 # set, the larger of: the weight or row block being quantized (quantizer.ROW_BLOCK_BYTES at most; a float
 # export's largest weight) times STREAM_BLOCK_COPIES (its float32 read, the method's temporaries, its
 # codes); and, calibrating, the layer being calibrated times STREAM_LAYER_COPIES (its weights as read,
-# quantized and put back, GPTQ's Hessians, the activations). Fitted to the peaks of
-# benchmarks/streaming_export.py (benchmarks/STREAMING_EXPORT.md).
+# quantized and put back, GPTQ's Hessians) plus the activations of the calibration tokens through one
+# layer times STREAM_ACTIVATION_COPIES. Fitted to the peaks of benchmarks/streaming_export.py
+# (benchmarks/STREAMING_EXPORT.md); the calibrating terms to one model only (the SmolLM2-360M shape).
 STREAM_BLOCK_COPIES = 3.5
 STREAM_LAYER_COPIES = 4.0
+STREAM_ACTIVATION_COPIES = 6.0
 
 
 def streamed_peak_bytes(exporter, shape, bits: int, calibrated: bool) -> int:
@@ -230,8 +232,11 @@ def streamed_peak_bytes(exporter, shape, bits: int, calibrated: bool) -> int:
     held = (HELD_PER_FP32_BYTE if quantized else 0) * fp32 + exporter.stream_write[bits] * fp32
     work = STREAM_BLOCK_COPIES * (min(max(matrices), ROW_BLOCK_BYTES) if quantized else max(matrices))
     if calibrated:
+        from .quantize.calibration import MAX_TOKENS
+
         layer = 4 * sum(rows * cols for name, (rows, cols) in shape.weights if ".layers.0." in f".{name}")
-        work = max(work, STREAM_LAYER_COPIES * layer)
+        activations = 4 * MAX_TOKENS * (4 * shape.hidden + 3 * shape.intermediate)
+        work = max(work, STREAM_LAYER_COPIES * layer + STREAM_ACTIVATION_COPIES * activations)
     return int(exporter.export_base_mb * MB + held + work)
 
 

@@ -67,7 +67,7 @@ def test_folder_without_config(tmp_path):
 
 def test_corrupt_safetensors(tmp_path, tiny_dir):
     (tiny_dir / "model.safetensors").write_bytes(b"\x00garbage" * 10)
-    _assert_clean_refusal(*run_cli("--model", tiny_dir, "--out", tmp_path / "o"), tmp_path, "could not load model folder")
+    _assert_clean_refusal(*run_cli("--model", tiny_dir, "--out", tmp_path / "o"), tmp_path, "model.safetensors: truncated")
 
 
 def test_unsupported_architecture(tmp_path):

@@ -81,18 +81,28 @@ def _random_checkpoint(folder: Path, layers: int, hidden: int, inter: int, vocab
     return 4 * sum(int(np.prod(s)) for s in shapes.values())
 
 
+# Run in a fresh small Python that starts the export and reports its ru_maxrss: a child forked straight
+# from this test process would count this process's own resident memory at the fork (Linux keeps the
+# high-water mark across exec), and pytest holds torch and models by then.
+_MEASURE = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)\n"
+            "out = p.stdout.read()\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)\n"
+            "print(out)\n")
+
+
 def _peak_rss(args: list, cwd: Path) -> int:
     """Peak resident bytes of one CLI export, in its own process (ru_maxrss from wait4)."""
     import slm_export
 
     here = str(Path(slm_export.__file__).resolve().parents[1])  # the code under test, whatever the cwd
     env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen([sys.executable, "-m", "slm_export.cli", *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out
-    return usage.ru_maxrss * 1024
+    out = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "slm_export.cli", *map(str, args)],
+                         capture_output=True, text=True, cwd=cwd, env=env, timeout=600).stdout
+    code, peak = out.split("\n", 1)[0].split()
+    assert code == "0", out
+    return int(peak)
 
 
 def test_streamed_export_holds_no_whole_model_copy(tmp_path):
@@ -106,6 +116,17 @@ def test_streamed_export_holds_no_whole_model_copy(tmp_path):
     base = _peak_rss(["--model", tiny, *flags, "--out", tmp_path / "o-tiny"], tmp_path)
     big = _peak_rss(["--model", tmp_path / "big", *flags, "--out", tmp_path / "o-big"], tmp_path)
     assert big - base < 0.5 * fp32, f"peak {big / 1e9:.2f} GB, tiny {base / 1e9:.2f} GB, fp32 weights {fp32 / 1e9:.2f} GB"
+    # what the export estimated before starting (and would have refused on): never under the peak, not far over
+    from slm_export.exporters import TARGETS
+    from slm_export.fit import load_config, shape_of
+    from slm_export.memory import estimate_export
+    from slm_export.quantize import QuantSpec
+    from slm_export.quantize.spec import resolve_spec
+
+    onnx = TARGETS.get("onnx")()
+    spec = resolve_spec(onnx, QuantSpec(bits=4, method="rtn", mixed_precision=0.0))
+    estimate = estimate_export(onnx, spec, 32, fp32, "", shape_of(load_config(str(tmp_path / "big"))), True).peak_bytes
+    assert big <= estimate <= 1.6 * big, (estimate / 1e9, big / 1e9)
 
 
 def _break(folder: Path, how: str) -> str:

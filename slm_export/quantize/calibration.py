@@ -208,7 +208,8 @@ def walk(dec, ids: list[int], on_unit: Callable, progress=None) -> None:
     """Run the calibration text through `dec` layer by layer; for every weight group (unit, e.g.
     "layers.3.qkv", and finally "lm_head") call `on_unit(unit, hessian, forward)` with H = X^T X / n
     of its input, before the group runs. `on_unit` quantizes the group and puts its dequantized
-    weights into the run with `forward.set(...)`, so everything downstream sees them.
+    weights into the run with `forward.set(...)`, so everything downstream sees them; for the last
+    group nothing runs downstream, and `forward` is None.
     """
     import torch
 
@@ -226,5 +227,7 @@ def walk(dec, ids: list[int], on_unit: Callable, progress=None) -> None:
                 progress(i + 1)
         h = forward.norm(x, dec.final_norm)
         flat = h.reshape(-1, h.shape[-1])
-        on_unit("lm_head", (flat.T @ flat / flat.shape[0]).numpy(), forward)
+        hessian = (flat.T @ flat / flat.shape[0]).numpy()
+        del forward, x, h, flat  # nothing runs after the lm_head: its quantization has the memory
+        on_unit("lm_head", hessian, None)
 

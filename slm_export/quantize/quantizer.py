@@ -25,7 +25,7 @@ def _storage(w: WeightPlan) -> tuple:
 # weight is quantized in row blocks of at most this many float32 bytes: a method's working copies are
 # then those of one block, not of a whole 128k-row embedding. Smaller weights go in one piece, so
 # their codes are the same bytes they always were.
-ROW_BLOCK_BYTES = 256 * 2**20
+ROW_BLOCK_BYTES = 64 * 2**20
 
 
 def _quantize_one(w: WeightPlan, array, hessian=None) -> QuantizedWeight:
@@ -69,16 +69,18 @@ def quantize(dec, plan: QuantPlan, calibration_ids: list[int] | None = None) -> 
             if ws:
                 # The parts of a unit share their input, and GPTQ treats rows independently: q|k|v
                 # (or gate|up) quantized as one stacked matrix give each part's codes, in one pass.
-                stacked = _quantize_one(ws[0], np.concatenate([arrays[w.name] for w in ws]), hessian)
+                source = arrays[ws[0].name] if len(ws) == 1 else np.concatenate([arrays[w.name] for w in ws])
+                stacked = _quantize_one(ws[0], source, hessian)
                 start = 0
                 for w in ws:
                     out[w.name] = stacked.rows(start, start + w.shape[0])
                     start += w.shape[0]
-                    done[w.name] = out[w.name].dequantize()
+                    done[w.name] = out[w.name]
+            if forward is None:  # the last unit: nothing downstream uses its weights
+                return
             # weights quantized data-free in this unit are used quantized downstream too
-            done.update({w.name: out[w.name].dequantize() for w in todo
-                         if w.unit == unit and w.name in out and w.name not in done})
-            forward.set(done)
+            done.update({w.name: out[w.name] for w in todo if w.unit == unit and w.name in out and w.name not in done})
+            forward.set({name: qw.dequantize() for name, qw in done.items()})
 
         count = progress.Count(f"calibrating and quantizing layers ({', '.join(sorted({w.method for w in calibrated}))})",
                                dec.num_layers)
