@@ -208,7 +208,8 @@ def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) 
 
 
 # A streamed export (slm_export/stored.py) holds: the interpreter and libraries (`export_base_mb`); the
-# quantizer's codes of every weight until the writer packs them (codes.HELD_PER_FP32_BYTE); what the
+# quantizer's codes of every weight until the writer packs them (codes.HELD_PER_FP32_BYTE), and the
+# largest weight packed beside them (a byte per weight at most: int8); what the
 # writer itself holds per fp32 weight byte (`stream_write` of the exporter, at each --bits); and a working
 # set, the larger of: the weight or row block being quantized (quantizer.ROW_BLOCK_BYTES at most; a float
 # export's largest weight) times STREAM_BLOCK_COPIES (its float32 read, the method's temporaries, its
@@ -229,7 +230,7 @@ def streamed_peak_bytes(exporter, shape, bits: int, calibrated: bool) -> int:
     quantized = bits < 16
     fp32 = fp32_weight_bytes(shape)
     matrices = [4 * rows * cols for name, (rows, cols) in shape.weights]
-    held = (HELD_PER_FP32_BYTE if quantized else 0) * fp32 + exporter.stream_write[bits] * fp32
+    held = (HELD_PER_FP32_BYTE * fp32 + max(matrices) / 4 if quantized else 0) + exporter.stream_write[bits] * fp32
     work = STREAM_BLOCK_COPIES * (min(max(matrices), ROW_BLOCK_BYTES) if quantized else max(matrices))
     if calibrated:
         from .quantize.calibration import MAX_TOKENS
