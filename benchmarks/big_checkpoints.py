@@ -164,4 +164,14 @@ def save_tokenizer(out: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in [*CONFIGS, "tokenizer"]:
         sys.exit(f"usage: big_checkpoints.py {{{','.join(CONFIGS)}|tokenizer}} OUT_DIR")
-    (save_tokenizer if sys.argv[1] == "tokenizer" else lambda out: build(sys.argv[1], out))(Path(sys.argv[2]))
+    target = Path(sys.argv[2]).absolute()
+    if sys.argv[1] == "tokenizer":
+        save_tokenizer(target)
+    else:
+        tokenizer = target.parent / TOKENIZER
+        if not (tokenizer / "tokenizer.json").is_file():  # made once, in its own process (transformers stays out of this one)
+            import subprocess
+
+            shutil.rmtree(tokenizer.with_name(tokenizer.name + ".tmp"), ignore_errors=True)
+            subprocess.run([sys.executable, __file__, "tokenizer", str(tokenizer)], check=True)
+        build(sys.argv[1], target)
