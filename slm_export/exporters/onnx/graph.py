@@ -56,10 +56,7 @@ class _Graph:
         array = np.asarray(array)
         if self.data is not None and sys.getsizeof(b"") + array.nbytes >= EXTERNAL_MIN:  # onnx's own size test
             # The tensor never holds its bytes: protobuf keeps a cleared field's memory until the message dies.
-            tensor = numpy_helper.from_array(np.empty((0,) * array.ndim, array.dtype), name)
-            del tensor.dims[:]
-            tensor.dims.extend(array.shape)
-            tensor.ClearField("raw_data")
+            tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
             offset = self.data.tell()
             self.data.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).data)
             tensor.data_location = TensorProto.EXTERNAL
