@@ -132,7 +132,7 @@ def test_lowering_decomposes_the_graph_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch, bits, kw", [  # ~40 s each: the graphs that differ most
-    ("gemma2", 4, {}),  # 8da4w; soft-capping, four norms per layer, explicit attention
+    ("gemma2", 4, {"embedding_bits": 4}),  # 8da4w, int4 table; soft-capping, four norms per layer, explicit attention
     ("qwen2", 8, {"weight_only": True}),  # split biases, the weight-only linear
     ("llama", 8, {"kv_bits": 8}),  # int8 cache ops
     ("phi3", 16, {"kv_bits": 16, "compute_precision": "float16"}),  # fp16 program, casts at its edges
@@ -147,8 +147,8 @@ def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
     from slm_export.quantize import QuantSpec
 
     # data-free methods: the lowering is what is compared, not the codes
-    spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8", embedding_bits=8,
-                     method=None if bits == 16 else "hqq" if bits == 4 else "rtn")
+    spec = QuantSpec(bits=bits, activations="float" if kw.get("weight_only") else "int8",
+                     embedding_bits=kw.get("embedding_bits", 8), method=None if bits == 16 else "hqq" if bits == 4 else "rtn")
     decoder = to_decoder(tiny_model(arch), 64)
     plan, codes = ExecuTorchExporter().quantize(decoder, spec, kw.get("compute_precision"))
     module, _ = build_module(decoder, spec, plan, codes, 64, kw.get("kv_bits", 32), kw.get("compute_precision") == "float16")
@@ -164,6 +164,65 @@ def test_fast_lowering_builds_the_stock_program(arch, bits, kw):
     assert shortcuts["compact_dependency_closure"].count > 0, shortcuts
     if bits < 16:  # torchao quant ops exist only in quantized graphs
         assert shortcuts["quant_op_shapes_memoized"].count > 0, shortcuts
+    if bits == 4:
+        assert shortcuts["int4_packed_in_row_blocks"].count > 0, shortcuts
+    if bits == 4 and spec.embedding_bits == 4:
+        assert shortcuts["embedding_packed_in_row_blocks"].count > 0, shortcuts
+
+
+def test_int4_row_block_packing_is_xnnpack_own(monkeypatch):
+    # Blocks of a few rows, an odd width (padded), every code from -8 to 7: the very bytes of the stock packing.
+    import torch
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    from slm_export.exporters.executorch import edge_passes
+
+    codes = torch.randint(-8, 8, (37, 33), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    codes[0, :16] = torch.arange(-8, 8, dtype=torch.int8)
+    stock = NodeVisitor.convert_to_qc4w(codes)
+    monkeypatch.setattr(edge_passes, "PACK_ROWS_BYTES", 5 * 33)
+    with edge_passes.int4_packed_in_row_blocks() as taken:
+        ours = NodeVisitor.convert_to_qc4w(codes)
+    assert taken.on and taken.count == 1
+    assert NodeVisitor.convert_to_qc4w(codes).equal(stock)  # the stock is back after the block
+    assert ours.dtype == stock.dtype and ours.equal(stock)
+
+
+def test_weights_freed_as_serialized_leave_the_program_unchanged():
+    # What the export does to bound its memory: the quantized weights in torch's own memory, each freed
+    # as soon as XNNPACK has serialized it (not the lm_head's, which both methods read), then every
+    # remaining copy released once lowered. Same program bytes as an export that frees nothing.
+    import gc
+    import weakref
+
+    from slm_export.architectures import to_decoder
+    from slm_export.exporters.executorch import build_module, single_use
+    from slm_export.exporters.executorch.lower import export_program
+    from slm_export.quantize import QuantSpec
+
+    spec = QuantSpec(bits=4, activations="int8", embedding_bits=4, method="rtn")
+    decoder = to_decoder(tiny_model("llama"), 64)
+    kept = export_program(build_module(decoder, spec, *ExecuTorchExporter().quantize(decoder, spec), 64)[0], 64).buffer
+    plan, codes = ExecuTorchExporter().quantize(decoder, spec)  # the same codes again (rtn)
+    held = {name: weakref.ref(qw.codes) for name, qw in codes.items()}
+    owned = []
+    module, _ = build_module(decoder, spec, plan, codes, 64, owned=owned)
+    freeable = single_use(module, owned)
+    assert 0 < len(freeable) < len(owned)  # the lm_head's are owned but not freeable
+    table = module.embed_tokens.weight  # looked up outside the delegates: never freed, released at the end
+    table = {t.untyped_storage().data_ptr() for t in (table.qdata, table.scale, table.zero_point)}
+    shortcuts = {}
+    program = export_program(module, 64, shortcuts=shortcuts, release_weights=True, freeable=freeable)
+    assert program.buffer == kept
+    # (pointers and sizes in assertions, not tensors: a freed tensor's repr would read freed memory)
+    left = {t.untyped_storage().data_ptr() for t in freeable if t.untyped_storage().nbytes()}
+    assert left == table
+    assert shortcuts["delegated_weights_freed"].count == len(freeable) - len(table)
+    assert all(p.device.type == "meta" for p in module.parameters())
+    # the quantizer's arrays of the owned weights are gone (codes keeps their shapes, not their values)
+    codes.clear()
+    gc.collect()
+    assert {name for name, r in held.items() if r() is not None} <= {"model.embed_tokens.weight"}
 
 
 @pytest.mark.parametrize("arch, bits, weight_only", [("qwen2", 4, False), ("llama", 8, True)])

@@ -28,9 +28,11 @@ def require_sdk() -> None:
             "pip install executorch==1.5.1 torchao==0.18.0 (with torch==2.13.0 installed first)") from None
 
 
-def build_module(decoder, spec, plan, codes, max_context: int, kv_bits: int = 32, float16: bool = False):
+def build_module(decoder, spec, plan, codes, max_context: int, kv_bits: int = 32, float16: bool = False,
+                 owned: list | None = None):
     """The quantized PyTorch program that is exported: (module, QuantReport). Its quantized weights are
-    torchao tensors made from `codes` as the module is built; its float ones views of the Decoder's."""
+    torchao tensors made from `codes` as the module is built; its float ones views of the Decoder's.
+    With a list `owned`: see quant.quantized_weights (`codes` keeps no values then)."""
     import torch
 
     from ..torch_parts import split_biases
@@ -39,11 +41,17 @@ def build_module(decoder, spec, plan, codes, max_context: int, kv_bits: int = 32
     from .quant import quant_report, quantized_weights
 
     with torch.no_grad():
-        weights = quantized_weights(plan, codes, spec.activations)
+        weights = quantized_weights(plan, codes, spec.activations, owned)
         module = ExportableDecoder(decoder, max_context, kv_bits, float16, chunk_for(max_context), weights).eval()
         if spec.quantized and spec.activations == "float":
             split_biases(module)  # XNNPACK's weight-only linear takes no bias (weight_only.py)
     return module, quant_report(module, plan, codes, spec.activations)
+
+
+def single_use(module, tensors: list) -> list:
+    """Those of `tensors` that one delegate alone reads: not the lm_head's, which both methods do."""
+    shared = {t.untyped_storage().data_ptr() for t in module.read_by_both_methods()}
+    return [t for t in tensors if t.untyped_storage().data_ptr() not in shared]
 
 
 @TARGETS.register("executorch")
@@ -124,9 +132,12 @@ class ExecuTorchExporter(ExporterBase):
 
         float16 = options.compute_precision == "float16"
         chunk = chunk_for(options.max_context)
-        module, report = build_module(decoder, spec, plan, codes, options.max_context, options.kv_bits, float16)
+        owned = []  # the quantized weights in torch's memory, freed as they are serialized
+        module, report = build_module(decoder, spec, plan, codes, options.max_context, options.kv_bits, float16, owned)
         metadata = runner_metadata(decoder, options, chunk, sdpa=any(not b.attn.explicit for b in module.layers))
-        program = export_program(module, options.max_context, metadata=metadata)
+        codes.clear()  # the module holds them now: once lowered, nothing does (release_weights)
+        program = export_program(module, options.max_context, metadata=metadata, release_weights=True,
+                                 freeable=single_use(module, owned))
         write_pte(program, Path(out_dir) / MODEL_FILE)
         write_cpp_example(Path(out_dir), chunk, options.max_context)
         int8_kv = options.kv_bits == 8

@@ -1,5 +1,6 @@
 """Shortcuts through torch's, ExecuTorch's and torchao's export passes: fewer and cheaper graph walks,
-and (the last two) less memory while XNNPACK partitions and preprocesses.
+and (from `constants_shared_with_preprocess` on) less memory while XNNPACK partitions, preprocesses
+and packs, and while `to_executorch` packs the embedding.
 
 Each is a context manager that patches one thing for the duration of an export, checks first that
 the installed versions are the ones it was written against (else it stands aside), and builds the
@@ -312,6 +313,126 @@ def constants_shared_with_preprocess():
         yield taken
     finally:
         delattr(XnnpackBackend, name)
+
+
+# Rows of an int4 weight packed at a time by `int4_packed_in_row_blocks` (bounds its scratch memory).
+PACK_ROWS_BYTES = 16 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def int4_packed_in_row_blocks():
+    """Within this block, XNNPACK packs each int4 weight's codes two to a byte a block of rows at a time.
+
+    The stock `convert_to_qc4w` makes whole-weight temporaries (the codes as uint8, plus 8, the shifted
+    half): about 2.5 bytes per weight at once, 0.65 GB for Llama-3.2-1B's lm_head, the export's peak.
+    Row blocks keep them to PACK_ROWS_BYTES; the packed bytes are the same. Yields a Shortcut
+    counting the weights packed so."""
+    import torch
+    import torch.nn.functional as F
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    stock = vars(NodeVisitor).get("convert_to_qc4w")
+
+    def convert_to_qc4w(inp):
+        lo, hi = inp.min().item(), inp.max().item()
+        assert -8 <= lo and hi <= 7, f"convert_to_qc4w: [min,max] out of [-8, 7] range, got [{lo}, {hi}]"
+        if inp.ndim != 2:
+            inp = inp.squeeze()
+        assert inp.ndim == 2, f"convert_to_qc4w: expecting input tensor to be 2d, got {inp.ndim}"
+        oc, ic = inp.shape
+        packed = torch.empty(oc, (ic + 1) // 2, dtype=torch.uint8)
+        step = max(1, PACK_ROWS_BYTES // max(ic, 1))
+        for start in range(0, oc, step):
+            rows = inp[start:start + step].to(torch.uint8)
+            rows += 8
+            if ic % 2:
+                rows = F.pad(rows, (0, 1, 0, 0), value=8)  # the stock pads the codes with 0: +8 above
+            packed[start:start + step] = rows[:, 1::2] << 4 | rows[:, ::2]
+        taken.count += 1
+        return packed
+
+    if not isinstance(stock, staticmethod):  # not the ExecuTorch this was written for
+        yield Shortcut(on=False)
+        return
+    taken = Shortcut(on=True)
+    NodeVisitor.convert_to_qc4w = staticmethod(convert_to_qc4w)
+    try:
+        yield taken
+    finally:
+        NodeVisitor.convert_to_qc4w = stock
+
+
+@contextlib.contextmanager
+def embedding_packed_in_row_blocks():
+    """Within this block, `to_executorch`'s constant propagation packs an int4 embedding table two
+    codes to a byte a block of rows at a time (ExecuTorch's `_pack_embedding_weight` makes
+    whole-table temporaries, 2 bytes per code: 0.5 GB for Llama-3.2-1B's table). Same bytes; other
+    widths go to the stock kernel. Yields a Shortcut counting the tables packed so."""
+    import torch
+
+    try:
+        from executorch.exir.passes._quant_patterns_and_replacements import _pack_embedding_weight as op
+        stock = op._backend_fns[None]
+    except (ImportError, AttributeError, KeyError):  # not the ExecuTorch this was written for
+        yield Shortcut(on=False)
+        return
+    taken = Shortcut(on=True)
+
+    def pack(weight, bitwidth):
+        if bitwidth != 4 or weight.ndim != 2 or weight.shape[1] % 2:
+            return stock(weight, bitwidth)
+        rows, dim = weight.shape
+        packed = torch.empty(rows, dim // 2, dtype=torch.uint8)
+        step = max(1, PACK_ROWS_BYTES // max(dim, 1))
+        for start in range(0, rows, step):
+            pairs = weight[start:start + step].add(8).view(torch.uint8).view(-1, dim // 2, 2)
+            packed[start:start + step] = pairs[:, :, 0] << 4 | pairs[:, :, 1]
+        taken.count += 1
+        return packed
+
+    op._backend_fns[None] = pack
+    try:
+        yield taken
+    finally:
+        op._backend_fns[None] = stock
+
+
+@contextlib.contextmanager
+def delegated_weights_freed(freeable: list):
+    """Within this block, the memory of each tensor in `freeable` is freed as soon as XNNPACK's
+    preprocessing has serialized the delegate that reads it.
+
+    Every holder of a weight (the module, torch.export's programs, the Edge program, the delegate's
+    copy) refers to one storage; resizing that storage to nothing frees the codes for all of them
+    (a later read fails loudly: an empty storage, not stale bytes). So the lowering holds at once
+    the codes of the delegates still to come and the serialized bytes of those done, not both in
+    full. `freeable` must hold only weights that one delegate reads, in torch's own memory (numpy's
+    cannot be resized): quant.quantized_weights(owned=...) makes them. Yields a Shortcut counting
+    the tensors freed."""
+    import torch
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    stock = vars(XnnpackBackend).get("preprocess")
+    if not isinstance(stock, staticmethod):  # not the ExecuTorch this was written for
+        yield Shortcut(on=False)
+        return
+    owners = {t.untyped_storage().data_ptr(): t for t in freeable}
+    taken = Shortcut(on=True)
+
+    def preprocess(edge_program, compile_specs):
+        result = stock.__func__(edge_program, compile_specs)
+        for t in [*edge_program.state_dict.values(), *edge_program.constants.values()]:
+            owner = owners.pop(t.untyped_storage().data_ptr(), None) if isinstance(t, torch.Tensor) else None
+            if owner is not None:
+                owner.untyped_storage().resize_(0)
+                taken.count += 1
+        return result
+
+    XnnpackBackend.preprocess = staticmethod(preprocess)
+    try:
+        yield taken
+    finally:
+        XnnpackBackend.preprocess = stock
 
 
 def _nodes_of(nodes: list, mask: int):

@@ -22,9 +22,12 @@ down:
 
 Memory: the module's quantized weights are the quantizer's codes (module.py, quant.py), and the
 lowering copies no constant wholesale (edge_passes.py's `constants_shared_with_preprocess`, and
-`compact_dependency_closure` for the partitioner's O(nodes^2) sets). What it does hold: XNNPACK
-serializes each delegated constant into new bytes (int4 packed two to a byte), kept until the .pte
-is written, and `write_pte` writes the program's pieces as they are, never joined into one buffer.
+`compact_dependency_closure` for the partitioner's O(nodes^2) sets). XNNPACK serializes each delegated
+constant into new bytes (int4 packed two to a byte), kept until the .pte is written; each weight's
+codes are freed as soon as its delegate is serialized (`delegated_weights_freed`, the export's
+`release_weights`), so the two are not held in full at once; int4 codes are packed in row blocks
+(`int4_packed_in_row_blocks`, `embedding_packed_in_row_blocks`), not through whole-weight temporaries;
+and `write_pte` writes the program's pieces as they are, never joined into one buffer.
 """
 from __future__ import annotations
 
@@ -85,14 +88,18 @@ def chunk_for(max_context: int) -> int:
 
 
 def export_program(module, max_context: int, stock_passes: bool = False, shortcuts: dict | None = None,
-                   metadata: dict | None = None):
+                   metadata: dict | None = None, release_weights: bool = False, freeable: list | None = None):
     """The ExecuTorch program (in memory) for `module`'s two methods (module.py), with dynamic chunk
     length; they share the KV cache and the hidden rows (MemoryPlanningPass's share_mutable_buffers).
 
     `metadata`: constant methods (name -> int, bool or list of ints), as ExecuTorch's LLM runner reads
     them (contract.py). stock_passes=True runs torch's and ExecuTorch's passes as
     shipped, without the shortcuts of edge_passes.py (tests check that both build the same bytes).
-    `shortcuts`, if given, receives each shortcut's Shortcut (applied or not, how often taken)."""
+    `shortcuts`, if given, receives each shortcut's Shortcut (applied or not, how often taken).
+    release_weights=True: once lowered, the module's weights and the delegates' copies of theirs are
+    dropped (`release_delegated_weights`): the module cannot be exported again. `freeable`: weights
+    (torch tensors, each read by one delegate) whose memory is freed as soon as XNNPACK has
+    serialized them (edge_passes.delegated_weights_freed)."""
     import contextlib
 
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -104,7 +111,9 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
 
     from .contract import FORWARD, LOGITS
     from .edge_passes import (compact_dependency_closure, constants_shared_with_preprocess, delegate_outputs_reused,
-                              fused_edge_passes, idle_linear_conversion_skipped, quant_op_shapes_memoized)
+                              delegated_weights_freed, embedding_packed_in_row_blocks, fused_edge_passes, idle_linear_conversion_skipped,
+                              int4_packed_in_row_blocks,
+                              quant_op_shapes_memoized)
 
     chunk = chunk_for(max_context)
     seq, rows = Dim("seq", min=1, max=chunk), Dim("rows", min=1, max=chunk)
@@ -126,14 +135,21 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
         use(fast, "idle_linear_conversion_skipped", idle_linear_conversion_skipped)
         use(fast, "constants_shared_with_preprocess", constants_shared_with_preprocess)
         use(fast, "compact_dependency_closure", compact_dependency_closure)
+        use(fast, "int4_packed_in_row_blocks", int4_packed_in_row_blocks)
+        if freeable:
+            use(fast, "delegated_weights_freed", lambda: delegated_weights_freed(freeable))
         edge = to_edge_transform_and_lower(programs, partitioner=[_partitioner()], compile_config=config,
                                            constant_methods=metadata or None)
+        del programs  # torch.export's programs hold every weight (release_weights frees them)
+    if release_weights:
+        release_delegated_weights(module, edge)
     if not stock_passes:
         # to_backend hands on a fresh config, whose _skip_dim_order=False adds LegalizePortableDimOrderPass
         # to to_executorch: a full re-trace (~8 s here) of a graph that has no dim-order ops to legalize.
         edge.compile_config = config
     with contextlib.ExitStack() as fast:
         use(fast, "delegate_outputs_reused", delegate_outputs_reused)
+        use(fast, "embedding_packed_in_row_blocks", embedding_packed_in_row_blocks)
         return edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             passes=[QuantFusionPass()],  # quantized embedding -> quantized_decomposed::embedding_{byte,4bit}
@@ -142,6 +158,34 @@ def export_program(module, max_context: int, stock_passes: bool = False, shortcu
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         ))
+
+
+def release_delegated_weights(module, edge) -> None:
+    """Drop every reference this process holds to the weights XNNPACK has serialized.
+
+    After lowering, each delegate's weights exist twice: as the delegate's serialized bytes (what
+    `to_executorch` writes) and as the tensors they were made from, held by the module and by the
+    delegate's `original_module` (the partition's program, kept for debugging and re-lowering). The
+    latter become meta tensors (shape and dtype kept, no data), so the codes are freed before
+    `to_executorch` builds the program: at int4, a byte per weight. Weights outside the delegates
+    (the quantized embedding) stay referenced by the program itself."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+    from torch import nn
+
+    def meta(t):
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    for method in edge.methods:
+        for sub in edge.exported_program(method).graph_module.modules():
+            if isinstance(sub, LoweredBackendModule):
+                program = sub.original_module
+                for store in (program.state_dict, program.constants):
+                    for name, t in list(store.items()):
+                        if isinstance(t, torch.Tensor):
+                            store[name] = meta(t)
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, nn.Parameter(meta(p), requires_grad=False))
 
 
 # The .pte is written in pieces of this size. Linux 6.x page caches keep a file written in large

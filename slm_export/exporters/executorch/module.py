@@ -269,6 +269,15 @@ class ExportableDecoder(nn.Module):
         # as this method only reads the buffer (forward writes it).
         return self._head(self.hidden_rows.index_select(1, rows).view(-1, self.hidden_rows.shape[-1]))
 
+    def read_by_both_methods(self) -> list:
+        """The tensors `logits` reads as `forward` does: the final norm's and the lm_head's weights (a
+        torchao weight as the plain tensors it holds)."""
+        out = []
+        for w in (self.norm.weight, self.lm_head.weight):
+            names = w.__tensor_flatten__()[0] if hasattr(w, "__tensor_flatten__") else None
+            out += [getattr(w, n) for n in names] if names else [w]
+        return out
+
     def _head(self, x):
         logits = self.lm_head(self.norm(x))
         if self.final_softcap:

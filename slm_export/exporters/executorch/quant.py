@@ -23,20 +23,21 @@ from ...quantize.plan import EMBEDDING, LM_HEAD
 
 
 def torchao_weight(qw: QuantizedWeight, activations: str, embedding: bool = False,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, owned: bool = False) -> torch.Tensor:
     """The torchao tensor of `qw` ([out, in]) for a linear, or with embedding=True an embedding table.
 
-    Symmetric int8 codes are taken as they are (a view, not a copy: nothing writes into them)."""
+    Symmetric int8 codes are taken as they are (a view, not a copy: nothing writes into them), or
+    with owned=True copied into torch's own memory, which (unlike numpy's) can be freed in place."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization)
 
     out_f = qw.shape[0]
-    scale = torch.from_numpy(qw.scales.copy()).to(dtype).reshape(out_f, -1)
+    scale = (torch.tensor(qw.scales) if owned else torch.from_numpy(qw.scales.copy())).to(dtype).reshape(out_f, -1)
     # torchao keeps codes in the signed range; asymmetric codes and zero points [0, 2**bits) shift
     # down by 2**(bits-1) together, which leaves (code - zero point) unchanged.
     if qw.symmetric and qw.codes.dtype == np.int8:
-        codes = torch.from_numpy(np.ascontiguousarray(qw.codes))
+        codes = torch.tensor(qw.codes) if owned else torch.from_numpy(np.ascontiguousarray(qw.codes))
     else:
         shift = 0 if qw.symmetric else 1 << (qw.bits - 1)
         codes = torch.from_numpy(qw.codes.astype("int16") - shift).to(torch.int8)
@@ -57,15 +58,33 @@ def pack_weight(module: nn.Module, qw: QuantizedWeight, activations: str) -> Non
                                  requires_grad=False)
 
 
-def quantized_weights(plan, codes: dict[str, QuantizedWeight], activations: str):
+def quantized_weights(plan, codes: dict[str, QuantizedWeight], activations: str, owned: list | None = None):
     """`weight(source, rows, embedding)`: the torchao tensor of a planned weight (the `rows` of it, if
-    given), or None for one kept float; what ExportableDecoder builds its quantized modules with."""
+    given), or None for one kept float; what ExportableDecoder builds its quantized modules with.
+
+    With a list `owned`, a whole weight's codes and scales move into tensors of torch's own memory
+    (listed there), one weight at a time: `codes[source]` keeps its shape, bits and group, not its
+    values. The lowering can then free each one as soon as XNNPACK has serialized it
+    (edge_passes.delegated_weights_freed); numpy's memory cannot be freed while torch views it."""
     def weight(source: str, rows: tuple[int, int] | None, embedding: bool = False):
         if not plan[source].quantized:
             return None
-        qw = codes[source] if rows is None else codes[source].rows(*rows)
-        return torchao_weight(qw, activations, embedding)
+        if rows is not None or owned is None or not codes[source].symmetric or codes[source].codes.dtype != np.int8:
+            qw = codes[source] if rows is None else codes[source].rows(*rows)
+            return torchao_weight(qw, activations, embedding)
+        qw = codes[source]
+        if qw.codes.strides == (0,) * qw.codes.ndim:  # moved already: one storage for two modules cannot be freed
+            raise ValueError(f"the codes of {source} were moved into torch's memory for another module")
+        tensor = torchao_weight(qw, activations, embedding, owned=True)
+        codes[source] = QuantizedWeight(_no_values(qw.codes), _no_values(qw.scales), None, qw.bits, qw.group)
+        owned.extend([tensor.qdata, tensor.scale, tensor.zero_point])
+        return tensor
     return weight
+
+
+def _no_values(a: np.ndarray) -> np.ndarray:
+    """An array of `a`'s shape and dtype that holds no memory (every element is one zero)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, a.dtype), a.shape, (0,) * a.ndim, writeable=False)
 
 
 def quant_report(module, plan, codes: dict[str, QuantizedWeight], activations: str) -> QuantReport:
