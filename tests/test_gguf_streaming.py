@@ -128,3 +128,16 @@ def test_gguf_whose_tensor_contradicts_its_metadata_is_refused(tmp_path):
     line = _one_error(code, stderr)
     assert str(bad) in line and "'blk.0.ffn_" in line and "metadata implies" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_a_gguf_parse_that_runs_out_of_memory_is_not_called_a_bad_file(ggufs, monkeypatch):
+    import gguf
+
+    from slm_export.gguf_checkpoint import open_gguf
+
+    def out_of_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(gguf, "GGUFReader", out_of_memory)
+    with pytest.raises(MemoryError):  # the export's memory message says it, not "truncated or corrupt"
+        open_gguf(ggufs["llama"])
