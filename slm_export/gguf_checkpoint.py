@@ -6,7 +6,8 @@ tensor table only) and checks every tensor lies inside the file in a type `gguf.
 reads. `bind(model)` then names its tensors as the model's PyTorch parameters, with transformers' own
 GGUF name map and tensor processor (`transformers.modeling_gguf_pytorch_utils`: what
 `from_pretrained(gguf_file=...)` applies), and checks their shapes against the model built from the
-file's metadata. `read(name, rows)` reads exactly those rows' blocks from the file and dequantizes them;
+file's metadata. `read(name, rows)` reads exactly those rows' blocks from the file (plain reads, not the
+map: mapped pages would stay in the process's resident memory) and dequantizes them;
 a tensor the processor transforms as a whole (llama's q/k rows, permuted back from llama.cpp's rotary
 layout) is dequantized whole and then sliced. The same interface as `checkpoint.Checkpoint`, so the
 rest of the export does not know which file it reads. Every refusal is one `SlmExportError` line
@@ -25,7 +26,8 @@ REDOWNLOAD = "download or convert it again"
 # The GGUF architectures read tensor by tensor, and for each the tensors (by a part of their GGUF name)
 # that transformers' tensor processor for it transforms as a whole (LlamaTensorProcessor: attn_q and
 # attn_k rows un-permuted per head); every other tensor's processing is per element (or none), so it
-# runs on the rows read. Another architecture (or another processor) loads whole.
+# runs on the rows read (tests/test_gguf_streaming.py holds every family to transformers' own load).
+# Another architecture loads whole.
 STREAMED = {"llama": (".attn_q.", ".attn_k."), "qwen2": (), "phi3": (), "gemma2": ()}
 
 
