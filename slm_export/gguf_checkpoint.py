@@ -23,6 +23,10 @@ from slm_export.errors import SlmExportError
 
 REDOWNLOAD = "download or convert it again"
 
+# Rows are dequantized this many float32 bytes at a time (gguf's dequantize holds several temporaries
+# of the size it is given).
+DEQUANTIZE_BYTES = 8 * 1024 * 1024
+
 # The GGUF architectures read tensor by tensor, and for each the tensors (by a part of their GGUF name)
 # that transformers' tensor processor for it transforms as a whole (LlamaTensorProcessor: attn_q and
 # attn_k rows un-permuted per head); every other tensor's processing is per element (or none), so it
@@ -135,7 +139,16 @@ class GgufCheckpoint:
                                          f"shrank since it was opened); {REDOWNLOAD}")
                 done += got
         shape = (stop - start, *e.shape[1:]) if e.rows > 1 else e.shape
-        return dequantize(raw.reshape(_byte_shape(shape, e.qtype)), e.qtype).reshape(shape)
+        if e.rows == 1:
+            return dequantize(raw.reshape(_byte_shape(shape, e.qtype)), e.qtype).reshape(shape)
+        # gguf's dequantize makes several temporaries of its input's size: a few rows at a time
+        out = np.empty(shape, dtype=np.float32)
+        step = max(1, DEQUANTIZE_BYTES // max(1, 4 * int(np.prod(shape[1:]))))
+        for a in range(0, len(out), step):
+            b = min(a + step, len(out))
+            part = raw[a * e.row_bytes:b * e.row_bytes].reshape(_byte_shape((b - a, *shape[1:]), e.qtype))
+            out[a:b] = dequantize(part, e.qtype).reshape((b - a, *shape[1:]))
+        return out
 
     def _entry(self, name) -> _Entry:
         try:
