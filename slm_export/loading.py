@@ -50,20 +50,21 @@ def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = F
     """Load `source` (None = the bundled SmolLM2-135M-Instruct) as a float32 model and its tokenizer
     (tokenizer=False: the model alone; its `tokenizer` is None).
 
-    stream=True: a safetensors checkpoint (a folder, or one from the hub) is not loaded; the model is
-    a skeleton on the meta device with `slm_checkpoint` (slm_export/checkpoint.py) to read each weight
-    from when it is used (what an export does: architectures.to_decoder then holds `Stored` weights).
-    A GGUF file or .bin weights load whole either way."""
+    stream=True: a safetensors checkpoint (a folder, or one from the hub) or a GGUF file of a family
+    slm_export/gguf_checkpoint.py streams is not loaded; the model is a skeleton on the meta device with
+    `slm_checkpoint` (slm_export/checkpoint.py, gguf_checkpoint.py) to read each weight from when it is
+    used (what an export does: architectures.to_decoder then holds `Stored` weights). Other GGUF files
+    and .bin weights load whole either way."""
     if source is None or str(source) == DEFAULT_MODEL:
         path = default_gguf_path()
-        loaded = _load_gguf(path, trust_remote_code, tokenizer)
+        loaded = _load_gguf(path, trust_remote_code, tokenizer, stream)
         loaded.source["name"] = DEFAULT_MODEL
         return loaded
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            return _load_gguf(path, trust_remote_code, tokenizer)
+            return _load_gguf(path, trust_remote_code, tokenizer, stream)
         if path.is_dir():
             return _load_dir(path, trust_remote_code, tokenizer, stream)
         raise SlmExportError(f"model path {path} is neither a .gguf file nor a model folder")
@@ -74,10 +75,20 @@ def load(source: str | os.PathLike | None = None, *, trust_remote_code: bool = F
 
 
 def streamable(source) -> bool:
-    """Whether `source` is a local safetensors checkpoint that load(stream=True) reads tensor by tensor."""
+    """Whether `source` (None: the bundled model) is a local safetensors checkpoint or GGUF file that
+    load(stream=True) reads tensor by tensor."""
+    if source is None or str(source) == DEFAULT_MODEL:
+        try:
+            source = default_gguf_path()
+        except SlmExportError:
+            return False
     if not isinstance(source, (str, os.PathLike)):
         return False
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_checkpoint import streams
+
+        return streams(path)
     return path.is_dir() and (path / "config.json").is_file() and next(path.glob("*.safetensors"), None) is not None
 
 
@@ -144,12 +155,22 @@ def _tokenizer(where: str, trust_remote_code: bool, what: str, **kwargs):
     return tok
 
 
-def _load_gguf(path: Path, trust_remote_code: bool, tokenizer: bool = True) -> LoadedModel:
+def _load_gguf(path: Path, trust_remote_code: bool, tokenizer: bool = True, stream: bool = False) -> LoadedModel:
     if importlib.util.find_spec("gguf") is None:
         raise SlmExportError("loading a .gguf file needs the `gguf` package: pip install gguf accelerate")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise SlmExportError(f"{path} is not a GGUF file (bad magic bytes); check the file or re-download it")
+    if stream:
+        from .gguf_checkpoint import NotStreamable
+
+        try:
+            loaded = _stream_gguf(path, trust_remote_code, tokenizer)
+        except NotStreamable:  # another architecture: transformers loads it whole
+            loaded = None
+        if loaded is not None:
+            loaded.source = {"kind": "gguf", "path": str(path.resolve())}
+            return loaded
     # transformers draws a bar per tensor while it dequantizes (its disable_progress_bar() does not reach it)
     with gguf_parsed_once(), no_progress_bars([("transformers.modeling_gguf_pytorch_utils", "tqdm")]):
         loaded = _from_pretrained(str(path.parent), trust_remote_code, f"GGUF file {path}", tokenizer,
@@ -240,6 +261,32 @@ def _stream_dir(path: Path, trust_remote_code: bool, tokenizer: bool) -> LoadedM
         with contextlib.suppress(Exception):  # transformers' own default from the config stays otherwise
             model.generation_config = GenerationConfig.from_pretrained(str(path))
     return LoadedModel(model.eval(), _tokenizer(str(path), trust_remote_code, what) if tokenizer else None)
+
+
+def _stream_gguf(path: Path, trust_remote_code: bool, tokenizer: bool) -> LoadedModel:
+    """A skeleton model (meta device) built from the GGUF file's metadata, whose `slm_checkpoint` reads
+    and dequantizes its tensors one at a time, as transformers' GGUF loader would (gguf_checkpoint.py)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .gguf_checkpoint import open_gguf
+
+    what = f"GGUF file {path}"
+    with gguf_parsed_once():  # one parse for the tensor table, the config and the tokenizer
+        ckpt = open_gguf(path)  # the tensor table only; a truncated file is said here
+        try:
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - metadata transformers cannot read is the user's file
+            _reraise_if_out_of_memory(e)
+            raise SlmExportError(f"could not load {what}: {type(e).__name__}: {_first_line(e)}") from None
+        config.dtype = torch.float32
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        ckpt.bind(model)  # names as transformers' GGUF loader gives them; a shape the metadata contradicts is said here
+        model.slm_checkpoint = ckpt
+        tok = _tokenizer(str(path.parent), trust_remote_code, what, gguf_file=path.name) if tokenizer else None
+    return LoadedModel(model.eval(), tok)
 
 
 def _check_model_type(config_file: Path) -> None:

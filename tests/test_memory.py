@@ -97,7 +97,7 @@ def test_running_out_mid_export_is_one_line_with_the_estimate_and_no_debris(tmp_
                  "allocate 1048576 bytes. Error code 12 (Cannot allocate memory)"),
 ])
 def test_a_gguf_load_that_runs_out_of_memory_is_not_called_a_bad_file(failure, tmp_path, monkeypatch, capsys):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slm_export.cli import main
     from slm_export.loading import default_gguf_path, load
@@ -105,7 +105,8 @@ def test_a_gguf_load_that_runs_out_of_memory_is_not_called_a_bad_file(failure, t
     def out_of_memory(*a, **k):
         raise failure
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)  # the whole load (the API's default)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", out_of_memory)  # read by the streamed load (an export's) too
     with pytest.raises(type(failure)):  # the API: the failure itself, not SlmExportError("could not load ...")
         load(default_gguf_path())
     code = main(["--out", str(tmp_path / "o"), "--skip-memory-check"])  # the bundled GGUF
