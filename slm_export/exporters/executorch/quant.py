@@ -4,8 +4,9 @@ Each quantized weight becomes a torchao `IntxUnpackedToInt8Tensor` built straigh
 (int8 values, scales [out, groups], block (1, group)), as ExecuTorch's own LLM export does for
 pre-quantized checkpoints; nothing is re-rounded here, and the module is built with these tensors in
 place (module.py), so no float copy of a quantized weight is ever made. Linears with int8 activations carry torchao's
-per-token dynamic activation quantization (8da4w / 8da8w: XNNPACK's fastest CPU kernels); embeddings
-and --weight-only linears carry none (weight_only.py). The lowering turns them into XNNPACK's
+per-token dynamic activation quantization (8da4w / 8da8w: XNNPACK's fastest CPU kernels); embeddings,
+--weight-only linears and int8 linears in an int4 program (`TargetLimits.activations_for`) carry none
+(weight_only.py). The lowering turns them into XNNPACK's
 qd8-f32-qb4w / qc8w GEMMs and ExecuTorch's quantized embedding ops.
 
 What the format keeps, declared in `ExecuTorchExporter.limits`: XNNPACK stores int4 group scales as
@@ -57,18 +58,18 @@ def pack_weight(module: nn.Module, qw: QuantizedWeight, activations: str) -> Non
                                  requires_grad=False)
 
 
-def quantized_weights(plan, codes: dict[str, QuantizedWeight], activations: str):
+def quantized_weights(plan, codes: dict[str, QuantizedWeight], spec):
     """`weight(source, rows, embedding)`: the torchao tensor of a planned weight (the `rows` of it, if
     given), or None for one kept float; what ExportableDecoder builds its quantized modules with."""
     def weight(source: str, rows: tuple[int, int] | None, embedding: bool = False):
         if not plan[source].quantized:
             return None
         qw = codes[source] if rows is None else codes[source].rows(*rows)
-        return torchao_weight(qw, activations, embedding)
+        return torchao_weight(qw, plan.limits.activations_for(qw.bits, spec), embedding)
     return weight
 
 
-def quant_report(module, plan, codes: dict[str, QuantizedWeight], activations: str) -> QuantReport:
+def quant_report(module, plan, codes: dict[str, QuantizedWeight], spec) -> QuantReport:
     """The per-weight report of `module` (an ExportableDecoder built with `quantized_weights`)."""
     report = QuantReport()
     for fqn, (source, rows) in module.sources.items():
@@ -86,7 +87,8 @@ def quant_report(module, plan, codes: dict[str, QuantizedWeight], activations: s
             continue
         qw = codes[source] if rows is None else codes[source].rows(*rows)
         where = f"group={qw.group}" if qw.group != in_f else "per-row" if embedding else "per-channel"
-        op = "Embedding" if embedding else "weight-only" if activations == "float" else f"8da{qw.bits}w"
+        acts = plan.limits.activations_for(qw.bits, spec)
+        op = "Embedding" if embedding else "weight-only" if acts == "float" else f"8da{qw.bits}w"
         scheme = f"int{qw.bits} {where} {'sym' if qw.symmetric else 'asym'} {op} {p.method}"
         report.add(WeightEntry(fqn, [source], [out_f, in_f], scheme, qw.bits, None if qw.group == in_f else qw.group,
                                float_bytes, plan.stored_bytes(p) * out_f // p.shape[0], p.reason))
