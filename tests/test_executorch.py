@@ -258,7 +258,8 @@ def test_width_not_divisible_by_group_falls_back_and_says_so(tmp_path):
     # down_proj in-features 96: group 64 -> 32 (XNNPACK's smallest); 80: no group >= 32 divides -> int8
     for inter, bits, expect in [(96, 4, "fell back to group 32"), (80, 8, "stored int8 per-channel instead")]:
         model = tiny_model("llama", intermediate_size=inter)
-        art = _export(model, tmp_path, 4, name=f"i{inter}", group_size=64)
+        # no mixed precision: it would move some of these units to int8 for a reason of its own
+        art = _export(model, tmp_path, 4, name=f"i{inter}", group_size=64, mixed_precision=0)
         down = [e for e in json.loads((art.path / "quant_report.json").read_text())["weights"] if "down" in e["name"]]
         assert down and all(e["bits"] == bits and expect in e["reason"] for e in down), down
         report = art.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False)
