@@ -86,6 +86,16 @@ def main() -> int:
     row("int4 codes, embedding fp32, per-token activations",
         {k: v for k, v in w4.items() if k != "model.embed_tokens.weight"}, per_token)
 
+    # what XNNPACK's format changes, measured apart with round-to-nearest (int8 embedding rows)
+    for name, changes in [("positive bfloat16 scales (XNNPACK)", {}), ("signed scales", dict(signed_scales=True)),
+                          ("signed float32 scales", dict(signed_scales=True, scale_dtype={4: "float32"}))]:
+        class Changed(type(et)):
+            def limits(self, compute_precision=None, changes=changes):
+                return dataclasses.replace(super().limits(compute_precision), **changes)
+        ex = Changed()
+        spec = resolve_spec(ex, QuantSpec(bits=4, method="rtn", lm_head_bits=4, mixed_precision=0.0, embedding_bits=8))
+        row(f"rtn int4, {name}, float activations", dequantized_weights(*ex.quantize(dec, spec, None, None)))
+
     arrays = {n: a for n, _, a, _ in decoder_weights(dec)}
     head8 = et.plan(dec, resolve_spec(et, QuantSpec(bits=4, lm_head_bits=8, mixed_precision=0.0)), None)
 

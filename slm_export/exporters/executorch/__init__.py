@@ -72,8 +72,9 @@ class ExecuTorchExporter(ExporterBase):
     stream_write = {4: 0.4, 8: 0.8, 16: 3.2}
 
     # At --bits 4, as on ONNX: an int8 lm_head and a quarter more size spent on the most sensitive
-    # units at int8, both weight-only here (float_activation_bits). XNNPACK's int4 has 15 levels where
-    # ONNX's signed scales give 16 and its activations round per token: all-int4 misses the goals by far.
+    # units at int8, both on float activations here (limits: finer_weights_float_activations). All-int4
+    # is far less faithful here than on ONNX, mostly from the int4 codes themselves, not the
+    # activations' per-token rounding (docs/quantization.md "Defaults").
     default_lm_head_bits = 8
     default_mixed_precision = 0.25
 
@@ -91,8 +92,8 @@ class ExecuTorchExporter(ExporterBase):
         # XNNPACK: int4 in groups that are multiples of 32 (a width none divides: int8 per channel),
         # group scales kept as bfloat16, int8 one scale per output channel, no zero points for linears
         # (its weight formats have no field for them), int8 activations per token; float activations
-        # take int8 per-channel weights only (weight_only.py), and so do int8 linears in an int4 program: measured on SmolLM2-135M (int4 default + int8 lm_head and mixed-precision
-        # units) they lose a fifth less KL than as 8da8w (docs/quantization.md "Defaults"). ExecuTorch's quantized embedding ops:
+        # take int8 per-channel weights only (weight_only.py), and so do int8 linears in an int4 program
+        # (less KL than as 8da8w: docs/quantization.md "Defaults"). ExecuTorch's quantized embedding ops:
         # int8 rows or int4 groups with float32 scales. A tied table is stored twice (rows + lm_head).
         return TargetLimits("executorch", min_group=32, indivisible="int8", int8_per_channel=True,
                             zero_points=False, signed_scales=False, scale_dtype={4: "bfloat16", 8: "float32"},
