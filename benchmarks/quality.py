@@ -61,7 +61,8 @@ VARIANTS = {
     "executorch int4 awq head8": ("executorch", ["--quant-method", "awq", "--lm-head-bits", "8"]),
     "onnx int4 awq": ("onnx", ["--quant-method", "awq"]),  # the ONNX defaults otherwise (int8 lm_head, mixed 0.25)
     "onnx int4 awq plain": ("onnx", ["--quant-method", "awq", "--mixed-precision", "0", "--lm-head-bits", "4"]),
-    "executorch int4 gptq head8 mixed 0.25": ("executorch", ["--lm-head-bits", "8", "--mixed-precision", "0.25"]),
+    # the int4 default before issue #30 (int4 lm_head, no mixed precision): smaller and faster, far less faithful
+    "executorch int4 plain": ("executorch", ["--lm-head-bits", "4", "--mixed-precision", "0"]),
     "executorch int8 rtn 8da8w": ("executorch", ["--bits", "8", "--quant-method", "rtn", "--activations", "int8"]),
     "executorch int8 gptq weight-only": ("executorch", ["--bits", "8", "--quant-method", "gptq", "--weight-only"]),
 }

@@ -41,6 +41,10 @@ class TargetLimits:
     # per scale), "per-token" (one scale per row), or "none" (weight-only targets).
     activation_rounding: str = "per-block"
     weight_only_bits: tuple[int, ...] = (4, 8)  # what --weight-only (float activations) may be
+    # Weights planned finer than --bits (an int8 lm_head, mixed-precision units in an int4 program) run
+    # on float activations where weight_only_bits has their kernel, even when the rest round theirs to
+    # int8 (XNNPACK's int8 per-channel GEMM on fp32 input: no per-token rounding, unlike its 8da8w).
+    finer_weights_float_activations: bool = False
     # Whether an export may rescale the norms before rounding (awq, quantize/awq.py): verify's same-quant
     # reference must then carry the rescaled norms, which this target's verify gives back.
     rescaled_norms: bool = True
@@ -48,6 +52,11 @@ class TargetLimits:
     # The runtime's attention kernel: the head sizes it runs (a multiple of this), and its name for the message.
     head_dim_multiple: int = 1
     attention_kernel: str = "its attention kernel"
+
+    def activations_for(self, bits: int, spec) -> str:
+        """What a linear of `bits` weights runs on in a program quantized by `spec`: "int8" or "float"."""
+        finer = self.finer_weights_float_activations and bits > spec.bits and bits in self.weight_only_bits
+        return "float" if finer else spec.activations
 
     def scale_precision(self, bits: int) -> str:
         return self.scale_dtype.get(bits, "float32")

@@ -4,8 +4,9 @@ Each quantized weight becomes a torchao `IntxUnpackedToInt8Tensor` built straigh
 (int8 values, scales [out, groups], block (1, group)), as ExecuTorch's own LLM export does for
 pre-quantized checkpoints; nothing is re-rounded here, and the module is built with these tensors in
 place (module.py), so no float copy of a quantized weight is ever made. Linears with int8 activations carry torchao's
-per-token dynamic activation quantization (8da4w / 8da8w: XNNPACK's fastest CPU kernels); embeddings
-and --weight-only linears carry none (weight_only.py). The lowering turns them into XNNPACK's
+per-token dynamic activation quantization (8da4w / 8da8w: XNNPACK's fastest CPU kernels); embeddings,
+--weight-only linears and int8 linears in an int4 program (`TargetLimits.activations_for`) carry none
+(weight_only.py). The lowering turns them into XNNPACK's
 qd8-f32-qb4w / qc8w GEMMs and ExecuTorch's quantized embedding ops.
 
 What the format keeps, declared in `ExecuTorchExporter.limits`: XNNPACK stores int4 group scales as
@@ -58,7 +59,7 @@ def pack_weight(module: nn.Module, qw: QuantizedWeight, activations: str) -> Non
                                  requires_grad=False)
 
 
-def quantized_weights(plan, codes: dict[str, QuantizedWeight], activations: str, owned: list | None = None):
+def quantized_weights(plan, codes: dict[str, QuantizedWeight], spec, owned: list | None = None):
     """`weight(source, rows, embedding)`: the torchao tensor of a planned weight (the `rows` of it, if
     given), or None for one kept float; what ExportableDecoder builds its quantized modules with.
 
@@ -71,11 +72,11 @@ def quantized_weights(plan, codes: dict[str, QuantizedWeight], activations: str,
             return None
         if rows is not None or owned is None or not codes[source].symmetric or codes[source].codes.dtype != np.int8:
             qw = codes[source] if rows is None else codes[source].rows(*rows)
-            return torchao_weight(qw, activations, embedding)
+            return torchao_weight(qw, plan.limits.activations_for(qw.bits, spec), embedding)
         qw = codes[source]
         if qw.codes.strides == (0,) * qw.codes.ndim:  # moved already: one storage for two modules cannot be freed
             raise ValueError(f"the codes of {source} were moved into torch's memory for another module")
-        tensor = torchao_weight(qw, activations, embedding, owned=True)
+        tensor = torchao_weight(qw, plan.limits.activations_for(qw.bits, spec), embedding, owned=True)
         codes[source] = QuantizedWeight(_no_values(qw.codes), _no_values(qw.scales), None, qw.bits, qw.group)
         owned.extend([tensor.qdata, tensor.scale, tensor.zero_point])
         return tensor
@@ -87,7 +88,7 @@ def _no_values(a: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(np.zeros(1, a.dtype), a.shape, (0,) * a.ndim, writeable=False)
 
 
-def quant_report(module, plan, codes: dict[str, QuantizedWeight], activations: str) -> QuantReport:
+def quant_report(module, plan, codes: dict[str, QuantizedWeight], spec) -> QuantReport:
     """The per-weight report of `module` (an ExportableDecoder built with `quantized_weights`)."""
     report = QuantReport()
     for fqn, (source, rows) in module.sources.items():
@@ -105,7 +106,8 @@ def quant_report(module, plan, codes: dict[str, QuantizedWeight], activations: s
             continue
         qw = codes[source] if rows is None else codes[source].rows(*rows)
         where = f"group={qw.group}" if qw.group != in_f else "per-row" if embedding else "per-channel"
-        op = "Embedding" if embedding else "weight-only" if activations == "float" else f"8da{qw.bits}w"
+        acts = plan.limits.activations_for(qw.bits, spec)
+        op = "Embedding" if embedding else "weight-only" if acts == "float" else f"8da{qw.bits}w"
         scheme = f"int{qw.bits} {where} {'sym' if qw.symmetric else 'asym'} {op} {p.method}"
         report.add(WeightEntry(fqn, [source], [out_f, in_f], scheme, qw.bits, None if qw.group == in_f else qw.group,
                                float_bytes, plan.stored_bytes(p) * out_f // p.shape[0], p.reason))
