@@ -19,6 +19,10 @@ from ..stored import materialize
 
 SENSITIVITY_TOKENS = 64  # calibration tokens the KL is measured on (enough to rank; keeps it cheap)
 PROBE_METHOD = "rtn"  # the int4 rounding each unit is probed with (data-free and fast)
+# Float copies of a streamed model's layers the sensitivity pass keeps instead of reading them again for
+# every unit (the pass runs each later layer once per unit: O(layers^2) reads). The bundled model's
+# layers fit whole (425 MB); memory.streamed_peak_bytes counts it.
+SENSITIVITY_CACHE_BYTES = 512 * 1024 * 1024
 TOP_TOKENS = 32  # the KL is taken over the tokens that are in some position's float top-32 (the mass)
 
 
@@ -47,11 +51,27 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
     units = _units(plan)
     seq = torch.tensor([chunks(ids, dec.max_context)[0][:SENSITIVITY_TOKENS]])
     fwd = DecoderForward(dec)
+    # A checkpoint's layers are read when used (slm_export/stored.py) and each unit's pass runs every
+    # later layer: the first layers read stay in memory up to SENSITIVITY_CACHE_BYTES, the rest are
+    # read again (released) after each use.
+    cached, budget = set(), SENSITIVITY_CACHE_BYTES
+
+    def done_with(layer):
+        nonlocal budget
+        if id(layer) in cached:
+            return
+        size = sum(arrays[s].nbytes for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for s in lin.sources)
+        if size <= budget:
+            cached.add(id(layer))
+            budget -= size
+        else:
+            fwd.release_layer(layer)
+
     with torch.no_grad():
         xs = [fwd.embed(seq)]
         for layer in dec.layers:
             xs.append(fwd.layer(layer, xs[-1]))
-            fwd.release_layer(layer)  # a checkpoint's weights are read again when used (slm_export/stored.py)
+            done_with(layer)
         keep, ref = _vocab_subset(fwd, xs[-1])
         out = {}
         for unit, ws in progress.steps(units.items(), "measuring each weight group's int4 cost", total=len(units)):
@@ -63,9 +83,11 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
             x = xs[start]
             for layer in dec.layers[start:]:
                 x = fwd.layer(layer, x)
-                fwd.release_layer(layer)
+                done_with(layer)
             out[unit] = _kl(ref, fwd.logits(x, rows=keep))
-            fwd.set({name: arrays[name] for name in probe})
+            fwd.set({name: arrays[name] for name in probe})  # a cached layer's unit is read again once
+        for layer in dec.layers:
+            fwd.release_layer(layer)
     return out
 
 
