@@ -46,13 +46,11 @@ class _Entry:
         self.file, self.dtype, self.shape, self.start, self.length = file, dtype, shape, start, length
 
 
-class Checkpoint:
-    """The tensors of a safetensors checkpoint, by name; headers only until `read`."""
+class TensorTable:
+    """What every checkpoint reader answers from its table (`_entries`: name -> entry with a `shape`)
+    before reading anything; `_entry(name)` says which names it lacks."""
 
-    def __init__(self, folder: Path, files: list[Path], entries: dict[str, _Entry]):
-        self.folder = folder
-        self.files = files
-        self._entries = entries
+    _entries: dict
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -65,6 +63,15 @@ class Checkpoint:
 
     def shape(self, name) -> tuple[int, ...]:
         return self._entry(name).shape
+
+
+class Checkpoint(TensorTable):
+    """The tensors of a safetensors checkpoint, by name; headers only until `read`."""
+
+    def __init__(self, folder: Path, files: list[Path], entries: dict[str, _Entry]):
+        self.folder = folder
+        self.files = files
+        self._entries = entries
 
     def dtype(self, name) -> str:
         return self._entry(name).dtype

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slm_export.errors import SlmExportError
+from .checkpoint import TensorTable
+from .errors import SlmExportError
 
 REDOWNLOAD = "download or convert it again"
 
@@ -50,7 +51,7 @@ class _Entry:
         self.row_bytes = nbytes // self.rows
 
 
-class GgufCheckpoint:
+class GgufCheckpoint(TensorTable):
     """The tensors of a GGUF file by PyTorch parameter name (after `bind`); nothing read until `read`."""
 
     def __init__(self, file: Path, architecture: str, tensors: dict[str, _Entry]):
@@ -85,18 +86,6 @@ class GgufCheckpoint:
                 raise SlmExportError(f"{self.file}: tensor {e.gguf_name!r} ({name}) has shape {list(e.shape)} but the "
                                      f"file's metadata implies {list(shape)}; the GGUF file contradicts itself: "
                                      f"{REDOWNLOAD}")
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name) -> bool:
-        return name in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def shape(self, name) -> tuple[int, ...]:
-        return self._entry(name).shape
 
     def dtype(self, name) -> str:
         """Its GGML type as the file stores it (Q4_1, Q8_0, F32, ...)."""
