@@ -35,7 +35,7 @@ def _assert_clean_refusal(code, out, err, tmp_path, expect):
     (["--mixed-precision", "2"], "--mixed-precision 2.0 is not valid; use a fraction from 0 (off) to 1"),
     (["--bits", "8", "--mixed-precision", "0.1"], "--mixed-precision 0.1 needs --bits 4"),
     (["--target", "executorch", "--asymmetric"], "--asymmetric is not supported by the executorch target"),
-    (["--target", "executorch", "--quant-method", "hqq", "--calibration-text", "README.md"],
+    (["--target", "executorch", "--quant-method", "hqq", "--mixed-precision", "0", "--calibration-text", "README.md"],
      "--calibration-text is for exports that calibrate"),
 ])
 def test_invalid_options(args, expect, tmp_path):
