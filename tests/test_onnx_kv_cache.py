@@ -130,7 +130,7 @@ def test_calibration_on_your_own_text(tmp_path, tiny_dir):
 @pytest.mark.parametrize("args,message", [
     (["--kv-bits", "32", "--quant-method", "mse", "--mixed-precision", "0"],
      "--calibration-text is for exports that calibrate: --quant-method awq or gptq"),
-    (["--kv-bits", "8", "--target", "executorch", "--quant-method", "rtn"],
+    (["--kv-bits", "8", "--target", "executorch", "--quant-method", "rtn", "--mixed-precision", "0"],
      "this executorch export (rtn, --kv-bits 8) calibrates nothing"),
     (["--kv-bits", "8", "--calibration-text-missing"], "is not a file; pass a UTF-8 text file"),
     (["--kv-bits", "8", "--calibration-text-short"], "is 3 tokens; calibration needs at least 32"),

@@ -20,7 +20,10 @@ def pte_dir(tmp_path_factory):
 
 def test_pte_size_and_report(pte_dir):
     manifest = json.loads((pte_dir / "manifest.json").read_text())
-    assert manifest["files"]["model.pte"]["bytes"] <= 100e6  # issue #3's bound (int8 rows: about 106 MB)
+    # The int4 default spends size on fidelity (int8 lm_head, mixed precision 0.25: 133.8 MB, against the plain
+    # int4's 94.9 MB; docs/quantization.md "Defaults"): issue #3's 100 MB bound holds for
+    # --lm-head-bits 4 --mixed-precision 0, not for the default since issue #30.
+    assert manifest["files"]["model.pte"]["bytes"] <= 140e6
     assert manifest["quant"]["spec"]["embedding_bits"] == 4
     summary = manifest["quant"]["summary"]
     # embedding + lm_head + 30 layers x 7 linears (q, k, v, o, gate, up, down), none left float
