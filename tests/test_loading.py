@@ -5,18 +5,23 @@ import gguf
 from slm_export.loading import load
 
 
-def test_gguf_is_parsed_once_quietly_and_the_model_still_answers(monkeypatch, capfd):
-    # transformers parses the file for the config, the weights and maybe the tokenizer; loading.py
-    # hands all of them one parse (load 25 s -> 13 s on this machine). Count real parses.
+def _count_parses(monkeypatch):
+    """(the files gguf.GGUFReader parses from now on, the counting reader put in its place)."""
     parses = []
-    original = gguf.GGUFReader
 
-    class CountingReader(original):
+    class CountingReader(gguf.GGUFReader):
         def __init__(self, *args, **kwargs):
             parses.append(args[0])
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    return parses, CountingReader
+
+
+def test_gguf_is_parsed_once_quietly_and_the_model_still_answers(monkeypatch, capfd):
+    # transformers parses the file for the config, the weights and maybe the tokenizer; loading.py
+    # hands all of them one parse (load 25 s -> 13 s on this machine). Count real parses.
+    parses, CountingReader = _count_parses(monkeypatch)
     loaded = load(None)
     assert len(parses) == 1, parses
     assert gguf.GGUFReader is CountingReader  # put back as it was found
@@ -36,19 +41,11 @@ def test_bundled_gguf_streamed_is_parsed_once_and_reads_what_transformers_loads(
     # the export's load: a meta skeleton whose weights are read from the file when used (gguf_checkpoint.py)
     import numpy as np
 
-    parses = []
-    original = gguf.GGUFReader
-
-    class CountingReader(original):
-        def __init__(self, *args, **kwargs):
-            parses.append(args[0])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    parses, CountingReader = _count_parses(monkeypatch)
     streamed = load(None, tokenizer=False, stream=True)
     assert len(parses) == 1, parses
     ckpt = streamed.model.slm_checkpoint
-    monkeypatch.setattr(gguf, "GGUFReader", original)
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader.__base__)
     eager = load(None, tokenizer=False).model
     params = dict(eager.named_parameters())
     assert set(ckpt.names()) == set(params) and len(params) == 272  # lm_head is the (tied) embedding
