@@ -215,8 +215,8 @@ def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) 
 # export's largest weight) times STREAM_BLOCK_COPIES (its float32 read, the method's temporaries, its
 # codes); and, calibrating, the layer being calibrated times STREAM_LAYER_COPIES (its weights as read,
 # quantized and put back, GPTQ's Hessians) plus the activations of the calibration tokens through one
-# layer times STREAM_ACTIVATION_COPIES. Before quantizing, mixed precision's sensitivity pass holds the
-# layers it keeps (mixed.SENSITIVITY_CACHE_BYTES) and one layer's working copies. Fitted to the peaks of
+# layer times STREAM_ACTIVATION_COPIES. Before quantizing, mixed precision's sensitivity pass holds one
+# layer's working copies and the hidden states of every unit it probes. Fitted to the peaks of
 # benchmarks/streaming_export.py (benchmarks/STREAMING_EXPORT.md); the calibrating terms to two exports
 # only: the SmolLM2-360M shape and the bundled SmolLM2-135M with the default flags (ONNX int4, 1.11 GB).
 STREAM_BLOCK_COPIES = 3.5
@@ -237,12 +237,13 @@ def streamed_peak_bytes(exporter, shape, bits: int, calibrated: bool) -> int:
     before = 0  # what the sensitivity pass holds, before any codes exist
     if calibrated:
         from .quantize.calibration import MAX_TOKENS
-        from .quantize.mixed import SENSITIVITY_CACHE_BYTES
+        from .quantize.mixed import SENSITIVITY_TOKENS
 
         layer = 4 * sum(rows * cols for name, (rows, cols) in shape.weights if ".layers.0." in f".{name}")
         activations = 4 * MAX_TOKENS * (4 * shape.hidden + 3 * shape.intermediate)
         work = max(work, STREAM_LAYER_COPIES * layer + STREAM_ACTIVATION_COPIES * activations)
-        before = min(SENSITIVITY_CACHE_BYTES, shape.layers * layer) + STREAM_LAYER_COPIES * layer
+        states = 4 * shape.layers * 4 * SENSITIVITY_TOKENS * shape.hidden  # a [tokens, hidden] state per unit
+        before = STREAM_LAYER_COPIES * layer + states
     return int(exporter.export_base_mb * MB + max(held + work, before))
 
 

@@ -167,6 +167,51 @@ def test_mixed_precision_moves_the_most_sensitive_weights_to_int8_within_its_bud
     assert next(c for c in parity.comparisons if c.reference == "same-quant").mean_kl < 1e-3, parity.format()
 
 
+def test_sensitivity_sweep_is_one_full_forward_per_unit():
+    """The sensitivity pass reads each layer once and carries every unit's hidden states through the layers
+    after it; each unit's KL is exactly that of a whole forward with only that unit rounded to int4."""
+    import dataclasses
+
+    import torch
+
+    from slm_export.architectures import to_decoder
+    from slm_export.exporters import TARGETS
+    from slm_export.quantize.calibration import DecoderForward
+    from slm_export.quantize.mixed import PROBE_METHOD, SENSITIVITY_TOKENS, TOP_TOKENS, _kl, _units, unit_sensitivity
+    from slm_export.quantize.plan import decoder_weights
+    from slm_export.quantize.spec import resolve_spec
+
+    dec = to_decoder(tiny_model("qwen2"), 128)
+    onnx = TARGETS.get("onnx")()
+    plan = onnx.plan(dec, resolve_spec(onnx, QuantSpec(bits=4, lm_head_bits=4, mixed_precision=0.0)))
+    ids = np.random.default_rng(0).integers(3, dec.vocab_size, 100).tolist()
+    got = unit_sensitivity(dec, plan, ids)
+    units = _units(plan)
+    assert list(got) == list(units) and len(units) == 4 * dec.num_layers + 1 and all(v > 0 for v in got.values())
+
+    arrays = {name: arr for name, _, arr, _ in decoder_weights(dec)}
+    seq = torch.tensor([ids[:SENSITIVITY_TOKENS]])
+
+    def logits(weights=None):
+        fwd = DecoderForward(dec, weights)
+        with torch.no_grad():
+            x = fwd.embed(seq)
+            for layer in dec.layers:
+                x = fwd.layer(layer, x)
+            return x, fwd
+
+    x, fwd = logits()
+    full = fwd.logits(x)
+    keep = torch.unique(full.topk(TOP_TOKENS, -1).indices)
+    ref = torch.log_softmax(full[..., keep].double(), -1)
+    for unit in ["layers.0.qkv", "layers.0.down", f"layers.{dec.num_layers - 1}.gate_up", "lm_head"]:
+        probe = {w.name: METHODS.get(PROBE_METHOD)(np.asarray(arrays[w.name], np.float32),
+                                                   dataclasses.replace(w, method=PROBE_METHOD)).dequantize()
+                 for w in units[unit]}
+        x, fwd = logits(probe)
+        assert _kl(ref, fwd.logits(x, rows=keep)) == got[unit], unit
+
+
 def test_calibrated_exports_are_deterministic(tmp_path):
     """GPTQ on the same calibration text gives the same bytes (what verify's re-quantization relies on)."""
     model = tiny_model("qwen2")

@@ -56,6 +56,34 @@ def test_pte_rows_for_our_runner_and_executorch_llm_runner(tmp_path_factory):
     assert all(r.versions["torch"] for r in rows if r.runtime == "executorch-llm-runner")  # its binding links libtorch
 
 
+def test_executorch_llm_runner_times_a_run_whose_pieces_are_not_whole_utf8(tmp_path_factory):
+    """The runner's Python binding raises on a piece that is part of a UTF-8 character (a byte token, which a
+    random-weight model emits): the run is timed from the runner's own Stats instead, each step the mean."""
+    require_extra("executorch", "executorch")
+    from slm_export.runtimes.et_llm import TextLLMRunnerStock
+    from slm_export.text import passage_text
+
+    out = tmp_path_factory.mktemp("bytes") / "art"
+    art = slm_export.export(tiny_model("llama"), tokenizer=tiny_bpe_tokenizer(), target="executorch", bits=4, out=out,
+                            max_context=96, log=lambda *a: None)
+    runner = TextLLMRunnerStock(art.path, art.manifest, threads=1)
+    real, calls = runner._generate, []
+
+    def as_the_binding_does(prompt_text, config, per_token):
+        calls.append(per_token)
+        times, stats, t0 = real(prompt_text, config, per_token)
+        if per_token:  # what the binding raises, checked on the pieces the runner made
+            raise UnicodeDecodeError("utf-8", b"\xae", 0, 1, "invalid start byte")
+        return times, stats, t0
+
+    runner._generate = as_the_binding_does
+    text = passage_text()[:60]
+    ids = art.codec().encode(text)
+    run = runner.timed_generate(ids, 60, prompt_text=text)  # enough steps for the runner's millisecond clock
+    assert calls == [True, False]
+    assert run.ttft_ms >= 0 and len(run.step_ms) == 59 and len(set(run.step_ms)) == 1 and run.step_ms[0] > 0
+
+
 def test_own_kernel_pte_is_refused_by_the_stock_runner_in_one_line(tmp_path_factory):
     require_extra("executorch", "executorch")
     art = _export(tmp_path_factory, "executorch", bits=16, kv_bits=16)

@@ -60,8 +60,14 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         """The float [out, in] weight the target computes with."""
         out, k = self.codes.shape
-        idx = np.arange(k) // self.group
         q = self.codes.astype(np.float32)
+        if k % self.group == 0 and self.scales.shape[1] == k // self.group:  # per group, broadcast: no [out, in] index
+            g = q.reshape(out, -1, self.group)
+            if self.zero_points is not None:
+                g -= self.zero_points.astype(np.float32)[..., None]
+            g *= self.scales[..., None]
+            return q
+        idx = np.arange(k) // self.group
         if self.zero_points is not None:
             q = q - self.zero_points.astype(np.float32)[:, idx]
         return q * self.scales[:, idx]

@@ -153,17 +153,18 @@ def search_scales(wg: np.ndarray, plan, importance: np.ndarray | None = None) ->
         s_best, z_best = candidates[0][0].copy(), None if plan.symmetric else candidates[0][1].copy()
         err_best = np.full(g.shape[:2], np.inf, np.float32)
         gt = torch.from_numpy(np.ascontiguousarray(g))
+        q = torch.empty_like(gt)  # one temporary, reused in place by every candidate
         for s, z in candidates:
             s = round_scales(s, plan.scale_dtype)
             st = torch.from_numpy(s)[..., None]
-            q = torch.round(gt / torch.where(st != 0, st, torch.ones_like(st)))  # half to even, as np.rint
+            torch.div(gt, torch.where(st != 0, st, torch.ones_like(st)), out=q).round_()  # half to even, as np.rint
             if z is None:
-                q = torch.clamp(q, qmin, qmax)
+                q.clamp_(qmin, qmax)
             else:
                 zt = torch.from_numpy(z)[..., None]
-                q = torch.clamp(q + zt, qmin, qmax) - zt
-            d = gt - q * st
-            err = (d * d if imp is None else d * d * imp).sum(-1).numpy()
+                q.add_(zt).clamp_(qmin, qmax).sub_(zt)
+            d = torch.sub(gt, q.mul_(st), out=q).square_()  # (w - q * s)^2
+            err = (d if imp is None else d.mul_(imp)).sum(-1).numpy()
             better = err < err_best
             err_best[better], s_best[better] = err[better], s[better]
             if z is not None:
@@ -225,7 +226,7 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
 
     order = torch.argsort(diag, descending=True)  # act-order: the busiest inputs first
     col_group = (order // group).tolist()  # the group of each column, in quantization order
-    h = h[order][:, order]
+    h = h[order[:, None], order[None, :]]  # one gather, not a copy per axis
     torch.diagonal(h).copy_(diag[order])
     torch.diagonal(h).add_((torch.ones(1) * damp * torch.mean(torch.diagonal(h)))[0])  # dampening: as eye * damp * mean
     h = torch.linalg.cholesky(h)

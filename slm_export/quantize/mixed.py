@@ -3,8 +3,8 @@
 Sensitivity is measured, not guessed: on the calibration text, each decoder weight group (a unit:
 layers.i.qkv, .o, .gate_up, .down, and the lm_head) is rounded to int4 on its own while everything
 else stays float, and the mean KL(float || that) of the next-token distributions is its
-sensitivity. The hidden states entering every layer are computed once, so a unit in layer i costs
-only layers i.. onward. Units are then moved to int8 in order of sensitivity per extra byte until
+sensitivity. One sweep over the layers reads each once: the float hidden states and those of every
+unit met so far go through each layer in turn (a unit in layer i costs layers i.. onward in compute). Units are then moved to int8 in order of sensitivity per extra byte until
 the budget (a fraction of the plain plan's stored size) is spent; the report says which and why.
 """
 from __future__ import annotations
@@ -15,15 +15,9 @@ from .. import progress
 from .calibration import DecoderForward, chunks
 from .methods import METHODS
 from .plan import QuantPlan, WeightPlan, at_bits, decoder_weights
-from ..stored import materialize
 
 SENSITIVITY_TOKENS = 64  # calibration tokens the KL is measured on (enough to rank; keeps it cheap)
 PROBE_METHOD = "rtn"  # the int4 rounding each unit is probed with (data-free and fast)
-# Float copies of a streamed model's layers the sensitivity pass keeps instead of reading them again for
-# every unit (the pass runs each later layer once per unit: O(layers^2) reads). For the bundled model
-# (30 layers of 14 MB): its last 9 layers, half the reads, while its exports' peaks stay under 1.2 GB
-# (memory.streamed_peak_bytes counts it).
-SENSITIVITY_CACHE_BYTES = 128 * 1024 * 1024
 TOP_TOKENS = 32  # the KL is taken over the tokens that are in some position's float top-32 (the mass)
 
 
@@ -48,47 +42,39 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
     """unit -> mean KL on `ids` when only that unit's weights are int4 (as planned) and the rest float."""
     import torch
 
-    arrays = {name: arr for name, _, arr, _ in decoder_weights(dec)}
     units = _units(plan)
+    by_layer: dict[int, list[str]] = {}
+    for unit in units:
+        if unit.startswith("layers."):
+            by_layer.setdefault(int(unit.split(".")[1]), []).append(unit)
     seq = torch.tensor([chunks(ids, dec.max_context)[0][:SENSITIVITY_TOKENS]])
     fwd = DecoderForward(dec)
-    # A checkpoint's layers are read when used (slm_export/stored.py), and each unit's pass runs every
-    # later layer again: the last layers (the most run) stay in memory up to SENSITIVITY_CACHE_BYTES,
-    # the others are released after each use and read again.
-    cached, budget = set(), SENSITIVITY_CACHE_BYTES
-    for layer in reversed(dec.layers):
-        size = sum(arrays[s].nbytes for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for s in lin.sources)
-        if size > budget:
-            break
-        cached.add(id(layer))
-        budget -= size
 
-    def done_with(layer):
-        if id(layer) not in cached:
-            fwd.release_layer(layer)
+    def probed(unit, run):
+        """run() with the unit's weights rounded to int4 (from the float copies the forward holds)."""
+        floats = {w.name: fwd.weight(w.name) for w in units[unit]}
+        fwd.set({name: METHODS.get(PROBE_METHOD)(floats[w.name].numpy(), dataclasses.replace(w, method=PROBE_METHOD))
+                 .dequantize() for w in units[unit] for name in [w.name]})
+        try:
+            return run()
+        finally:
+            fwd.set(floats)
 
+    # One sweep over the layers, each read once: the float state, and the state of every unit met so far
+    # (its layer run with that unit at int4, the layers after it float), go through each layer in turn.
     with torch.no_grad():
-        xs = [fwd.embed(seq)]
-        for layer in dec.layers:
-            xs.append(fwd.layer(layer, xs[-1]))
-            done_with(layer)
-        keep, ref = _vocab_subset(fwd, xs[-1])
-        out = {}
-        for unit, ws in progress.steps(units.items(), "measuring each weight group's int4 cost", total=len(units)):
-            probe = {w.name: METHODS.get(PROBE_METHOD)(materialize(arrays[w.name]),
-                                                        dataclasses.replace(w, method=PROBE_METHOD)).dequantize()
-                     for w in ws}
-            fwd.set(probe)
-            start = int(unit.split(".")[1]) if unit.startswith("layers.") else dec.num_layers
-            x = xs[start]
-            for layer in dec.layers[start:]:
-                x = fwd.layer(layer, x)
-                done_with(layer)
-            out[unit] = _kl(ref, fwd.logits(x, rows=keep))
-            fwd.set({name: arrays[name] for name in probe})  # a cached layer's unit is read again once
-        for layer in dec.layers:
+        x, after = fwd.embed(seq), {}
+        for i, layer in progress.steps(enumerate(dec.layers), "measuring each weight group's int4 cost",
+                                       total=dec.num_layers):
+            after = {unit: fwd.layer(layer, state) for unit, state in after.items()}
+            after.update({unit: probed(unit, lambda: fwd.layer(layer, x)) for unit in by_layer.get(i, [])})
+            x = fwd.layer(layer, x)
             fwd.release_layer(layer)
-    return out
+        keep, ref = _vocab_subset(fwd, x)
+        kl = {unit: _kl(ref, fwd.logits(state, rows=keep)) for unit, state in after.items()}
+        if "lm_head" in units:
+            kl["lm_head"] = probed("lm_head", lambda: _kl(ref, fwd.logits(x, rows=keep)))
+    return {unit: kl[unit] for unit in units}
 
 
 def promote(plan: QuantPlan, sensitivity: dict[str, float], budget: float) -> QuantPlan:

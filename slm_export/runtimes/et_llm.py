@@ -75,19 +75,37 @@ class TextLLMRunnerStock(StockRunner):
             raise RuntimeError(f"{NAME} takes the prompt as text, and none was given")
         self.check_room(len(prompt_ids) + new_tokens)
         config = self._config(echo=False, max_new_tokens=new_tokens, temperature=0.0)
-        times, stats = [], []
-        self._runner.reset()  # a new conversation
-        with _quiet_stdout():
-            t0 = time.perf_counter()
-            self._runner.generate(prompt_text, config, token_callback=lambda piece: times.append(time.perf_counter()),
-                                  stats_callback=stats.append)
+        try:
+            times, stats, t0 = self._generate(prompt_text, config, per_token=True)
+        except UnicodeDecodeError:
+            # The binding hands each piece to Python as str, and a piece that is part of a UTF-8 character
+            # (a byte token) raises there. Run again without the callback: the runner's own Stats then time it.
+            times, stats, t0 = self._generate(prompt_text, config, per_token=False)
         prompt_tokens = stats[0].num_prompt_tokens if stats else None
         if prompt_tokens != len(prompt_ids):
             raise RuntimeError(f"{NAME} encoded the {len(prompt_ids)}-token prompt's text to {prompt_tokens} tokens")
-        if len(times) != new_tokens:
-            raise RuntimeError(f"{NAME} stopped at a stop token after {len(times)} of {new_tokens} tokens (it has no "
+        made = len(times) if times else stats[0].num_generated_tokens + 1  # executorch 1.5 counts those after the first
+        if made != new_tokens:
+            raise RuntimeError(f"{NAME} stopped at a stop token after {made} of {new_tokens} tokens (it has no "
                                "option to go past one); use a prompt it continues further, or fewer --decode-tokens")
-        return TimedRun((times[0] - t0) * 1000, [(b - a) * 1000 for a, b in zip(times, times[1:])])
+        if times:
+            return TimedRun((times[0] - t0) * 1000, [(b - a) * 1000 for a, b in zip(times, times[1:])])
+        s = stats[0]  # whole milliseconds, from the runner's clock: each step is the mean step
+        decode_ms = s.inference_end_ms - s.first_token_ms
+        if decode_ms <= 0:
+            raise RuntimeError(f"{NAME}'s millisecond clock timed {new_tokens - 1} decode steps as {decode_ms} ms "
+                               "(its pieces are not whole UTF-8, so it is timed by its own stats); use more --decode-tokens")
+        return TimedRun(float(s.first_token_ms - s.inference_start_ms), [decode_ms / (new_tokens - 1)] * (new_tokens - 1))
+
+    def _generate(self, prompt_text: str, config, per_token: bool):
+        """(the time of each token's callback, the Stats, the start), from one generation."""
+        times, stats = [], []
+        callback = (lambda piece: times.append(time.perf_counter())) if per_token else None
+        self._runner.reset()  # a new conversation
+        with _quiet_stdout():
+            t0 = time.perf_counter()
+            self._runner.generate(prompt_text, config, token_callback=callback, stats_callback=stats.append)
+        return times, stats, t0
 
 
 @contextmanager
