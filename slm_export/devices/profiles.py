@@ -169,7 +169,8 @@ def detect_this_machine(profile: Profile) -> None:
     # SIMD per core: AVX-512 = 16 fp32 lanes x 2 FMA pipes x 2; AVX2+FMA = 8 x 2 x 2; VNNI does 4 int8 MACs per lane.
     fp32 = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
     int8 = 256 if "avx512_vnni" in flags else 128 if "avx_vnni" in flags else 64 if "avx2" in flags else 0
-    key = f"{info['cpu']}|{cores}|read"
+    # the SIMD widths in the key too: a VM's CPU name can be as bare as "AMD EPYC" on different hosts
+    key = f"{info['cpu']}|{cores}|{fp32}|{int8}|read"
     cache = cache_dir() / "bandwidth.json"
     try:
         known = json.loads(cache.read_text())
