@@ -72,7 +72,7 @@ def test_executorch_llm_runner_times_a_run_whose_pieces_are_not_whole_utf8(tmp_p
     def as_the_binding_does(prompt_text, config, per_token):
         calls.append(per_token)
         times, stats, t0 = real(prompt_text, config, per_token)
-        if per_token:  # what the binding raises, checked on the pieces the runner made
+        if per_token:  # what the binding raises on a byte token, after a real per-token run
             raise UnicodeDecodeError("utf-8", b"\xae", 0, 1, "invalid start byte")
         return times, stats, t0
 

@@ -4,8 +4,9 @@ Sensitivity is measured, not guessed: on the calibration text, each decoder weig
 layers.i.qkv, .o, .gate_up, .down, and the lm_head) is rounded to int4 on its own while everything
 else stays float, and the mean KL(float || that) of the next-token distributions is its
 sensitivity. One sweep over the layers reads each once: the float hidden states and those of every
-unit met so far go through each layer in turn (a unit in layer i costs layers i.. onward in compute). Units are then moved to int8 in order of sensitivity per extra byte until
-the budget (a fraction of the plain plan's stored size) is spent; the report says which and why.
+unit met so far go through each layer in turn (a unit in layer i costs layers i.. onward in compute).
+Units are then moved to int8 in order of sensitivity per extra byte until the budget (a fraction of
+the plain plan's stored size) is spent; the report says which and why.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
     def probed(unit, run):
         """run() with the unit's weights rounded to int4 (from the float copies the forward holds)."""
         floats = {w.name: fwd.weight(w.name) for w in units[unit]}
-        fwd.set({name: METHODS.get(PROBE_METHOD)(floats[w.name].numpy(), dataclasses.replace(w, method=PROBE_METHOD))
-                 .dequantize() for w in units[unit] for name in [w.name]})
+        rtn = METHODS.get(PROBE_METHOD)
+        fwd.set({w.name: rtn(floats[w.name].numpy(), dataclasses.replace(w, method=PROBE_METHOD)).dequantize()
+                 for w in units[unit]})
         try:
             return run()
         finally:
