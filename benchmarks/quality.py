@@ -56,6 +56,10 @@ VARIANTS = {
     "onnx int4 gptq mixed 0.15": ("onnx", ["--quant-method", "gptq", "--mixed-precision", "0.15", "--lm-head-bits", "4"]),
     "onnx int4 gptq head8 mixed 0.15": ("onnx", ["--quant-method", "gptq", "--mixed-precision", "0.15"]),
     "onnx int8 rtn": ("onnx", ["--bits", "8", "--quant-method", "rtn"]),
+    # ONNX int8's error is its int8 activations: float ones (onnxruntime has no fast 8-bit kernel for them on
+    # x86), or awq's migration of their outliers into the weights
+    "onnx int8 weight-only": ("onnx", ["--bits", "8", "--weight-only"]),
+    "onnx int8 awq": ("onnx", ["--bits", "8", "--quant-method", "awq"]),
     "executorch int4 hqq": ("executorch", ["--quant-method", "hqq", "--mixed-precision", "0"]),
     "executorch int4 awq": ("executorch", ["--quant-method", "awq"]),
     "executorch int4 awq head8": ("executorch", ["--quant-method", "awq", "--lm-head-bits", "8"]),

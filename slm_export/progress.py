@@ -82,19 +82,29 @@ def stage(what: str):
 
 
 class Count:
-    """Steps of known number: `step()` after each; prints the count, the time so far and an ETA."""
+    """Steps of known number: `step()` after each; prints the count, the time so far and an ETA.
 
-    def __init__(self, what: str, total: int):
+    `work`: a size per step, where steps differ (mixed precision's later layers carry more states); the
+    ETA then fits time = fixed + per-unit x size to the steps done so far (least squares, neither part
+    negative) and sums it over the steps left. By default every step costs the same."""
+
+    def __init__(self, what: str, total: int, work: list[float] | None = None):
         self.what, self.total, self.done = what, max(int(total), 0), 0
-        self.t0 = self.last = time.perf_counter()
+        if work is not None and len(work) != self.total:
+            raise ValueError(f"{len(work)} step costs for {self.total} steps")
+        self.work = work
+        self.t0 = self.last = self.prev = time.perf_counter()
+        self.times: list[float] = []  # each step's seconds (steps counted one at a time)
         self.tty = _tty()
         self.shown = False
 
     def step(self, n: int = 1) -> None:
         self.done += n
+        now = time.perf_counter()
+        self.times += [(now - self.prev) / n] * n
+        self.prev = now
         if _state["quiet"]:
             return
-        now = time.perf_counter()
         elapsed = now - self.t0
         final = self.done >= self.total
         if elapsed < SHOW_AFTER_S and not (final and self.shown):
@@ -102,17 +112,28 @@ class Count:
         if not self.tty and not final and now - self.last < PLAIN_EVERY_S and self.shown:
             return
         self.last, self.shown = now, True
-        left = elapsed / self.done * (self.total - self.done) if self.done and not final else 0.0
+        left = self.left(elapsed) if self.done and not final else 0.0
         text = f"{self.what} {self.done}/{self.total}, {_secs(elapsed)}" + (f", about {_secs(left)} left" if left else "")
         _write(text, rewrite=self.tty)
         if self.tty and final:
             _write("")
 
+    def left(self, elapsed: float) -> float:
+        """Seconds still to go, at the pace of the steps done so far."""
+        size, took = self.work[:self.done] if self.work else [], self.times[:self.done]
+        if not self.work or len(set(size)) < 2 or len(took) < self.done:
+            return elapsed / self.done * (self.total - self.done)
+        mean_size, mean_took = sum(size) / len(size), sum(took) / len(took)
+        per_unit = max(sum((s - mean_size) * (t - mean_took) for s, t in zip(size, took))
+                       / sum((s - mean_size) ** 2 for s in size), 0.0)
+        fixed = max(mean_took - per_unit * mean_size, 0.0)
+        return sum(fixed + per_unit * s for s in self.work[self.done:])
 
-def steps(items, what: str, total: int | None = None):
+
+def steps(items, what: str, total: int | None = None, work: list[float] | None = None):
     """Yield from `items`, counting each one done (see Count)."""
     items = list(items) if total is None and not hasattr(items, "__len__") else items
-    count = Count(what, len(items) if total is None else total)
+    count = Count(what, len(items) if total is None else total, work)
     for item in items:
         yield item
         count.step()

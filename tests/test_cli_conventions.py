@@ -177,3 +177,19 @@ def test_progress_goes_to_stderr_and_only_for_work_that_takes_a_while(capsys, mo
         pass
     list(progress.steps(range(3), "layers"))
     assert capsys.readouterr() == ("", "")
+
+
+def test_progress_eta_fits_steps_that_grow():
+    """Steps that grow (mixed precision's later layers carry more states): the ETA fits a fixed and a
+    per-unit time to the steps done and sums it over the steps left, not the mean step times the steps left."""
+    from slm_export import progress
+
+    even, grows = progress.Count("layers", 5), progress.Count("layers", 5, work=[5, 9, 13, 17, 21])
+    even.done, even.times = 3, [4.0, 4.2, 4.4]
+    grows.done, grows.times = 3, [4.0, 4.2, 4.4]  # 3.75 s + 0.05 s per state: 4.6 and 4.8 s to come
+    assert even.left(12.6) == pytest.approx(8.4)
+    assert grows.left(12.6) == pytest.approx(9.4)
+    grows.times = [4.0, 3.0, 2.0]  # shrinking with size: no negative per-unit time, the mean step instead
+    assert grows.left(9.0) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="3 step costs for 4 steps"):
+        progress.Count("layers", 4, work=[1, 2, 3])

@@ -113,6 +113,28 @@ def test_gptq_lowers_the_output_error_it_is_calibrated_for():
     assert g1.codes.min() >= -8 and g1.codes.max() <= 7
 
 
+def test_gptq_factors_a_weights_hessian_once_for_all_its_row_blocks(monkeypatch):
+    """A weight larger than ROW_BLOCK_BYTES is quantized in blocks of rows; its Hessian is factored once
+    (O(in^3): most of a large layer's time) and every block gets exactly the codes it would get alone."""
+    from slm_export.quantize import methods, quantizer
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((300, 64)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((512, 64)).astype(np.float32)
+    x[:, :4] *= 20
+    h = x.T @ x / len(x)
+    plan = WeightPlan.of(w.shape, 4, 32, method="gptq")
+    monkeypatch.setattr(quantizer, "ROW_BLOCK_BYTES", 100 * 64 * 4)  # blocks of 100 rows
+    made = []
+    monkeypatch.setattr(methods.Factored, "__init__", lambda self, *a, _init=methods.Factored.__init__, **k:
+                        (made.append(1), _init(self, *a, **k))[1])
+    got = quantizer._quantize_one(plan, w, h)
+    assert len(made) == 1
+    alone = [METHODS.get("gptq")(w[r:r + 100], plan, h) for r in range(0, 300, 100)]
+    assert np.array_equal(got.codes, np.concatenate([q.codes for q in alone]))
+    assert np.array_equal(got.scales, np.concatenate([q.scales for q in alone]))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_calibration_forward_is_the_model(arch):
     """quantize/calibration.py's plain-PyTorch Decoder forward gives transformers' logits."""

@@ -199,8 +199,30 @@ def hqq(weight: np.ndarray, plan, hessian=None) -> QuantizedWeight:
     return _finish(w, _groups(w, group), rounded, None, plan, _codes_even)  # codes against the kept scales
 
 
+class Factored:
+    """A weight's Hessian made ready for GPTQ: act-order and the upper Cholesky factor of its dampened
+    inverse. Factoring is O(in^3), the costliest step at large widths (8192 inputs: most of a layer's
+    time), so a weight quantized in blocks of rows (quantizer.py) factors it once for all of them."""
+
+    def __init__(self, hessian: np.ndarray, damp: float = 0.01):
+        import torch
+
+        # H is [in, in] (268 MB at 8192 inputs): permuted once and factored in place of copies where it can be
+        h = torch.from_numpy(np.asarray(hessian, np.float32))
+        dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
+        diag = torch.where(dead, torch.ones_like(torch.diagonal(h)), torch.diagonal(h))
+        self.importance = diag.numpy()
+        self.order = torch.argsort(diag, descending=True)  # act-order: the busiest inputs first
+        h = h[self.order[:, None], self.order[None, :]]  # one gather, not a copy per axis
+        torch.diagonal(h).copy_(diag[self.order])
+        torch.diagonal(h).add_((torch.ones(1) * damp * torch.mean(torch.diagonal(h)))[0])  # dampening: as eye * damp * mean
+        h = torch.linalg.cholesky(h)
+        h = torch.cholesky_inverse(h)
+        self.hinv = torch.linalg.cholesky(h, upper=True)
+
+
 @method("gptq", calibrated=True)
-def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: float = 0.01,
+def gptq(weight: np.ndarray, plan, hessian: np.ndarray | Factored | None = None, damp: float = 0.01,
          block: int = 128) -> QuantizedWeight:
     import torch
 
@@ -210,11 +232,8 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
     out, k = w.shape
     group = plan.group_for(k)
     qmin, qmax = grid(plan.bits, plan.symmetric)
-    # H is [in, in] (268 MB at 8192 inputs): permuted once and factored in place of copies where it can be
-    h = torch.from_numpy(np.asarray(hessian, np.float32))
-    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
-    diag = torch.where(dead, torch.ones_like(torch.diagonal(h)), torch.diagonal(h))
-    importance = diag.numpy()
+    f = hessian if isinstance(hessian, Factored) else Factored(hessian, damp)
+    importance, order, hinv = f.importance, f.order, f.hinv
     # Static group scales from the activation-weighted search, chosen before any column moves.
     wg = _groups(w, group)
     imp = np.concatenate([importance, np.zeros(wg.shape[1] * group - k, np.float32)]).reshape(-1, group)
@@ -224,15 +243,7 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | None = None, damp: floa
     Rg = torch.where(Sg != 0, 1.0 / torch.where(Sg != 0, Sg, torch.ones_like(Sg)), torch.zeros_like(Sg))
     Zg = torch.zeros_like(Sg) if zero is None else torch.from_numpy(zero).t().contiguous()
 
-    order = torch.argsort(diag, descending=True)  # act-order: the busiest inputs first
     col_group = (order // group).tolist()  # the group of each column, in quantization order
-    h = h[order[:, None], order[None, :]]  # one gather, not a copy per axis
-    torch.diagonal(h).copy_(diag[order])
-    torch.diagonal(h).add_((torch.ones(1) * damp * torch.mean(torch.diagonal(h)))[0])  # dampening: as eye * damp * mean
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    hinv = torch.linalg.cholesky(h, upper=True)
-    del h
     # Transposed (one row per input column, contiguous): each step reads and updates whole rows.
     Wt = torch.from_numpy(w).t()[order].contiguous()
     Qt = torch.empty_like(Wt)
