@@ -94,14 +94,19 @@ def test_hqq_reproduces_torchaos_scale_only_solver():
     assert np.array_equal(qw.codes, q.to(torch.int8).numpy()) and np.array_equal(qw.scales, s.float().numpy())
 
 
+def _loud_inputs(seed: int, shape: tuple[int, int], tokens: int, loud: int):
+    """(weight, inputs, Hessian): inputs with a few loud channels, as real LMs have."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+    x[:, :loud] *= 20
+    return w, x, x.T @ x / len(x)
+
+
 def test_gptq_lowers_the_output_error_it_is_calibrated_for():
     """On inputs with a few loud channels (as in real LMs), GPTQ's codes give a smaller error of
     x @ W^T than the best per-block scales alone, and it is deterministic."""
-    rng = np.random.default_rng(3)
-    w = (rng.standard_normal((128, 256)) * 0.05).astype(np.float32)
-    x = rng.standard_normal((2048, 256)).astype(np.float32)
-    x[:, :8] *= 20
-    h = x.T @ x / len(x)
+    w, x, h = _loud_inputs(3, (128, 256), 2048, 8)
     plan = WeightPlan.of(w.shape, 4, 32, method="gptq")
 
     def out_err(qw):
@@ -118,11 +123,7 @@ def test_gptq_factors_a_weights_hessian_once_for_all_its_row_blocks(monkeypatch)
     (O(in^3): most of a large layer's time) and every block gets exactly the codes it would get alone."""
     from slm_export.quantize import methods, quantizer
 
-    rng = np.random.default_rng(4)
-    w = (rng.standard_normal((300, 64)) * 0.05).astype(np.float32)
-    x = rng.standard_normal((512, 64)).astype(np.float32)
-    x[:, :4] *= 20
-    h = x.T @ x / len(x)
+    w, _, h = _loud_inputs(4, (300, 64), 512, 4)
     plan = WeightPlan.of(w.shape, 4, 32, method="gptq")
     monkeypatch.setattr(quantizer, "ROW_BLOCK_BYTES", 100 * 64 * 4)  # blocks of 100 rows
     made = []
