@@ -121,7 +121,7 @@ class Count:
     def left(self, elapsed: float) -> float:
         """Seconds still to go, at the pace of the steps done so far."""
         size, took = self.work[:self.done] if self.work else [], self.times[:self.done]
-        if not self.work or len(set(size)) < 2 or len(took) < self.done:
+        if not self.work or len(set(size)) < 2:
             return elapsed / self.done * (self.total - self.done)
         mean_size, mean_took = sum(size) / len(size), sum(took) / len(took)
         per_unit = max(sum((s - mean_size) * (t - mean_took) for s, t in zip(size, took))

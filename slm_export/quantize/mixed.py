@@ -11,6 +11,7 @@ the plain plan's stored size) is spent; the report says which and why.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from .. import progress
 from .calibration import DecoderForward, chunks
@@ -65,8 +66,7 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
     # One sweep over the layers, each read once: the float state, and the state of every unit met so far
     # (its layer run with that unit at int4, the layers after it float), go through each layer in turn.
     # Layer i runs 1 + (units in layers 0..i) states: the later layers take longer (the ETA fits it).
-    met = [len(by_layer.get(i, [])) for i in range(dec.num_layers)]
-    work = [1 + sum(met[:i + 1]) for i in range(dec.num_layers)]
+    work = [1 + met for met in itertools.accumulate(len(by_layer.get(i, [])) for i in range(dec.num_layers))]
     with torch.no_grad():
         x, after = fwd.embed(seq), {}
         for i, layer in progress.steps(enumerate(dec.layers), "measuring each weight group's int4 cost",

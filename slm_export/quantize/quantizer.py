@@ -30,12 +30,12 @@ ROW_BLOCK_BYTES = 64 * 2**20
 
 def _quantize_one(w: WeightPlan, array, hessian=None) -> QuantizedWeight:
     method = METHODS.get(w.method)
+    blocks = array.nbytes > ROW_BLOCK_BYTES
+    if blocks and w.method in CALIBRATED:  # gptq (awq's rounding too): the Hessian factored once for every block
+        hessian = Factored(hessian)
     run = (lambda a: method(a, w, hessian)) if w.method in CALIBRATED else (lambda a: method(a, w))
-    if array.nbytes <= ROW_BLOCK_BYTES:
+    if not blocks:
         return run(materialize(array))  # a weight still in the checkpoint is read now, and dropped after
-    if w.method in CALIBRATED:  # gptq (awq's rounding too): the Hessian factored once for every block
-        prepared = Factored(hessian)
-        run = lambda a: method(a, w, prepared)  # noqa: E731
     step = max(1, ROW_BLOCK_BYTES // (4 * array.shape[1]))
     rows = array.read_rows if is_stored(array) else (lambda a, b: array[a:b])  # a stored one: block by block
     return QuantizedWeight.concat([run(rows(r, min(r + step, array.shape[0]))) for r in range(0, array.shape[0], step)])
