@@ -21,6 +21,6 @@ if [ -n "$NEED" ] && command -v apt-get >/dev/null; then
       || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $NEED >/dev/null; }
   fi
 fi
-if [ -n "$NEED" ] && { ! command -v apt-get >/dev/null || [ "${SUDO:-none}" = none ]; }; then
+if [ -n "$NEED" ] && { ! command -v apt-get >/dev/null || [ "${SUDO-none}" = none ]; }; then
   echo "not installing$NEED (no apt-get, or not root and no passwordless sudo): the tests that need them will skip"
 fi
