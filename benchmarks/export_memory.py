@@ -6,9 +6,10 @@
 
 Each export is the CLI command a user types (`python -m slm_export.cli --target T --bits B --out DIR
 --skip-memory-check`, so none is refused), one process each; its peak RSS is the child's ru_maxrss from
-wait4 (VmHWM of the export process; this parent imports no torch). The estimate is
-slm_export.memory's arithmetic on the declared facts (`export_base_mb`, `export_peak` per exporter,
-`CALIBRATION_PEAK`) from the model's config, before loading. Appends to benchmarks/export_memory.json
+wait4 (VmHWM of the export process; this parent imports no torch). The estimate is the one the export
+makes before loading (slm_export.memory's arithmetic on the declared facts, from the model's config): for
+a model that streams (a safetensors folder, a GGUF file of a streamed architecture, the bundled model
+among them) `streamed_peak_bytes`, else `export_base_mb` + `export_peak` (or `CALIBRATION_PEAK`) per fp32 byte. Appends to benchmarks/export_memory.json
 and rewrites benchmarks/EXPORT_MEMORY.md from it.
 
 --cgroup SIZE: needs root and a writable cgroup file system (v2, or v1's memory controller). Makes a
@@ -56,16 +57,18 @@ def estimate(model: str | None, target: str, bits: int, extra: list[str], fp32_b
     model's config, or from `fp32_bytes` when given."""
     code = ("import json, sys\n"
             "from slm_export.fit import shape_before_loading\n"
+            "from slm_export.loading import streamable\n"
             "from slm_export.exporters import TARGETS\n"
             "from slm_export.memory import estimate_export, fp32_weight_bytes\n"
             "from slm_export.quantize import QuantSpec\n"
             "from slm_export.quantize.spec import resolve_spec\n"
             "model, target, bits, method, mixed, fp32 = json.loads(sys.argv[1])\n"
-            "fp32 = fp32 or fp32_weight_bytes(shape_before_loading(model))\n"
+            "shape = shape_before_loading(model)\n"
+            "fp32 = fp32 or fp32_weight_bytes(shape)\n"
             "ex = TARGETS.get(target)()\n"
             "spec = resolve_spec(ex, QuantSpec(bits=bits, method=method, mixed_precision=mixed))\n"
             "precision, kv = ex.resolve_precision(None, None)\n"
-            "e = estimate_export(ex, spec, kv, fp32, '')\n"
+            "e = estimate_export(ex, spec, kv, fp32, '', shape, streamable(model))  # as the export estimates it\n"
             "print(json.dumps({'fp32_bytes': e.fp32_bytes, 'peak_bytes': e.peak_bytes}))\n")
     method = extra[extra.index("--quant-method") + 1] if "--quant-method" in extra else None
     mixed = float(extra[extra.index("--mixed-precision") + 1]) if "--mixed-precision" in extra else None
@@ -85,7 +88,8 @@ def measure(models: list, targets: list, bits_list: list, extra: list[str], work
                 code, output, peak = run([*args, *(["--model", model] if model else [])])
                 wall = time.perf_counter() - t
                 est = estimate(model, target, bits, extra)
-                row = {"model": Path(model).name if model else "smollm2-135m-instruct (bundled GGUF)", "target": target,
+                row = {"model": Path(model).name if model else "smollm2-135m-instruct (bundled GGUF)",
+                       "model_arg": str(Path(model).resolve()) if model else None, "target": target,
                        "bits": bits, "options": " ".join(extra),
                        "exit": code, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
                        "fp32_mb": round(est["fp32_bytes"] / 2**20), "estimate_mb": round(est["peak_bytes"] / 2**20),
@@ -111,7 +115,9 @@ def write_report(rows: list[dict]) -> None:
              "what `slm-export` compares with the memory it finds before loading the model (exit 2 when it is "
              "larger); error = estimate / measured - 1. Models: the bundled SmolLM2-135M-Instruct GGUF; "
              "qwen2.5-0.5b-random = benchmarks/models.py's Qwen2.5-0.5B config with random weights (an HF "
-             "folder). Options: defaults = GPTQ at 4 and 8 bits (ONNX int4 also mixed precision 0.25). The "
+             "folder). Options: defaults = the default flags (GPTQ; at 4 bits mixed precision 0.25 too). Each row is the code of "
+             "its date: the 2026-12-06 qwen rows loaded the model whole (before checkpoints streamed); `--report` "
+             "recomputes only the estimates of rows whose model it can read again. The "
              "bases (`export_base_mb`) are the peak RSS of a tiny model's int4 export: ONNX 439, ExecuTorch "
              "497, Core ML 576 MiB (`/usr/bin/time -f %M`). Export s is not a timing benchmark (other work shared "
              "the cores).", "",
@@ -195,7 +201,9 @@ def main() -> int:
     if args.report:
         rows = json.loads(RESULTS.read_text())
         for r in rows:
-            est = estimate(None, r["target"], r["bits"], shlex.split(r.get("options", "")), r["fp32_mb"] * 2**20)
+            if "model_arg" not in r or (r["model_arg"] and not Path(r["model_arg"]).exists()):
+                continue  # its model cannot be read again (or was not recorded): the estimate made then stays
+            est = estimate(r["model_arg"], r["target"], r["bits"], shlex.split(r.get("options", "")), r["fp32_mb"] * 2**20)
             r["estimate_mb"] = round(est["peak_bytes"] / 2**20)
             r["error_pct"] = round(100 * (r["estimate_mb"] / r["peak_rss_mb"] - 1), 1) if r["exit"] == 0 else None
         RESULTS.write_text(json.dumps(rows, indent=1) + "\n")

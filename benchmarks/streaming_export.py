@@ -56,6 +56,17 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 DEFAULT_MODELS = ["llama3.2-1b-bf16", "qwen2.5-1.5b-bf16", "llama3.2-3b-bf16"]
 LLAMACPP = "llama.cpp convert+quantize"
 GOAL_GB = 1.0  # the goal: peak RSS of an export <= checkpoint + this
+# ... except these targets' goal: peak RSS <= this x the checkpoint (Core ML: coremltools writes the program
+# from its own copy of the codes, beside the quantizer's)
+GOAL_TIMES = {"coreml": 2.0}
+
+
+def goal(r: dict) -> tuple[str, float]:
+    """(the goal a row is held to, its bound in bytes)."""
+    times = GOAL_TIMES.get(r["system"].removeprefix("slm-export "))  # the system is "slm-export TARGET" (export())
+    if times:
+        return f"<= {times:g}x", times * r["checkpoint_bytes"]
+    return f"<= +{GOAL_GB:g} GB", r["checkpoint_bytes"] + GOAL_GB * 1e9
 BENCH = dict(prompt_tokens=32, decode_tokens=128, warmup=8, repeats=3)
 
 
@@ -203,21 +214,22 @@ def write_report(rows: list[dict]) -> None:
     lines = ["# Export memory at 1-3B: slm-export beside llama.cpp", "",
              "Written by `benchmarks/streaming_export.py` (see its docstring for the method). Random-weight bf16 "
              "checkpoints in the real configs (benchmarks/big_checkpoints.py). GB = 10^9 bytes. Peak RSS is the "
-             f"export process's ru_maxrss; the goal is peak <= checkpoint + {GOAL_GB:g} GB. llama.cpp: "
+             f"export process's ru_maxrss; the goal is peak <= checkpoint + {GOAL_GB:g} GB (Core ML: <= 2x the checkpoint). llama.cpp: "
              "convert_hf_to_gguf.py to f16, then Q4_0 by llama_model_quantize (llama-cpp-python; export s = both steps, peak = the larger; each step is in "
              "streaming_export.json). Decode: tok/s after a 32-token prompt, 128 timed steps, on the threads given, "
              "with the runtime's peak RSS. Export s is not a timing benchmark on a shared machine.", "",
              "| model | params | checkpoint GB | system | flags | export s | peak RSS GB | peak / checkpoint | "
-             f"<= checkpoint + {GOAL_GB:g} GB | artifact GB | decode tok/s | runtime peak GB | machine | date |",
+             "goal met | artifact GB | decode tok/s | runtime peak GB | machine | date |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["checkpoint_bytes"], r["system"], r.get("flags") or "")):
         ck = r["checkpoint_bytes"]
         system = f"{r['system']} {r['quant']}" if r.get("quant") else r["system"]
         export_s = r["export_s"] if r["exit"] == 0 else f"{r['export_s']}: FAILED (exit {r['exit']}): {r['failure']}"
-        goal = ("yes" if r["peak_rss_bytes"] <= ck + GOAL_GB * 1e9 else "no") if r["exit"] == 0 else ""
+        held_to, bound = goal(r)
+        met = (f"{'yes' if r['peak_rss_bytes'] <= bound else 'no'} ({held_to})") if r["exit"] == 0 else ""
         decode = r.get("decode_tok_s") or (f"FAILED: {r['bench_failure']}" if r.get("bench_failure") else "")
         lines.append(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {gb(ck)} | {system} | {r.get('flags') or ''} | "
-                     f"{export_s} | {gb(r['peak_rss_bytes'])} | {r['peak_rss_bytes'] / ck:.2f} | {goal} | "
+                     f"{export_s} | {gb(r['peak_rss_bytes'])} | {r['peak_rss_bytes'] / ck:.2f} | {met} | "
                      f"{gb(r.get('artifact_bytes'))} | {decode} | {gb(r.get('runtime_peak_rss_bytes'))} | "
                      f"{r['machine']} | {r['date']} |")
     builds = {r["model"]: r["build"] for r in rows if r.get("build")}
@@ -247,6 +259,9 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     xmax = max((r["checkpoint_bytes"] / 1e9 for r in rows), default=1) * 1.1
     ax.plot([0, xmax], [GOAL_GB, xmax + GOAL_GB], "k--", lw=1, label=f"goal: checkpoint + {GOAL_GB:g} GB")
+    for times in sorted(set(GOAL_TIMES.values())):
+        ax.plot([0, xmax], [0, times * xmax], "k:", lw=1,
+                label=f"goal of {', '.join(t for t, x in GOAL_TIMES.items() if x == times)}: {times:g}x the checkpoint")
     ax.set_xlim(0, xmax)
     ax.set_ylim(0, None)
     ax.set_xlabel("bf16 checkpoint on disk, GB (10^9 bytes)")
@@ -289,9 +304,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="--bench threads (default: 2)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="checkpoints and artifacts (default: benchmarks/.work)")
     ap.add_argument("--plot-only", action="store_true", help="measure nothing: draw the plot from the results")
+    ap.add_argument("--report", action="store_true", help="measure nothing: rewrite the report and the plot from the results")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(RESULTS.read_text()), PLOT)
+        return 0
+    if args.report:
+        write_report(json.loads(RESULTS.read_text()))
+        draw(json.loads(RESULTS.read_text()))
         return 0
     unknown = [m for m in args.models if m not in big_checkpoints.CONFIGS]
     if unknown:

@@ -35,7 +35,7 @@ def export(model=None, *, target: str = "onnx", bits: int = 4, group_size: int =
     palettize: Core ML only, k-means palettes of 2**bits entries instead of linear quantization.
     compute_precision: "float16" (Core ML's default) or "float32"; ExecuTorch: "float32" (default) or
     "float16" (an fp16 program: fp16 weights, activations and KV cache; with bits=16); ONNX: float32.
-    kv_bits: KV-cache element bits, 32, (ExecuTorch) 16, or (ExecuTorch, ONNX) 8; default: the target's
+    kv_bits: KV-cache element bits, 32, (ExecuTorch; Core ML only) 16, or (ExecuTorch, ONNX) 8; default: the target's
     first choice (16 for an fp16 ExecuTorch program, which keeps an fp16 cache). ONNX's int8 cache has
     static per-channel scales calibrated at export.
     quant_method: how codes and scales are chosen (rtn, mse, hqq, gptq; see `slm-export methods`);

@@ -107,7 +107,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="ExecuTorch: 16 stores the KV cache as fp16 (half the memory, runs in slm-export's runner), "
                         "8 as int8 rows with scales (a quarter, runs in ExecuTorch's Python bindings); "
                         "ONNX: 8 stores it as int8 with per-channel scales calibrated at export (a quarter; "
-                        "faster decode after long prompts, slower prefill); default: 32")
+                        "faster decode after long prompts, slower prefill); Core ML: 16 only (a float16 state); default: 32 (Core ML: 16)")
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:

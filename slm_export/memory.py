@@ -180,9 +180,9 @@ def estimate_export(exporter, spec, kv_bits: int, fp32_bytes: int, what: str, sh
     return ExportEstimate(what, exporter.name, peak, int(fp32_bytes))
 
 
-def estimate_for_target(name: str, asked, fp32_bytes: int) -> int | None:
+def estimate_for_target(name: str, asked, fp32_bytes: int, shape=None, from_checkpoint: bool = False) -> int | None:
     """Peak bytes of exporting the same model to target `name` under the spec the user asked for (with
-    that target's own defaults); None when that target refuses the spec."""
+    that target's own defaults; streamed if that target would stream it); None when it refuses the spec."""
     from .exporters import TARGETS
     from .quantize.spec import resolve_spec
 
@@ -191,7 +191,7 @@ def estimate_for_target(name: str, asked, fp32_bytes: int) -> int | None:
         spec = resolve_spec(exporter, asked)
         precision, kv_bits = exporter.resolve_precision(None, None)
         exporter.check(spec, precision)
-        return estimate_export(exporter, spec, kv_bits, fp32_bytes, name).peak_bytes
+        return estimate_export(exporter, spec, kv_bits, fp32_bytes, name, shape, from_checkpoint).peak_bytes
     except Exception:  # noqa: BLE001 - a suggestion never stands in the way of the refusal it is part of
         return None
 

@@ -181,7 +181,7 @@ def method_of(exporter, spec: QuantSpec) -> str | None:
 def streams(exporter, spec: QuantSpec) -> bool:
     """Whether an export reads a checkpoint's weights one at a time when used (slm_export/stored.py):
     its writer reads them so, and its method does not rescale them in place (awq)."""
-    return exporter.streams_weights and method_of(exporter, spec) not in EQUALIZING
+    return exporter.streams(spec) and method_of(exporter, spec) not in EQUALIZING
 
 
 def calibrates(exporter, spec: QuantSpec, kv_bits: int) -> bool:
@@ -237,7 +237,7 @@ class _Budget:
         self.estimate = estimate_export(self.exporter, self.spec, self.kv_bits, fp32_bytes, self.what, shape,
                                         from_checkpoint)
         self.have = available_memory() if self.skip else check_memory(
-            self.estimate, lambda name: estimate_for_target(name, self.asked, fp32_bytes))
+            self.estimate, lambda name: estimate_for_target(name, self.asked, fp32_bytes, shape, from_checkpoint))
 
     def note(self) -> dict | None:
         """What a killed export's partial folder tells the run that sweeps it (staging.RUN_NOTE)."""

@@ -4,8 +4,8 @@ A `Decoder` built from a safetensors checkpoint (slm_export/checkpoint.py) holds
 instead of arrays, so an export holds float32 copies only of what it works on at that moment (a
 weight being quantized, a layer being calibrated): never the whole model. Code that needs the numbers
 calls `np.asarray(w)` (or `materialize`); `.shape`, `.dtype`, `.nbytes` cost nothing. Exporters that
-read weights only through `np.asarray` declare it (`Exporter.streams_weights`); for the others the
-pipeline materializes the decoder once (the memory of an eager load).
+read weights only through `np.asarray` and hold no float copy of them say so (`Exporter.streams(spec)`);
+for the others the pipeline materializes the decoder once (the memory of an eager load).
 """
 from __future__ import annotations
 

@@ -71,6 +71,25 @@ def test_mse_search_is_never_worse_than_round_to_nearest(k, block, signed):
         assert (mse.scales > 0).all() and (rtn.scales > 0).all()
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_search_is_the_same_in_chunks_of_any_size(symmetric, monkeypatch):
+    """The search goes over a weight in cache-sized chunks of rows; each row's scales are its own."""
+    from slm_export.quantize import methods
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((517, 256)).astype(np.float32)
+    w[::5, 7] *= 9
+    importance = rng.uniform(0.1, 3, (8, 32)).astype(np.float32)
+    plan = WeightPlan.of(w.shape, 4, 32, symmetric)
+    found = []
+    for chunk_bytes in (4 * 256, 4 * 256 * 37, 2**30):  # a row, 37 rows (the last chunk shorter), all of it
+        monkeypatch.setattr(methods, "_SEARCH_CHUNK_BYTES", chunk_bytes)
+        found.append(methods.search_scales(methods._groups(w, 32), plan, importance))
+    for scales, zero in found[1:]:
+        assert np.array_equal(scales, found[0][0])
+        assert (zero is None) == symmetric and (zero is None or np.array_equal(zero, found[0][1]))
+
+
 def test_scales_are_chosen_in_the_precision_the_target_keeps():
     """bfloat16 scales (XNNPACK's int4 groups): the codes are rounded against the stored scale."""
     assert round_scales(np.array([1.0 + 2 ** -9], np.float32), "bfloat16")[0] == 1.0  # ties to even
@@ -272,35 +291,51 @@ def test_executorch_packs_the_codes_torchao_would_have_made():
     assert torch.equal(ref(x), ours(x))
 
 
-def test_coreml_packs_given_codes_as_coremltools_would():
-    """The package's const holds exactly the given int4 codes (including -8, which coremltools' own
-    symmetric mode never uses) and fp16 scales; dequantized it is codes x scales."""
+def test_coreml_weight_op_holds_the_given_codes():
+    """A quantized weight enters the Core ML program as its codes: one constexpr op holding exactly the
+    given int4 codes (including -8, which coremltools' own symmetric mode never uses) and fp16 scales,
+    named after the weight's const; a table two modules read (a tied lm_head) is one op; no float copy."""
     require_extra("coremltools", "coreml")
     import coremltools as ct
     import torch
-    from coremltools.converters.mil import Builder as mb
+    from torch import nn
 
-    from slm_export.exporters.coreml.quant import pack_consts
+    from slm_export.exporters.coreml.quant import const_name, name_weight_ops, stored_name, weight_owners
+    from slm_export.exporters.torch_parts import torchao_weight
     from slm_export.quantize.codes import QuantizedWeight
 
-    w = np.random.default_rng(4).standard_normal((16, 64)).astype(np.float16)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 64), dtype=ct.converters.mil.mil.types.fp16)],
-                opset_version=ct.target.iOS18)
-    def prog(x):
-        return mb.linear(x=x, weight=mb.const(val=w, name="p_weight"))
-
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       compute_precision=ct.precision.FLOAT16, skip_model_load=True)
-    codes = np.clip(np.round(w.astype(np.float32) / 0.1), -8, 7).astype(np.int8)
+    w = np.random.default_rng(4).standard_normal((16, 64)).astype(np.float32)
+    codes = np.clip(np.round(w / 0.1), -8, 7).astype(np.int8)
     codes[0, 0] = -8
     qw = QuantizedWeight(codes, np.full((16, 2), 0.1, np.float32), None, 4, 32)
-    packed = pack_consts(model, {"p_weight": qw})
-    ops = {op.op_type: op for op in packed._mil_program.functions["main"].operations}
-    op = ops["constexpr_blockwise_shift_scale"]
-    assert np.array_equal(op.data.val.astype(np.int8), codes) and op.scale.val.dtype == np.float16
-    assert op.offset is None and "const" not in [o.op_type for o in ops.values() if o.name == "p_weight"]
-    del torch
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.again = nn.Linear(64, 16, bias=False), nn.Linear(64, 16, bias=False)
+            self.proj.weight = self.again.weight = nn.Parameter(torchao_weight(qw, "float"), requires_grad=False)
+            self.sources = {"proj": None, "again": None}  # the report's order, as CoreMLDecoder.sources
+
+        def forward(self, x):
+            return self.proj(x) + self.again(x)
+
+    module = Two().eval()
+    owners = weight_owners(module)
+    assert owners == {"proj": "proj", "again": "proj"}
+    with torch.no_grad():  # torch.export names the shared weight after the last module holding it ("again")
+        program = torch.export.export(module, (torch.zeros(1, 64),), strict=False).run_decompositions({})
+    name_weight_ops(program, owners)
+    model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+    ops = list(model._mil_program.functions["main"].operations)
+    weight_ops = [op for op in ops if op.op_type.startswith("constexpr_")]
+    assert len(weight_ops) == 1, [op.name for op in weight_ops]
+    op = weight_ops[0]
+    assert op.op_type == "constexpr_blockwise_shift_scale" and stored_name(op.name) == const_name("proj", True)
+    assert np.array_equal(op.data.val.astype(np.int8), codes) and op.offset is None
+    assert op.scale.val.dtype == np.float16 and np.array_equal(op.scale.val, np.full((16, 2), 0.1, np.float16))
+    assert not [o.name for o in ops if o.op_type == "const" and getattr(o.outputs[0].val, "ndim", 0) == 2
+                and not all(c.op_type.startswith("constexpr_") for c in o.outputs[0].child_ops)]
 
 
 def test_asymmetric_onnx_export_stays_close_to_fp32(tmp_path):

@@ -130,6 +130,10 @@ class ExporterBase:
     # Streaming a checkpoint, what write() holds per fp32 weight byte beyond the quantizer's codes (memory.py)
     stream_write = {4: 1.0, 8: 1.0, 16: 1.0}
 
+    def streams(self, spec) -> bool:
+        """Whether write() reads the weights one at a time under the resolved `spec` (`streams_weights`)."""
+        return self.streams_weights
+
     def kv_bits_for(self, compute_precision: str) -> tuple[int, ...]:
         return self.kv_cache_bits
 

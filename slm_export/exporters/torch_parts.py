@@ -1,6 +1,7 @@
 """Plain-PyTorch building blocks shared by the exporters that trace a module of their own
-(ExecuTorch, Core ML): nn.Linear from a Decoder Linear, the lm_head, the weight -> PyTorch-name
-table, rope as tables plus a rotate-half matrix, and an RMSNorm that float16 cannot overflow.
+(ExecuTorch, Core ML): a quantizer's codes as a torchao tensor, nn.Linear from a Decoder Linear, the
+lm_head, the weight -> PyTorch-name table, rope as tables plus a rotate-half matrix, and an RMSNorm
+that float16 cannot overflow.
 
 Weights: a Decoder's arrays may be read from disk on demand (np.asarray reads one), so each is read
 once, where its module is made. `copy=False` makes the module's float weights views of those arrays
@@ -18,6 +19,33 @@ def float_tensor(array, copy: bool = True) -> torch.Tensor:
     """A Decoder array (or one read on demand) as a tensor: a copy, or a view of it with copy=False."""
     t = torch.from_numpy(np.asarray(array))
     return t.clone() if copy else t
+
+
+def torchao_weight(qw, activations: str, embedding: bool = False,
+                   dtype: torch.dtype = torch.float32, owned: bool = False) -> torch.Tensor:
+    """The torchao tensor of `qw` ([out, in]) for a linear, or with embedding=True an embedding table.
+
+    Symmetric int8 codes are taken as they are (a view, not a copy: nothing writes into them), or
+    with owned=True copied into torch's own memory, which (unlike numpy's) can be freed in place."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization)
+
+    out_f = qw.shape[0]
+    scale = (torch.tensor(qw.scales) if owned else torch.from_numpy(qw.scales.copy())).to(dtype).reshape(out_f, -1)
+    # torchao keeps codes in the signed range; asymmetric codes and zero points [0, 2**bits) shift
+    # down by 2**(bits-1) together, which leaves (code - zero point) unchanged.
+    if qw.symmetric and qw.codes.dtype == np.int8:
+        codes = torch.tensor(qw.codes) if owned else torch.from_numpy(np.ascontiguousarray(qw.codes))
+    else:
+        shift = 0 if qw.symmetric else 1 << (qw.bits - 1)
+        codes = torch.from_numpy(qw.codes.astype("int16") - shift).to(torch.int8)
+    zero = torch.zeros(scale.shape, dtype=torch.int8) if qw.symmetric else \
+        torch.from_numpy(qw.zero_points.astype("int16") - shift).to(torch.int8)
+    act = ActivationQuantization.INT8_ASYM_PER_TOKEN if not embedding and activations == "int8" else None
+    return IntxUnpackedToInt8Tensor(
+        qdata=codes, scale=scale, zero_point=zero, target_dtype=torch.int4 if qw.bits == 4 else torch.int8,
+        block_size=(1, qw.group), dtype=dtype, activation_quantization=act)
 
 
 def _parameter(t: torch.Tensor) -> nn.Parameter:

@@ -33,7 +33,10 @@ CALIBRATED: set[str] = set()
 EQUALIZING: set[str] = {"awq"}
 
 _FRACTIONS = np.linspace(0.80, 1.0, 11, dtype=np.float32)[::-1]  # 1.0 first: ties keep rtn's scale
-_ROWS_PER_CHUNK = 4096  # bounds the temporaries of the searches (~10 copies of a [rows, in] chunk)
+# The scale search goes over a weight in chunks of rows of about this many float32 bytes: each candidate
+# scale makes eight passes over a chunk, which stay in the CPU's cache when the chunk is this small (3B
+# shapes: 1.6x faster than chunks of 4096 rows). Every row is searched on its own: same scales at any size.
+_SEARCH_CHUNK_BYTES = 4 * 2**20
 
 
 def method(name: str, calibrated: bool = False) -> Callable:
@@ -138,8 +141,9 @@ def search_scales(wg: np.ndarray, plan, importance: np.ndarray | None = None) ->
     imp = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))[None]
     best_s = np.empty(wg.shape[:2], np.float32)
     best_z = None if plan.symmetric else np.empty(wg.shape[:2], np.float32)
-    for r0 in range(0, wg.shape[0], _ROWS_PER_CHUNK):
-        g = wg[r0:r0 + _ROWS_PER_CHUNK]
+    rows = max(1, _SEARCH_CHUNK_BYTES // (4 * wg.shape[1] * wg.shape[2]))
+    for r0 in range(0, wg.shape[0], rows):
+        g = wg[r0:r0 + rows]
         if plan.symmetric:
             ext = _extreme(g)
             nonzero = ext != 0

@@ -34,13 +34,15 @@ COREMLTOOLS_BARS = [("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
                     ("coremltools.optimize.coreml._quantization_passes", "tqdm")]
 
 
-def build_module(decoder, max_context: int):
+def build_module(decoder, max_context: int, weights=None):
+    """CoreMLDecoder with float copies of the Decoder's weights, or the quantized tensors `weights` gives
+    (quant.module_weights)."""
     import torch
 
     from .module import CoreMLDecoder
 
     with torch.no_grad():
-        return CoreMLDecoder(decoder, max_context).eval()
+        return CoreMLDecoder(decoder, max_context, weights).eval()
 
 
 @TARGETS.register("coreml")
@@ -50,6 +52,7 @@ class CoreMLExporter(ExporterBase):
     packages = ("coremltools",)
     compute_precisions = ("float16", "float32")  # the first is the default
     quantizes_activations = False  # Core ML quantizes weights; activations stay float
+    kv_cache_bits = (16,)  # Core ML state is float16 (module.py): what fit counts and says
     kv_bytes = 2  # float16 state
     # Export peak RSS (slm_export/memory.py), fitted on a 2-core AMD EPYC / 23.5 GiB Linux machine to
     # benchmarks/export_memory.py's measurements: a tiny model's export 576 MiB; SmolLM2-135M (513 MiB
@@ -57,6 +60,10 @@ class CoreMLExporter(ExporterBase):
     # holds more copies than the calibration does). One model size only: a 0.5B export takes too long here.
     export_base_mb = 608.0
     export_peak = {4: 6.9, 8: 6.95, 16: 5.8}
+    # Streaming a quantized export (`streams`), beyond the quantizer's codes: the program's copy of the
+    # codes (coremltools' int4/int8 arrays). Fitted to benchmarks/streaming_export.py's rtn exports on the
+    # 2-core AMD EPYC above: Llama-3.2-1B shape int4 3.84 GB, int8 3.51 GB; Llama-3.2-3B shape int4 8.84 GB.
+    stream_write = {4: 0.32, 8: 0.25, 16: 1.0}
 
     def limits(self, compute_precision: str | None = None) -> TargetLimits:
         # constexpr_blockwise_shift_scale (iOS 18): int4 blocks along `in` (any block that divides;
@@ -74,6 +81,11 @@ class CoreMLExporter(ExporterBase):
         self.limits(compute_precision).check(spec)
         require_sdk()
 
+    def streams(self, spec) -> bool:
+        # Quantized weights go into the program as their codes (quant.module_weights), never float; a
+        # float or palettized export converts float weights (coremltools' k-means palettizes those).
+        return spec.quantized and not spec.palettize
+
     def write(self, decoder, spec, out_dir: Path, options: ExportOptions, plan, codes) -> TargetOutput:
         from ...quiet import no_progress_bars, quiet_third_party
         from . import convert, quant
@@ -82,10 +94,14 @@ class CoreMLExporter(ExporterBase):
         quiet_third_party()
         require_sdk()
         fp16 = (options.compute_precision or self.compute_precisions[0]) == "float16"
-        module = build_module(decoder, options.max_context)
+        codes_in_program = self.streams(spec)  # else a float program (--bits 16, or palettized after conversion)
+        module = build_module(decoder, options.max_context, quant.module_weights(plan, codes) if codes_in_program else None)
         tied = decoder.tied_embeddings
         packed, report = quant.packs(module, plan, codes, fp16, tied, spec.palettize)
+        owners = quant.weight_owners(module)  # before torch.export, which names a shared weight after any one holder
         program = convert.export_program(module, options.max_context)
+        if codes_in_program:
+            quant.name_weight_ops(program, owners)
         with no_progress_bars(COREMLTOOLS_BARS):
             mlmodel = convert.convert(program, fp16, keep_tied_table_shared=tied)
             mlmodel = quant.apply(mlmodel, packed)

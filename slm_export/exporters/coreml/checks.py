@@ -178,16 +178,19 @@ def _check_palette(w: np.ndarray, deq: np.ndarray, lut: np.ndarray) -> str | Non
 
 
 def _exact(qw, op, fp16: bool) -> str | None:
-    """None when the constexpr op holds exactly the codes, scales and zero points of `qw`."""
-    codes = np.asarray(op.data.val).astype(np.int32)
+    """None when the constexpr op holds exactly the codes, scales and zero points of `qw` (asymmetric
+    codes as they are, uint4/uint8, or shifted into the signed range with their offsets: module_weights)."""
+    data = np.asarray(op.data.val)
+    shift = (1 << (qw.bits - 1)) if not qw.symmetric and np.issubdtype(data.dtype, np.signedinteger) else 0
+    codes = data.astype(np.int32) + shift
     if codes.shape != qw.shape or not np.array_equal(codes, qw.codes.astype(np.int32)):
         bad = int((codes != qw.codes.astype(np.int32)).sum()) if codes.shape == qw.shape else codes.size
         return f"{bad} of {qw.codes.size} codes differ from the quantizer's"
     scale = np.asarray(op.scale.val)
     want = qw.scales.reshape(scale.shape).astype(np.float16 if fp16 else np.float32)
-    if not np.array_equal(scale, want):
-        return f"{int((scale != want).sum())} of {scale.size} scales differ from the quantizer's"
-    offset = None if op.offset is None else np.asarray(op.offset.val).astype(np.int32)
+    if scale.dtype != want.dtype or not np.array_equal(scale, want):
+        return f"{int((scale != want).sum())} of {scale.size} scales ({scale.dtype}) differ from the quantizer's"
+    offset = None if op.offset is None else np.asarray(op.offset.val).astype(np.int32) + shift
     if (offset is None) != qw.symmetric or (offset is not None and not np.array_equal(
             offset, qw.zero_points.reshape(offset.shape).astype(np.int32))):
         return "zero points differ from the quantizer's"

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ...errors import SlmExportError
-from ..torch_parts import (linear_module, lm_head_module, rope_tables, rotate_half_matrix, scaled_rms_norm,
-                           weight_sources)
+from ...quantize.plan import EMBEDDING, LM_HEAD
+from ..torch_parts import (embedding_module, linear_module, lm_head_module, rope_tables, rotate_half_matrix,
+                           scaled_rms_norm, weight_sources)
 
 CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
 # The Core ML feature names: forward's arguments, the output, the cache buffers (-> states). They are
@@ -57,8 +58,17 @@ class RMSNorm(nn.Module):
                                lambda sq: sq.mean(-1, keepdim=True))
 
 
+def _float_weights(source, rows, embedding=False):
+    return None  # every module copies its float weight from the Decoder
+
+
+def _linear(lin, weights):
+    """nn.Linear of a Decoder Linear: its quantized weight from `weights`, else a copy of its float one."""
+    return linear_module(lin, weights(lin.sources[0], lin.rows))
+
+
 class Attention(nn.Module):
-    def __init__(self, dec, layer, index: int, max_context: int):
+    def __init__(self, dec, layer, index: int, max_context: int, weights=_float_weights):
         super().__init__()
         self.index = index
         self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
@@ -66,8 +76,8 @@ class Attention(nn.Module):
         self.softcap = float(dec.attn_softcap)
         self.window = layer.sliding_window if layer.sliding_window and layer.sliding_window < max_context else None
         q, k, v = layer.qkv.parts()
-        self.q, self.k, self.v = linear_module(q), linear_module(k), linear_module(v)
-        self.o = linear_module(layer.o)
+        self.q, self.k, self.v = _linear(q, weights), _linear(k, weights), _linear(v, weights)
+        self.o = _linear(layer.o, weights)
 
     def forward(self, x, cos, sin, rot_t, start, mask, key_cache, value_cache):
         q_len = x.shape[1]
@@ -94,15 +104,15 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dec, layer, index: int, max_context: int):
+    def __init__(self, dec, layer, index: int, max_context: int, weights=_float_weights):
         super().__init__()
         eps = dec.rms_eps
         self.attn_norm = RMSNorm(layer.attn_norm, eps)
-        self.attn = Attention(dec, layer, index, max_context)
+        self.attn = Attention(dec, layer, index, max_context, weights)
         self.ffn_norm = RMSNorm(layer.ffn_norm, eps)
         gate, up = layer.gate_up.parts()
-        self.gate, self.up = linear_module(gate), linear_module(up)
-        self.down = linear_module(layer.down)
+        self.gate, self.up = _linear(gate, weights), _linear(up, weights)
+        self.down = _linear(layer.down, weights)
         self.post_attn_norm = RMSNorm(layer.post_attn_norm, eps) if layer.post_attn_norm is not None else None
         self.post_ffn_norm = RMSNorm(layer.post_ffn_norm, eps) if layer.post_ffn_norm is not None else None
         self.act = nn.SiLU() if dec.activation == "silu" else nn.GELU(approximate="tanh")
@@ -121,12 +131,16 @@ class Block(nn.Module):
 
 
 class CoreMLDecoder(nn.Module):
-    def __init__(self, dec, max_context: int):
+    """`weights(source, rows, embedding)`: a weight's quantized tensor (quant.module_weights), or None for a
+    float copy of the Decoder's."""
+
+    def __init__(self, dec, max_context: int, weights=None):
         super().__init__()
+        weights = weights or _float_weights
         self.max_context = max_context
-        self.embed_tokens = nn.Embedding.from_pretrained(torch.from_numpy(dec.embed).clone(), freeze=True)
+        self.embed_tokens = embedding_module(dec, weights(EMBEDDING, None, embedding=True))
         self.embed_scale = float(dec.embed_scale)
-        self.layers = nn.ModuleList(Block(dec, layer, i, max_context) for i, layer in enumerate(dec.layers))
+        self.layers = nn.ModuleList(Block(dec, layer, i, max_context, weights) for i, layer in enumerate(dec.layers))
         windows = {b.attn.window for b in self.layers if b.attn.window is not None}
         if len(windows) > 1:
             raise SlmExportError(f"layers with different sliding windows {sorted(windows)} are not supported "
@@ -134,7 +148,7 @@ class CoreMLDecoder(nn.Module):
         self.window = windows.pop() if windows else None
         self.sources = weight_sources(self.layers)
         self.norm = RMSNorm(dec.final_norm, dec.rms_eps)
-        self.lm_head = lm_head_module(dec)
+        self.lm_head = lm_head_module(dec, weights(LM_HEAD, None))
         self.final_softcap = float(dec.final_softcap)
         cos, sin = rope_tables(dec, max_context)
         self.register_buffer("rope_cos", cos, persistent=False)

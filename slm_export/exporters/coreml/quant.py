@@ -1,15 +1,16 @@
-"""Packing the quantizer's codes into the Core ML program, palettes, and the weights read back.
+"""Putting the quantizer's codes into the Core ML program, palettes, and the weights read back.
 
-Core ML stores weights only quantized (activations stay float16/float32): each planned weight const
-of the converted program becomes one iOS18 `constexpr_blockwise_shift_scale` op holding the
-quantizer's codes (int4/int8, or uint4/uint8 with offsets when asymmetric) and its scales in the
-program's precision. The pass doing it is coremltools' own `linear_quantize_weights` with its rounding
-replaced by a lookup of the given codes, so the op and the weight file are what coremltools writes.
-With `--palettize`, coremltools instead palettizes each weight with our 1-D k-means (a lookup table of
-2**bits values per group of 16 output channels, `constexpr_lut_to_dense`).
+Core ML stores weights only quantized (activations stay float16/float32): each planned weight becomes
+one iOS18 `constexpr_blockwise_shift_scale` op holding the quantizer's codes (int4/int8; asymmetric ones
+with offsets) and its scales in the program's precision. A quantized export builds its module with the
+codes as torchao tensors (`module_weights`): torch.export records a torchao `dequantize_affine` per
+weight and coremltools' own converter makes it that op, codes as they are, so no float weight exists
+and a checkpoint streams. With `--palettize` the program is converted with float weights, and
+coremltools palettizes each with our 1-D k-means (a lookup table of 2**bits values per group of 16
+output channels, `constexpr_lut_to_dense`).
 
-A tied embedding and lm_head are one table in the package (coremltools de-duplicates the two equal
-consts): the plan quantizes it once, at the finer of the two rules' bit widths.
+A tied embedding and lm_head are one table in the package (one op; palettized, coremltools de-duplicates
+the two equal consts): the plan quantizes it once, at the finer of the two rules' bit widths.
 """
 from __future__ import annotations
 
@@ -114,12 +115,79 @@ def _palette_config(bits: int):
                                   granularity="per_grouped_channel", group_size=PALETTE_GROUP, weight_threshold=0)
 
 
+def stored_name(op_name: str) -> str:
+    """The const name a weight op of the program stands for (const_name): coremltools names a constexpr
+    op it made from a const `<const>_quantized` or `_palettized`, and one it cast to float16 `<name>_cast_fp16`
+    (a const cast to float16 is `<name>_to_fp16`)."""
+    name = op_name.removesuffix("_pcs").removesuffix("_quantized").removesuffix("_palettized")
+    return name.removesuffix("_cast_fp16") + "_to_fp16" if name.endswith("_cast_fp16") else name
+
+
+def module_weights(plan, codes: dict[str, QuantizedWeight]):
+    """`weight(source, rows, embedding)` for CoreMLDecoder: a planned weight's codes as a torchao tensor
+    (the same tensor for a tied table and its lm_head), or None for a float weight.
+
+    torch.export turns each into a torchao `dequantize_affine`, which coremltools converts into a
+    constexpr_blockwise_shift_scale holding these codes and scales as they are (`name_weight_ops`
+    names it): no float copy of a quantized weight is ever made, so the checkpoint can stream."""
+    from ..torch_parts import torchao_weight
+
+    made = {}
+
+    def weight(source: str, rows, embedding: bool = False):
+        p = plan[source]
+        p = plan[p.shares] if p.shares else p
+        if p.bits is None:
+            return None
+        if (p.name, rows) not in made:
+            qw = codes[p.name] if rows is None else codes[p.name].rows(*rows)
+            made[p.name, rows] = torchao_weight(qw, "float", embedding)
+        return made[p.name, rows]
+    return weight
+
+
+def weight_owners(module) -> dict[str, str]:
+    """Module name -> the module its quantized weight is named after: itself, or for codes several modules
+    read (a tied embedding and lm_head) the first of them in `module.sources` (the report's order)."""
+    first: dict[int, str] = {}
+    return {fqn: first.setdefault(module.get_submodule(fqn).weight.qdata.untyped_storage().data_ptr(), fqn)
+            for fqn in module.sources if hasattr(module.get_submodule(fqn).weight, "qdata")}
+
+
+def name_weight_ops(program, owners: dict[str, str]) -> None:
+    """Name each `dequantize_affine` of the exported program after its weight's const (const_name of its
+    module's owner: weight_owners), and make the ops of codes several modules read one op."""
+    import torch
+
+    graph = program.graph_module.graph
+    params = program.graph_signature.inputs_to_parameters  # placeholder -> "<module>.parametrizations.weight.original0"
+    groups: dict[tuple, list] = {}  # the same codes and scales -> the ops reading them, in graph order
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.torchao.dequantize_affine.default:
+            key = tuple(program.state_dict[params[a.name]].untyped_storage().data_ptr()
+                        for a in node.args if isinstance(a, torch.fx.Node))
+            groups.setdefault(key, []).append(node)
+    for nodes in groups.values():
+        fqn, sep, _ = params[nodes[0].args[0].name].partition(".parametrizations.weight.")
+        if not sep or fqn not in owners:
+            raise RuntimeError(f"quantized weight {params[nodes[0].args[0].name]} is not a module's parametrized weight")
+        for node in nodes[1:]:  # the first in graph order stays: it comes before every use
+            node.replace_all_uses_with(nodes[0])
+            graph.erase_node(node)
+        nodes[0]._rename(const_name(owners[fqn], False))
+    program.graph_module.recompile()
+
+
 def _check_consts(mlmodel, packed: list[Packed]) -> None:
-    consts = {op.name: op.outputs[0].val for op in mlmodel._mil_program.functions["main"].operations
-              if op.op_type == "const"}
-    missing = [p.const for p in packed if p.const not in consts]
+    """Every planned weight is in the program (a weight op made from its codes, or a float const still),
+    and no weight matrix is there that the plan does not cover."""
+    ops = mlmodel._mil_program.functions["main"].operations
+    consts = {op.name: op.outputs[0].val for op in ops if op.op_type == "const"  # not a weight op's codes or scales
+              and not all(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops)}
+    made = {stored_name(op.name) for op in ops if op.op_type == "constexpr_blockwise_shift_scale"}
+    missing = [p.const for p in packed if (p.const not in made if p.codes is not None else p.const not in consts)]
     if missing:  # a renamed const would silently stay float: refuse instead
-        raise RuntimeError(f"weight consts {missing[:3]} not found in the converted program")
+        raise RuntimeError(f"weights {missing[:3]} not found in the converted program")
     planned = {p.const for p in packed}
     unplanned = [n for n, v in consts.items() if n.startswith("p_") and getattr(v, "ndim", 0) == 2 and n not in planned]
     if unplanned:  # a weight matrix no rule covered (e.g. a tied table that was not shared)
@@ -127,66 +195,14 @@ def _check_consts(mlmodel, packed: list[Packed]) -> None:
 
 
 def apply(mlmodel, packed: list[Packed]):
-    """Every planned weight const of `mlmodel` as its codes (or palettized); returns the new model."""
+    """Checks that every planned weight is in `mlmodel` as planned, and palettizes those planned so;
+    returns the model."""
     import coremltools.optimize.coreml as cto
 
     _check_consts(mlmodel, packed)
-    given = {p.const: p.codes for p in packed if p.codes is not None}
-    if given:
-        mlmodel = pack_consts(mlmodel, given)
     palette = {p.const: _palette_config(p.bits) for p in packed if p.codes is None and p.bits is not None}
     if palette:
         mlmodel = cto.palettize_weights(mlmodel, config=cto.OptimizationConfig(op_name_configs=palette))
-    return mlmodel
-
-
-def pack_consts(mlmodel, given: dict[str, QuantizedWeight]):
-    """Replace each named weight const by a constexpr_blockwise_shift_scale holding exactly its codes.
-
-    coremltools' own `linear_quantize_weights` pass, with its rounding replaced by a lookup of the
-    given codes: the op is built by the pass's `_create_constexpr_var`, uses are rewired and the const
-    removed as it does, through `_apply_graph_pass` as its public function does (coremltools 9.0,
-    pinned: these are its internals). Signed codes become int4/int8, unsigned (asymmetric) uint4/uint8
-    with offsets of the same type; scales take the const's dtype (the program's precision).
-    """
-    from coremltools.converters.mil.mil import types
-    from coremltools.models.utils import _apply_graph_pass
-    from coremltools.optimize import _utils as optimize_utils
-    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
-
-    def typed(values, signed: bool, bits: int):
-        out = np.empty(values.shape, dtype=types.nptype_from_builtin(types.get_nbits_int_builtin_type(bits, signed)))
-        out[...] = values  # a fresh array: int4/uint4 are int8/uint8 arrays tagged with sub-byte metadata
-        return out
-
-    class PackGivenCodes(linear_quantize_weights):
-        def __init__(self):
-            super().__init__(config=None)
-            self.done: list[str] = []
-
-        def is_valid_op(self, op):
-            return op.op_type == "const" and op.name in given
-
-        def transform_op(self, op):
-            var, qw = op.outputs[0], given[op.name]
-            if tuple(var.shape) != qw.shape:
-                raise RuntimeError(f"{op.name}: codes {qw.shape} do not fit the const {tuple(var.shape)}")
-            signed = qw.symmetric
-            scale = np.ascontiguousarray(qw.scales.reshape(qw.shape[0], -1), dtype=var.val.dtype)
-            offset = None if signed else typed(qw.zero_points, False, qw.bits)
-            params = optimize_utils.QuantParams(data=typed(qw.codes, signed, qw.bits), scale=scale, offset=offset,
-                                                nbits=np.uint8(qw.bits))
-            new_var = self._create_constexpr_var(op, params)
-            op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=var, new_var=new_var,
-                                                            no_check_var_types=True)
-            op.enclosing_block.remove_ops([op])
-            self.done.append(op.name)
-
-    graph_pass = PackGivenCodes()
-    mlmodel = _apply_graph_pass(mlmodel, graph_pass)
-    missing = sorted(set(given) - set(graph_pass.done))
-    if missing:
-        raise RuntimeError(f"weight consts {missing[:3]} not found in the converted program")
     return mlmodel
 
 
@@ -240,7 +256,7 @@ def read_weights(package) -> dict[str, tuple[str, np.ndarray, dict]]:
     out, produced, chains = {}, {}, {}
     for op in prog.functions["main"].operations:
         if op.op_type.startswith("constexpr_"):
-            name = op.name.removesuffix("_pcs").removesuffix("_quantized").removesuffix("_palettized")
+            name = stored_name(op.name)
             produced[op.outputs[0].name] = _dequantize(op, produced)
             chains.setdefault(name, {})[op.op_type] = op
             if op.op_type == "constexpr_lut_to_dense":

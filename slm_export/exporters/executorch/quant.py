@@ -16,38 +16,11 @@ int8 per-channel and embedding scales stay float32.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
 from ...quantize import QuantizedWeight, QuantReport, WeightEntry
 from ...quantize.plan import EMBEDDING, LM_HEAD
-
-
-def torchao_weight(qw: QuantizedWeight, activations: str, embedding: bool = False,
-                   dtype: torch.dtype = torch.float32, owned: bool = False) -> torch.Tensor:
-    """The torchao tensor of `qw` ([out, in]) for a linear, or with embedding=True an embedding table.
-
-    Symmetric int8 codes are taken as they are (a view, not a copy: nothing writes into them), or
-    with owned=True copied into torch's own memory, which (unlike numpy's) can be freed in place."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization)
-
-    out_f = qw.shape[0]
-    scale = (torch.tensor(qw.scales) if owned else torch.from_numpy(qw.scales.copy())).to(dtype).reshape(out_f, -1)
-    # torchao keeps codes in the signed range; asymmetric codes and zero points [0, 2**bits) shift
-    # down by 2**(bits-1) together, which leaves (code - zero point) unchanged.
-    if qw.symmetric and qw.codes.dtype == np.int8:
-        codes = torch.tensor(qw.codes) if owned else torch.from_numpy(np.ascontiguousarray(qw.codes))
-    else:
-        shift = 0 if qw.symmetric else 1 << (qw.bits - 1)
-        codes = torch.from_numpy(qw.codes.astype("int16") - shift).to(torch.int8)
-    zero = torch.zeros(scale.shape, dtype=torch.int8) if qw.symmetric else \
-        torch.from_numpy(qw.zero_points.astype("int16") - shift).to(torch.int8)
-    act = ActivationQuantization.INT8_ASYM_PER_TOKEN if not embedding and activations == "int8" else None
-    return IntxUnpackedToInt8Tensor(
-        qdata=codes, scale=scale, zero_point=zero, target_dtype=torch.int4 if qw.bits == 4 else torch.int8,
-        block_size=(1, qw.group), dtype=dtype, activation_quantization=act)
+from ..torch_parts import torchao_weight
 
 
 def pack_weight(module: nn.Module, qw: QuantizedWeight, activations: str) -> None:
