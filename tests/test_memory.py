@@ -73,6 +73,28 @@ def test_the_refusal_names_a_target_that_fits(monkeypatch):
     check_memory(estimate, lambda name: None)  # exactly enough: no refusal
 
 
+def test_the_suggested_target_is_estimated_as_it_would_stream():
+    """A checkpoint that streams: the target a refusal suggests is estimated streamed too (it once said
+    'use --target onnx (about 15.8 GB)' for the Llama-3.2-1B shape, which ONNX exports in 2.3 GB)."""
+    from transformers import LlamaConfig
+
+    from slm_export.exporters import TARGETS
+    from slm_export.fit import shape_of
+    from slm_export.memory import estimate_export, estimate_for_target, fp32_weight_bytes
+    from slm_export.quantize import QuantSpec
+    from slm_export.quantize.spec import resolve_spec
+
+    shape = shape_of(LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True))
+    fp32 = fp32_weight_bytes(shape)
+    onnx = TARGETS.get("onnx")()
+    spec = resolve_spec(onnx, QuantSpec(bits=4))
+    streamed = estimate_export(onnx, spec, 32, fp32, "", shape, True).peak_bytes
+    whole = estimate_export(onnx, spec, 32, fp32, "").peak_bytes
+    assert estimate_for_target("onnx", QuantSpec(bits=4), fp32, shape, True) == streamed < whole / 2
+    assert estimate_for_target("onnx", QuantSpec(bits=4), fp32) == whole  # a model in memory: loaded whole
+
+
 def test_running_out_mid_export_is_one_line_with_the_estimate_and_no_debris(tmp_path, tiny_dir, monkeypatch, capsys):
     from slm_export.exporters.onnx import OnnxExporter
 
