@@ -56,8 +56,9 @@ class CoreMLExporter(ExporterBase):
     kv_bytes = 2  # float16 state
     # Export peak RSS (slm_export/memory.py), fitted on a 2-core AMD EPYC / 23.5 GiB Linux machine to
     # benchmarks/export_memory.py's measurements: a tiny model's export 576 MiB; SmolLM2-135M (513 MiB
-    # of fp32 weights, the bundled GGUF) int4 4114, int8 4126, float16 3544 (coremltools' quantization
-    # holds more copies than the calibration does). One model size only: a 0.5B export takes too long here.
+    # of fp32 weights) converted as a float program and quantized after conversion, int4 4114, int8 4126,
+    # float16 3544. Quantized weights now enter the program as codes (no float copy), so `export_peak`
+    # over-states a quantized export of a model already in memory; a palettized one still converts floats.
     export_base_mb = 608.0
     export_peak = {4: 6.9, 8: 6.95, 16: 5.8}
     # Streaming a quantized export (`streams`), beyond the quantizer's codes: the program's copy of the
