@@ -176,7 +176,7 @@ def estimate_export(exporter, spec, kv_bits: int, fp32_bytes: int, what: str, sh
     if from_checkpoint and shape is not None and streams(exporter, spec):
         peak = streamed_peak_bytes(exporter, shape, spec.bits, calibrated)
     else:
-        peak = export_peak_bytes(exporter, fp32_bytes, spec.bits, calibrated)
+        peak = export_peak_bytes(exporter, fp32_bytes, spec, calibrated)
     return ExportEstimate(what, exporter.name, peak, int(fp32_bytes))
 
 
@@ -196,12 +196,12 @@ def estimate_for_target(name: str, asked, fp32_bytes: int, shape=None, from_chec
         return None
 
 
-def export_peak_bytes(exporter, fp32_bytes: float, bits: int, calibrated: bool) -> int:
+def export_peak_bytes(exporter, fp32_bytes: float, spec, calibrated: bool) -> int:
     """Peak resident memory of an export of a model of `fp32_bytes` float32 weight bytes (model load
-    included) by `exporter` at --bits `bits`: its declared facts, see the module docstring."""
+    included) by `exporter` under the resolved `spec`: its declared facts, see the module docstring."""
     from .quantize.calibration import CALIBRATION_PEAK
 
-    per_byte = exporter.export_peak[bits if bits in exporter.export_peak else max(exporter.export_peak)]
+    per_byte = exporter.peak_per_fp32_byte(spec)
     if calibrated:
         per_byte = max(per_byte, CALIBRATION_PEAK)
     return int(exporter.export_base_mb * MB + per_byte * fp32_bytes)

@@ -130,6 +130,10 @@ class ExporterBase:
     # Streaming a checkpoint, what write() holds per fp32 weight byte beyond the quantizer's codes (memory.py)
     stream_write = {4: 1.0, 8: 1.0, 16: 1.0}
 
+    def peak_per_fp32_byte(self, spec) -> float:
+        """`export_peak` at the spec's --bits (a model in memory, not streamed: slm_export/memory.py)."""
+        return self.export_peak[spec.bits if spec.bits in self.export_peak else max(self.export_peak)]
+
     def streams(self, spec) -> bool:
         """Whether write() reads the weights one at a time under the resolved `spec` (`streams_weights`)."""
         return self.streams_weights

@@ -54,13 +54,14 @@ class CoreMLExporter(ExporterBase):
     quantizes_activations = False  # Core ML quantizes weights; activations stay float
     kv_cache_bits = (16,)  # Core ML state is float16 (module.py): what fit counts and says
     kv_bytes = 2  # float16 state
-    # Export peak RSS (slm_export/memory.py), fitted on a 2-core AMD EPYC / 23.5 GiB Linux machine to
-    # benchmarks/export_memory.py's measurements: a tiny model's export 576 MiB; SmolLM2-135M (513 MiB
-    # of fp32 weights) converted as a float program and quantized after conversion, int4 4114, int8 4126,
-    # float16 3544. Quantized weights now enter the program as codes (no float copy), so `export_peak`
-    # over-states a quantized export of a model already in memory; a palettized one still converts floats.
+    # Export peak RSS (slm_export/memory.py) of a model in memory, fitted on a 2-core AMD EPYC / 23.5 GiB
+    # Linux machine: a tiny model's export 576 MiB; SmolLM2-135M (513 MiB of fp32 weights) loaded whole and
+    # exported with rtn, int4 2166 MiB, int8 2132 (2026-12-07); float16 3544. A palettized export converts
+    # float weights and palettizes them after conversion: `palette_peak` (the float-program path measured
+    # 4114 / 4126 MiB at int4 / int8 when linear quantization also ran after conversion).
     export_base_mb = 608.0
-    export_peak = {4: 6.9, 8: 6.95, 16: 5.8}
+    export_peak = {4: 3.1, 8: 3.05, 16: 5.8}
+    palette_peak = {4: 6.9, 8: 6.95}
     # Streaming a quantized export (`streams`), beyond the quantizer's codes: the program's copy of the
     # codes (coremltools' int4/int8 arrays). Fitted to benchmarks/streaming_export.py's rtn exports on the
     # 2-core AMD EPYC above: Llama-3.2-1B shape int4 3.84 GB, int8 3.51 GB; Llama-3.2-3B shape int4 8.84 GB.
@@ -81,6 +82,9 @@ class CoreMLExporter(ExporterBase):
     def check(self, spec, compute_precision: str) -> None:
         self.limits(compute_precision).check(spec)
         require_sdk()
+
+    def peak_per_fp32_byte(self, spec) -> float:
+        return self.palette_peak[spec.bits] if spec.palettize else super().peak_per_fp32_byte(spec)
 
     def streams(self, spec) -> bool:
         # Quantized weights go into the program as their codes (quant.module_weights), never float; a
