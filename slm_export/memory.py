@@ -9,6 +9,10 @@ quantize/calibration.py). The peak is the larger of the two phases:
 
     peak ~ export_base_mb + fp32 weight bytes x max(export_peak[bits], CALIBRATION_PEAK if calibrated)
 
+(`Exporter.peak_per_fp32_byte(spec)` gives the first: `export_peak[bits]`, or what a target declares for
+a spec that takes another path, e.g. Core ML's palettes.) A checkpoint the export streams is estimated
+from its shapes instead (`streamed_peak_bytes`, below).
+
 The model's fp32 weight bytes come from its config (config.json or the GGUF header, through the
 shapes `slm-export fit` uses), before any weight loads.
 
