@@ -311,9 +311,11 @@ def test_bad_options_are_one_sentence(args, message, tmp_path):
     assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
 
 
-def test_missing_coremltools_is_one_sentence_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
-    with pytest.raises(SlmExportError, match=r"the coreml target needs coremltools: pip install coremltools==9.0"):
+@pytest.mark.parametrize("missing", ["coremltools", "torchao"])
+def test_missing_coremltools_is_one_sentence_before_loading(monkeypatch, tmp_path, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import it -> ImportError
+    with pytest.raises(SlmExportError, match=rf"the coreml target needs coremltools and torchao \({missing} is missing\): "
+                                             r"pip install coremltools==9.0 torchao==0.18.0"):
         slm_export.export(tiny_model("llama"), target="coreml", bits=4, out=tmp_path / "x", log=lambda *a: None)
     assert not (tmp_path / "x").exists()
 

@@ -24,8 +24,10 @@ def require_sdk() -> None:
 
     try:
         import coremltools  # noqa: F401
-    except ImportError:
-        raise SlmExportError("the coreml target needs coremltools: pip install coremltools==9.0") from None
+        import torchao  # noqa: F401  (quantized weights enter the program as torchao's dequantize_affine)
+    except ImportError as e:
+        raise SlmExportError(f"the coreml target needs coremltools and torchao ({e.name} is missing): "
+                             "pip install coremltools==9.0 torchao==0.18.0") from None
 
 
 # coremltools draws a tqdm bar per conversion stage and pass; our log says what happens instead.
