@@ -16,7 +16,7 @@ import slm_export
 from slm_export import manifest as mf
 from slm_export.sources import text_sha256
 
-from conftest import run_cli, tiny_model, tiny_tokenizer
+from conftest import require_extra, run_cli, tiny_model, tiny_tokenizer
 
 FAKE_HOST = "build-host-7f3a9c"  # the host name every in-process machine description reads here
 CALIBRATION = " ".join(f"w{i % 500}" for i in range(300))
@@ -207,7 +207,7 @@ def test_zip_with_a_changed_file_is_refused_and_leaves_nothing(exported, tmp_pat
 
 def test_executorch_bundle_checks_with_sha256sum_and_a_changed_program_is_refused(tmp_path):
     """The same for a .pte bundle (with its cpp/ example folder)."""
-    pytest.importorskip("executorch")
+    require_extra("executorch", "executorch")  # fails instead under CI's SLM_EXPORT_REQUIRE_SDKS
     art = slm_export.export(tiny_model("llama"), target="executorch", tokenizer=tiny_tokenizer(), bits=8,
                             quant_method="rtn", out=tmp_path / "pte", max_context=64, log=lambda *a: None)
     bundle = art.bundle(out=tmp_path / "pte-bundle")

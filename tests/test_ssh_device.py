@@ -169,8 +169,9 @@ def small_disk(tmp_path):
     """A 1 MB tmpfs as the remote_dir's disk (root only)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root with CAP_SYS_ADMIN): {mounted.stderr.strip()[:200]}")
     yield disk
     subprocess.run(["umount", "-l", str(disk)], check=False)
 

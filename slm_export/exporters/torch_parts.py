@@ -48,6 +48,11 @@ def torchao_weight(qw, activations: str, embedding: bool = False,
         block_size=(1, qw.group), dtype=dtype, activation_quantization=act)
 
 
+def float_weights(source: str, rows, embedding: bool = False) -> None:
+    """The `weights(source, rows, embedding)` of a module built with every weight float (from the Decoder)."""
+    return None
+
+
 def _parameter(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 

@@ -105,9 +105,9 @@ class CoreMLExporter(ExporterBase):
         module = build_module(decoder, options.max_context, quant.module_weights(plan, codes) if codes_in_program else None)
         tied = decoder.tied_embeddings
         packed, report = quant.packs(module, plan, codes, fp16, tied, spec.palettize)
-        owners = quant.weight_owners(module)  # before torch.export, which names a shared weight after any one holder
+        owners = quant.weight_owners(module) if codes_in_program else None  # before torch.export renames shared ones
         program = convert.export_program(module, options.max_context)
-        if codes_in_program:
+        if owners is not None:
             quant.name_weight_ops(program, owners)
         with no_progress_bars(COREMLTOOLS_BARS):
             mlmodel = convert.convert(program, fp16, keep_tied_table_shared=tied)

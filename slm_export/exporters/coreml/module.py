@@ -33,8 +33,8 @@ from torch import nn
 
 from ...errors import SlmExportError
 from ...quantize.plan import EMBEDDING, LM_HEAD
-from ..torch_parts import (embedding_module, linear_module, lm_head_module, rope_tables, rotate_half_matrix,
-                           scaled_rms_norm, weight_sources)
+from ..torch_parts import (embedding_module, float_weights, linear_module, lm_head_module, rope_tables,
+                           rotate_half_matrix, scaled_rms_norm, weight_sources)
 
 CACHE_DTYPE = torch.float16  # Core ML state tensors are float16
 # The Core ML feature names: forward's arguments, the output, the cache buffers (-> states). They are
@@ -58,17 +58,13 @@ class RMSNorm(nn.Module):
                                lambda sq: sq.mean(-1, keepdim=True))
 
 
-def _float_weights(source, rows, embedding=False):
-    return None  # every module copies its float weight from the Decoder
-
-
 def _linear(lin, weights):
     """nn.Linear of a Decoder Linear: its quantized weight from `weights`, else a copy of its float one."""
     return linear_module(lin, weights(lin.sources[0], lin.rows))
 
 
 class Attention(nn.Module):
-    def __init__(self, dec, layer, index: int, max_context: int, weights=_float_weights):
+    def __init__(self, dec, layer, index: int, max_context: int, weights=float_weights):
         super().__init__()
         self.index = index
         self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
@@ -104,7 +100,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dec, layer, index: int, max_context: int, weights=_float_weights):
+    def __init__(self, dec, layer, index: int, max_context: int, weights=float_weights):
         super().__init__()
         eps = dec.rms_eps
         self.attn_norm = RMSNorm(layer.attn_norm, eps)
@@ -136,7 +132,7 @@ class CoreMLDecoder(nn.Module):
 
     def __init__(self, dec, max_context: int, weights=None):
         super().__init__()
-        weights = weights or _float_weights
+        weights = weights or float_weights
         self.max_context = max_context
         self.embed_tokens = embedding_module(dec, weights(EMBEDDING, None, embedding=True))
         self.embed_scale = float(dec.embed_scale)

@@ -150,8 +150,9 @@ def weight_owners(module) -> dict[str, str]:
     """Module name -> the module its quantized weight is named after: itself, or for codes several modules
     read (a tied embedding and lm_head) the first of them in `module.sources` (the report's order)."""
     first: dict[int, str] = {}
-    return {fqn: first.setdefault(module.get_submodule(fqn).weight.qdata.untyped_storage().data_ptr(), fqn)
-            for fqn in module.sources if hasattr(module.get_submodule(fqn).weight, "qdata")}
+    weights = {fqn: module.get_submodule(fqn).weight for fqn in module.sources}
+    return {fqn: first.setdefault(w.qdata.untyped_storage().data_ptr(), fqn) for fqn, w in weights.items()
+            if hasattr(w, "qdata")}
 
 
 def name_weight_ops(program, owners: dict[str, str]) -> None:
@@ -182,8 +183,8 @@ def _check_consts(mlmodel, packed: list[Packed]) -> None:
     """Every planned weight is in the program (a weight op made from its codes, or a float const still),
     and no weight matrix is there that the plan does not cover."""
     ops = mlmodel._mil_program.functions["main"].operations
-    consts = {op.name: op.outputs[0].val for op in ops if op.op_type == "const"  # not a weight op's codes or scales
-              and not all(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops)}
+    feeds_weight_op = lambda op: any(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops)  # noqa: E731
+    consts = {op.name: op.outputs[0].val for op in ops if op.op_type == "const" and not feeds_weight_op(op)}
     made = {stored_name(op.name) for op in ops if op.op_type == "constexpr_blockwise_shift_scale"}
     missing = [p.const for p in packed if (p.const not in made if p.codes is not None else p.const not in consts)]
     if missing:  # a renamed const would silently stay float: refuse instead

@@ -24,12 +24,8 @@ import torch
 from torch import nn
 
 from ...quantize.plan import EMBEDDING, LM_HEAD
-from ..torch_parts import (embedding_module, float_tensor, linear_module, lm_head_module, rope_tables,
-                           rotate_half_matrix, scaled_rms_norm, weight_sources)
-
-
-def _float_weights(source, rows, embedding=False):
-    return None  # every weight float, from the Decoder's arrays
+from ..torch_parts import (embedding_module, float_tensor, float_weights, linear_module, lm_head_module,
+                           rope_tables, rotate_half_matrix, scaled_rms_norm, weight_sources)
 
 
 def _linear(lin, weights):
@@ -99,7 +95,7 @@ def _rotate(x, cos, sin, rot_t):
 
 
 class Attention(nn.Module):
-    def __init__(self, dec, layer, max_context: int, kv_bits: int = 32, weights=_float_weights):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int = 32, weights=float_weights):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
         self.scale = float(dec.attn_scale)
@@ -181,7 +177,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dec, layer, max_context: int, kv_bits: int, norm=RMSNorm, weights=_float_weights):
+    def __init__(self, dec, layer, max_context: int, kv_bits: int, norm=RMSNorm, weights=float_weights):
         super().__init__()
         eps = dec.rms_eps
         self.attn_norm = norm(layer.attn_norm, eps)
@@ -219,7 +215,7 @@ class ExportableDecoder(nn.Module):
     """
 
     def __init__(self, dec, max_context: int, kv_bits: int = 32, float16: bool = False, chunk: int | None = None,
-                 weights=_float_weights):
+                 weights=float_weights):
         super().__init__()
         _custom_ops()
         if float16 and kv_bits != 16:
