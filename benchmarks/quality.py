@@ -57,9 +57,12 @@ VARIANTS = {
     "onnx int4 gptq head8 mixed 0.15": ("onnx", ["--quant-method", "gptq", "--mixed-precision", "0.15"]),
     "onnx int8 rtn": ("onnx", ["--bits", "8", "--quant-method", "rtn"]),
     # ONNX int8's error is its int8 activations: float ones (onnxruntime has no fast 8-bit kernel for them on
-    # x86), or awq's migration of their outliers into the weights
+    # x86), or awq's migration of their outliers into the weights (the default)
     "onnx int8 weight-only": ("onnx", ["--bits", "8", "--weight-only"]),
-    "onnx int8 awq": ("onnx", ["--bits", "8", "--quant-method", "awq"]),
+    "onnx int8 gptq": ("onnx", ["--bits", "8", "--quant-method", "gptq"]),  # the default before awq
+    # MatMulNBits rounds activations per block of the weight's group: groups of 16 halve what each int8 scale spans
+    "onnx int8 g16": ("onnx", ["--bits", "8", "--group-size", "16"]),
+    "onnx int8 gptq g16": ("onnx", ["--bits", "8", "--quant-method", "gptq", "--group-size", "16"]),
     "executorch int4 hqq": ("executorch", ["--quant-method", "hqq", "--mixed-precision", "0"]),
     "executorch int4 awq": ("executorch", ["--quant-method", "awq"]),
     "executorch int4 awq head8": ("executorch", ["--quant-method", "awq", "--lm-head-bits", "8"]),

@@ -59,7 +59,7 @@ def run_export(model, *, target: str = "onnx", spec: QuantSpec | None = None, ou
     reads_text = calibrates(exporter, spec, kv_bits)
     user_text = _read_calibration_text(calibration_text, reads_text, target, kv_bits, method)  # before the model loads
     _check_tokenizer_options(tokenizer, no_tokenizer, calibration_text)
-    _check_text_for(method, tokenizer_present=not no_tokenizer, why="--no-tokenizer")
+    _check_text_for(spec.method, tokenizer_present=not no_tokenizer, why="--no-tokenizer")
 
     # Memory and disk, before the model loads: from its config where it can be read without the weights
     budget = _Budget(f"exporting {_model_name(model)} to {target} {_short_quant(spec, precision)}",
@@ -100,8 +100,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
     if no_tokenizer:
         loaded.tokenizer = None
     check_tokenizer(loaded.tokenizer, mf.source_label(loaded.source))
-    _check_text_for(method_of(exporter, spec),
-                    tokenizer_present=loaded.tokenizer is not None, why="this model has no tokenizer")
+    _check_text_for(spec.method, tokenizer_present=loaded.tokenizer is not None, why="this model has no tokenizer")
     log(f"loaded {mf.source_label(loaded.source)} "
         f"({loaded.model.config.model_type if hasattr(loaded.model, 'config') else type(loaded.model).__name__}) "
         f"in {time.perf_counter() - t0:.1f}s")
@@ -116,6 +115,7 @@ def _export_into(tmp, model, exporter, spec, precision, kv_bits, label, max_cont
         with progress.stage("reading the weights"):
             decoder = decoder.materialized()
     exporter.check_model(decoder, precision)  # what this target's runtime cannot run, before any quantization
+    spec = _default_method_that_runs(exporter, spec, decoder, loaded.tokenizer is not None, log)
     # only an export that calibrates (GPTQ, static KV scales) reads text: tokenizing is wasted work elsewhere
     text = _calibration_ids(loaded.tokenizer, calibration_text, user_text) if reads_text else {}
     bos, eos = _special_ids(loaded)
@@ -180,8 +180,8 @@ def method_of(exporter, spec: QuantSpec) -> str | None:
 
 def streams(exporter, spec: QuantSpec) -> bool:
     """Whether an export reads a checkpoint's weights one at a time when used (slm_export/stored.py):
-    its writer reads them so, and its method does not rescale them in place (awq)."""
-    return exporter.streams(spec) and method_of(exporter, spec) not in EQUALIZING
+    its writer reads them so (awq's rescaling is applied as each weight is read)."""
+    return exporter.streams(spec)
 
 
 def calibrates(exporter, spec: QuantSpec, kv_bits: int) -> bool:
@@ -270,9 +270,23 @@ def _read_calibration_text(path, reads_text: bool, target: str, kv_bits: int, me
     return text
 
 
+def _default_method_that_runs(exporter, spec: QuantSpec, decoder, tokenizer_present: bool, log) -> QuantSpec:
+    """`spec`, with gptq named where the target's default is awq and this model cannot take it (no text to
+    choose the scales on, or norms awq cannot rescale): the manifest then records what ran."""
+    if spec.method is not None or method_of(exporter, spec) not in EQUALIZING:
+        return spec
+    from .quantize.awq import cannot_rescale
+
+    why = cannot_rescale(decoder) if tokenizer_present else "the model has no tokenizer to read calibration text"
+    if why is None:
+        return spec
+    log(f"note: {why}; quantizing with gptq instead of awq (the {exporter.name} default at --bits {spec.bits})")
+    return dataclasses.replace(spec, method="gptq")
+
+
 def _check_text_for(method: str | None, tokenizer_present: bool, why: str) -> None:
     """Refuse awq without text to choose its scales on (GPTQ falls back to random token ids; AWQ's
-    scales would then follow no real activations)."""
+    scales would then follow no real activations). `method`: the one asked for (a default falls back)."""
     if method in EQUALIZING and not tokenizer_present:
         raise SlmExportError(f"--quant-method {method} chooses its scales on calibration text, which needs the "
                              f"model's tokenizer ({why}); use --quant-method gptq, or export with the tokenizer")

@@ -93,6 +93,19 @@ def rows(weight: Stored, start: int, stop: int) -> Stored:
                   f"{weight.what}[{start}:{stop}]")
 
 
+def mapped(weight, fn: Callable[[np.ndarray, int], np.ndarray], what: str):
+    """`weight` changed by `fn(rows, start)` (rows start.. of it, as float32; returns the changed rows,
+    leaving its argument as it was). An in-memory array is changed now; a `Stored` one when it is read, rows and
+    stacked parts alike (so a rescaled checkpoint weight streams as the original did)."""
+    if not is_stored(weight):
+        return fn(np.asarray(weight), 0)
+    if hasattr(weight, "parts"):
+        starts = np.cumsum([0] + [p.shape[0] for p in weight.parts]).tolist()
+        return stacked([mapped(p, lambda a, r, s0=s0: fn(a, r + s0), what) for p, s0 in zip(weight.parts, starts)])
+    return Stored(lambda: fn(weight.read(), 0), weight.shape, f"{weight.what} {what}",
+                  read_rows=lambda a, b: fn(weight.read_rows(a, b), a))
+
+
 def materialize(a):
     """An in-memory array for `a` (a `Stored` weight read once; anything else as it is)."""
     return a.read() if isinstance(a, Stored) else a

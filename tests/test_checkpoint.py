@@ -278,3 +278,33 @@ def test_expected_shapes_match_a_saved_sharded_llama(tmp_path, tie):
     shapes, optional = expected_shapes(config)
     refused(lambda: check_shapes(c, shapes, optional), "mlp.", "[128, 64]", "[96, 64]",
             "does not match its config.json", ".safetensors")
+
+
+def test_a_mapped_stored_weight_reads_as_the_change_made_in_memory():
+    """stored.mapped (awq's rescaling of a weight still in its checkpoint): read whole, by rows, or part by part
+    of a stack (q|k|v), it gives the bytes the same change makes to the weight in memory, and the source
+    stays as it was."""
+    from slm_export.stored import Stored, mapped, stacked
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 6)).astype(np.float32) for n in (4, 2, 3)]
+    stored = stacked([Stored(lambda a=a: a.copy(), a.shape, f"p{i}", read_rows=lambda r0, r1, a=a: a[r0:r1].copy())
+                      for i, a in enumerate(parts)])
+    whole = np.concatenate(parts)
+    s = rng.uniform(0.5, 2, 6).astype(np.float32)
+    d = rng.uniform(0.5, 2, 3).astype(np.float32)
+
+    def change(a, r0):  # columns times s, then rows 5..8 of the whole over d: crosses the second and third parts
+        a = (a * s[None]).astype(np.float32)
+        lo, hi = max(5, r0), min(8, r0 + len(a))
+        if lo < hi:
+            a[lo - r0:hi - r0] = a[lo - r0:hi - r0] / d[lo - 5:hi - 5, None]
+        return a
+
+    want = change(whole.copy(), 0)
+    got = mapped(stored, change, "changed")
+    assert np.array_equal(np.asarray(got), want) and np.array_equal(mapped(whole, change, "changed"), want)
+    assert [p.shape for p in got.parts] == [p.shape for p in parts]  # each part still reads only its own rows
+    assert np.array_equal(np.concatenate([np.asarray(p) for p in got.parts]), want)
+    assert np.array_equal(got.parts[1].read_rows(1, 2), want[5:6])
+    assert np.array_equal(np.asarray(stored), whole)

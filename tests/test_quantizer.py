@@ -438,3 +438,37 @@ def test_awq_refuses_what_it_cannot_rescale_or_store(tmp_path):
         slm_export.export(tiny_model("llama"), target="onnx", quant_method="awq", out=tmp_path / "n",
                           max_context=64, log=lambda *a: None)  # a model object without a tokenizer
     assert not list(tmp_path.iterdir())
+
+
+def test_a_targets_default_method_follows_the_exports_bits_not_each_weights():
+    """ONNX's default is awq at --bits 8 and gptq at --bits 4, where the int8 lm_head and the int8 units of
+    mixed precision are rounded as the rest (gptq): awq there would rescale the whole int4 model."""
+    for bits, method in ((4, "gptq"), (8, "awq")):
+        dec, exporter, spec, _ = _awq_decoder("llama", "onnx", bits=bits)
+        plan = exporter.plan(dec, spec)
+        methods = {w.method for w in plan.weights if w.quantized and w.kind == "linear"}
+        assert methods == {method}, (bits, methods)
+        assert plan.equalizes == (method == "awq")
+        if bits == 4:
+            assert {w.bits for w in plan.weights if w.quantized} == {4, 8}  # the int8 lm_head is there
+
+
+def test_onnx_int8_default_is_awq_where_the_model_can_take_it(tmp_path):
+    """ONNX's int8 default rescales with awq (its error is the int8 activations); a model awq cannot run on
+    (no tokenizer to read calibration text with, or Gemma's norms) gets gptq, says so, and records it."""
+    import slm_export
+
+    said = []
+    a = slm_export.export(tiny_model("llama"), tokenizer=tiny_bpe_tokenizer(), target="onnx", bits=8,
+                          out=tmp_path / "awq", max_context=64, log=said.append)
+    assert a.manifest["quant"]["methods"] == ["awq"] and a.manifest["quant"]["spec"]["method"] is None
+    assert a.manifest["quant"]["calibration"]["awq"]["alphas"]
+    assert not any("instead of awq" in str(s) for s in said)
+    for name, model, tok, why in (("no-tok", tiny_model("llama"), None, "the model has no tokenizer"),
+                                  ("gemma", tiny_model("gemma2"), tiny_bpe_tokenizer(), "gemma2 stores its RMSNorm")):
+        said.clear()
+        b = slm_export.export(model, tokenizer=tok, target="onnx", bits=8, out=tmp_path / name, max_context=64,
+                              log=said.append)
+        assert b.manifest["quant"]["methods"] == ["gptq"] and b.manifest["quant"]["spec"]["method"] == "gptq"
+        assert any(why in str(s) and "gptq instead of awq" in str(s) for s in said), said
+        assert b.verify(reference=model, prompt_tokens=24, decode_steps=8, perplexity=False).passed

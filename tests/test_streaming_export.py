@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from conftest import require_extra, run_cli, tiny_model, tiny_tokenizer
 from slm_export.loading import load
 from slm_export.pipeline import run_export
+from slm_export.quantize import QuantSpec
 
 
 # Files that differ between two exports of the same model: the manifest and its checksums (they name the
@@ -42,7 +43,9 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("target,args", [("onnx", {}), ("onnx", {"kv_bits": 8}), ("executorch", {}), ("coreml", {})])
+@pytest.mark.parametrize("target,args", [("onnx", {}), ("onnx", {"kv_bits": 8}), ("executorch", {}), ("coreml", {}),
+                                         ("onnx", {"spec": QuantSpec(bits=8, method="awq")}),
+                                         ("executorch", {"spec": QuantSpec(method="awq")})])
 def test_streamed_export_is_the_eager_export(checkpoints, tmp_path, target, args):
     if target == "coreml":
         require_extra("coremltools", "coreml")

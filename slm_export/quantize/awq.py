@@ -12,8 +12,8 @@ others (SmoothQuant's migration). Following AWQ (Lin et al. 2024, as AutoAWQ com
 with alpha chosen per group on the calibration text from a grid (and "no rescaling" as a candidate):
 the one whose output error x @ W^T against the target's own rounding of both sides is least,
 weights rounded as planned (rtn on the planned grid, group and scale precision: bfloat16 on XNNPACK)
-and activations as the target's kernels round them (int8 per token on ExecuTorch, per block of 32 on
-ONNX, none on weight-only targets). The planned method (GPTQ) then rounds the rescaled weights.
+and activations as the target's kernels round them (int8 per token on ExecuTorch, per block of the
+weight's group on ONNX, none on weight-only targets). The planned method (GPTQ) then rounds the rescaled weights.
 
 The groups, per layer (unit names as the quantizer's):
   layers.i.qkv      attn_norm -> the columns of q, k, v
@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SlmExportError
+from ..stored import mapped
 from .calibration import DecoderForward, chunks
 
 ALPHAS = tuple(round(float(a), 2) for a in np.linspace(0.0, 1.0, 11))  # AWQ's grid (AutoAWQ: 20 steps)
@@ -38,11 +39,19 @@ SEARCH_TOKENS = 512  # calibration tokens each group's output error is measured 
 HEAD_SEARCH_TOKENS = 256  # the lm_head's (49k rows: its matmul is the costly one)
 
 
-def check_decoder(dec, method: str = "awq") -> None:
-    """Refuse a model whose norms cannot be rescaled and given back to PyTorch (Gemma's (1 + w))."""
+def cannot_rescale(dec) -> str | None:
+    """Why this model's norms cannot be rescaled and given back to PyTorch (Gemma's (1 + w)), or None."""
     if not dec.norm_sources:
-        raise SlmExportError(f"--quant-method {method} rescales the RMSNorm weights, and {dec.architecture} stores "
-                             "them as (w - 1) (its norm multiplies by 1 + w), which this rescaling does not handle yet; "
+        return (f"{dec.architecture} stores its RMSNorm weights as (w - 1) (its norm multiplies by 1 + w), which "
+                "this rescaling does not handle yet")
+    return None
+
+
+def check_decoder(dec, method: str = "awq") -> None:
+    """Refuse a model whose norms cannot be rescaled and given back to PyTorch."""
+    why = cannot_rescale(dec)
+    if why:
+        raise SlmExportError(f"--quant-method {method} rescales the RMSNorm weights, and {why}; "
                              "use --quant-method gptq for this model")
 
 
@@ -51,8 +60,9 @@ def activation_rounding(limits, spec) -> str:
     return limits.activation_rounding if spec.activations == "int8" else "none"
 
 
-def round_activations(x, rounding: str):
-    """x [n, k] as the target's int8 activation quantization leaves it (torch, float32)."""
+def round_activations(x, rounding: str, block: int = 32):
+    """x [n, k] as the target's int8 activation quantization leaves it (torch, float32); "per-block":
+    in blocks of `block` values of a row (MatMulNBits': the weight's group)."""
     import torch
 
     if rounding == "per-token":  # torchao's INT8_ASYM_PER_TOKEN (XNNPACK's qd8)
@@ -61,10 +71,10 @@ def round_activations(x, rounding: str):
         scale = torch.clamp((hi - lo) / 255.0, min=torch.finfo(torch.float32).eps)
         zero = torch.clamp(torch.round(-128 - lo / scale), -128, 127)
         return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
-    if rounding == "per-block":  # MatMulNBits accuracy_level 4: symmetric int8 per 32 values of a row
+    if rounding == "per-block":  # MatMulNBits accuracy_level 4: symmetric int8 per block of a row
         n, k = x.shape
-        pad = -k % 32
-        xb = torch.nn.functional.pad(x, (0, pad)).view(n, -1, 32)
+        pad = -k % block
+        xb = torch.nn.functional.pad(x, (0, pad)).view(n, -1, block)
         scale = xb.abs().amax(-1, keepdim=True) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return (torch.round(xb / scale) * scale).view(n, -1)[:, :k]
@@ -110,7 +120,7 @@ class _Group:
         self.unit, self.consumers, self.fold, self.heads = unit, consumers, fold, heads
         self.x = x.reshape(-1, x.shape[-1])  # [tokens, k]
         x_mean = np.abs(self.x.numpy()).astype(np.float64).mean(0)
-        w_max = np.max([np.abs(w).max(0) for _, w in consumers], axis=0).astype(np.float64)
+        w_max = np.max([np.abs(np.asarray(w)).max(0) for _, w in consumers], axis=0).astype(np.float64)
         if heads:
             x_mean, w_max = self._pool(x_mean, np.mean), self._pool(w_max, np.max)
         self.x_mean, self.w_max = x_mean, w_max
@@ -136,17 +146,34 @@ class _Group:
         import torch
 
         x = self.x[:tokens]
-        ws = [(p, torch.from_numpy(w)) for p, w in self.consumers]
+        ws = [(p, torch.from_numpy(np.asarray(w))) for p, w in self.consumers]
         ref = x @ torch.cat([w for _, w in ws]).T
         best, best_err = None, np.inf
         for alpha in (None, *ALPHAS):
             s = torch.from_numpy(self.expand(self.scales(alpha)))
             wq = torch.cat([fake_quant(w * s[None], p) for p, w in ws])
-            y = round_activations(x / s, rounding) @ wq.T
+            y = round_activations(x / s, rounding, ws[0][0].group_for(x.shape[-1])) @ wq.T
             err = float(((y - ref) ** 2).mean())
             if err < best_err:
                 best, best_err = alpha, err
         return best
+
+
+def _columns_times(w, s: np.ndarray):
+    """w [out, in] with column c times s[c] (a weight still in its checkpoint: when it is read)."""
+    return mapped(w, lambda a, _: (a * s[None]).astype(np.float32), "x awq scales")
+
+
+def _rows_over(w, start: int, stop: int, s: np.ndarray):
+    """w with rows start..stop divided by s (a weight still in its checkpoint: when it is read)."""
+    def divide(a, r0):
+        lo, hi = max(start, r0), min(stop, r0 + len(a))
+        if lo >= hi:
+            return a
+        a = a.copy()
+        a[lo - r0:hi - r0] = a[lo - r0:hi - r0] / s[lo - start:hi - start, None]
+        return a.astype(np.float32)
+    return mapped(w, divide, "/ awq scales")
 
 
 def _plan_of(plan, lin):
@@ -166,19 +193,17 @@ def _layer_groups(dec, plan, i: int, seen: dict) -> list[_Group]:
     def norm_fold(attr, lin):
         def fold(s):
             setattr(layer, attr, (getattr(layer, attr) / s).astype(np.float32))
-            lin.weight = (lin.weight * s[None]).astype(np.float32)
+            lin.weight = _columns_times(lin.weight, s)
         return fold
 
     def rows_fold(src, start, stop, dst, s_dst):
         def fold(s):
-            w = src.weight.copy()
-            w[start:stop] = w[start:stop] / s[:, None]
-            src.weight = w.astype(np.float32)
+            src.weight = _rows_over(src.weight, start, stop, s)
             if src.bias is not None:
                 b = src.bias.copy()
                 b[start:stop] = b[start:stop] / s
                 src.bias = b.astype(np.float32)
-            dst.weight = (dst.weight * s_dst(s)[None]).astype(np.float32)
+            dst.weight = _columns_times(dst.weight, s_dst(s))
         return fold
 
     p = _plan_of(plan, layer.qkv)
@@ -210,7 +235,7 @@ def _head_group(dec, plan, x) -> _Group | None:
 
     def fold(s):
         dec.final_norm = (dec.final_norm / s).astype(np.float32)
-        dec.lm_head = (dec.lm_head * s[None]).astype(np.float32)  # a new array: a tied embedding keeps its own
+        dec.lm_head = _columns_times(dec.lm_head, s)  # a new array: a tied embedding keeps its own
 
     return _Group("lm_head", x, [(p, dec.lm_head)], fold)
 
@@ -244,6 +269,7 @@ def equalize(dec, plan, calibration_ids: list[int], rounding: str, alphas: dict 
             # `forward` keeps the float weights it was made with: the rescaled model computes the same
             x = forward.layer(layer, x, lambda unit, inputs: seen.__setitem__(unit, inputs))
             settle(_layer_groups(dec, plan, i, seen), SEARCH_TOKENS)
+            forward.release_layer(layer)  # weights still in the checkpoint: read again when next used
             count.step()
         head = _head_group(dec, plan, forward.norm(x, dec.final_norm))
         if head is not None:

@@ -152,11 +152,16 @@ class DecoderForward:
         x = self._rows("model.embed_tokens.weight", ids)
         return x * self.dec.embed_scale if self.dec.embed_scale != 1.0 else x
 
-    def logits(self, h, rows=None):
-        """Logits of hidden states h (of vocabulary `rows` only, if given)."""
+    def head_rows(self, rows):
+        """The lm_head's rows `rows` as they are now (for `logits(head=...)`, read once for many states)."""
+        return self._rows("lm_head.weight", rows)
+
+    def logits(self, h, rows=None, head=None):
+        """Logits of hidden states h (of vocabulary `rows` only, if given; `head`: those rows, read already)."""
         import torch
 
-        head = self.weight("lm_head.weight", keep=False) if rows is None else self._rows("lm_head.weight", rows)
+        if head is None:
+            head = self.weight("lm_head.weight", keep=False) if rows is None else self._rows("lm_head.weight", rows)
         y = self.norm(h, self.dec.final_norm) @ head.T
         if self.dec.final_softcap:
             y = torch.tanh(y / self.dec.final_softcap) * self.dec.final_softcap

@@ -57,8 +57,10 @@ def _groups(w: np.ndarray, group: int) -> np.ndarray:
 
 
 def _round_away(x: np.ndarray) -> np.ndarray:
-    """C's roundf: halves away from zero (what onnxruntime's quantizer uses)."""
-    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+    """C's roundf: halves away from zero (what onnxruntime's quantizer uses), in one new array."""
+    a = np.abs(x)
+    a += np.float32(0.5)
+    return np.copysign(np.floor(a, out=a), x, out=a)
 
 
 def _codes_ort(wg: np.ndarray, scales: np.ndarray, zero: np.ndarray | None, qmin: int, qmax: int) -> np.ndarray:
@@ -251,6 +253,7 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | Factored | None = None,
     # Transposed (one row per input column, contiguous): each step reads and updates whole rows.
     Wt = torch.from_numpy(w).t()[order].contiguous()
     Qt = torch.empty_like(Wt)
+    product = torch.empty_like(Wt)  # each block's update, written here rather than into a fresh temporary
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         W1, E1 = Wt[b0:b1].clone(), torch.empty(b1 - b0, out)
@@ -266,10 +269,12 @@ def gptq(weight: np.ndarray, plan, hessian: np.ndarray | Factored | None = None,
             Qt[b0 + i] = q
             W1[i:].addr_(Hb[i, i:], err, alpha=-1)  # spread this column's error over the ones after it
             E1[i] = err
-        Wt[b1:] -= hinv[b0:b1, b1:].t() @ E1
-    Q = Qt.t()
-    codes = Q[:, torch.argsort(order)].numpy()
-    return QuantizedWeight(codes.astype(np.int8 if plan.symmetric else np.uint8), scales.astype(np.float32),
+        if b1 < k:
+            Wt[b1:].sub_(torch.mm(hinv[b0:b1, b1:].t(), E1, out=product[:k - b1]))
+    del Wt, product
+    # back to input order (whole rows of Qt), then [out, in]
+    codes = np.ascontiguousarray(Qt[torch.argsort(order)].t().numpy(), np.int8 if plan.symmetric else np.uint8)
+    return QuantizedWeight(codes, scales.astype(np.float32),
                            None if zero is None else zero.astype(np.uint8), plan.bits, group)
 
 

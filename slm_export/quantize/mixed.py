@@ -16,7 +16,7 @@ import itertools
 from .. import progress
 from .calibration import DecoderForward, chunks
 from .methods import METHODS
-from .plan import QuantPlan, WeightPlan, at_bits, decoder_weights
+from .plan import QuantPlan, WeightPlan, at_bits
 
 SENSITIVITY_TOKENS = 64  # calibration tokens the KL is measured on (enough to rank; keeps it cheap)
 PROBE_METHOD = "rtn"  # the int4 rounding each unit is probed with (data-free and fast)
@@ -76,7 +76,8 @@ def unit_sensitivity(dec, plan: QuantPlan, ids: list[int]) -> dict[str, float]:
             x = fwd.layer(layer, x)
             fwd.release_layer(layer)
         keep, ref = _vocab_subset(fwd, x)
-        kl = {unit: _kl(ref, fwd.logits(state, rows=keep)) for unit, state in after.items()}
+        head = fwd.head_rows(keep)  # read once for every unit's state (from a checkpoint: row by row)
+        kl = {unit: _kl(ref, fwd.logits(state, head=head)) for unit, state in after.items()}
         if "lm_head" in units:
             kl["lm_head"] = probed("lm_head", lambda: _kl(ref, fwd.logits(x, rows=keep)))
     return {unit: kl[unit] for unit in units}

@@ -116,7 +116,7 @@ def resolve(spec: QuantSpec, limits: TargetLimits, shapes: list[tuple[str, str, 
             tied: bool, default_method) -> QuantPlan:
     """The plan for weights `shapes` = [(name, unit, (out, in), kind)], in order.
 
-    `default_method(bits, symmetric) -> name`: the target's method when the spec names none.
+    `default_method(bits, symmetric) -> name`: the target's method at the spec's bits when the spec names none.
     """
     by_name = {name: (unit, shape, kind) for name, unit, shape, kind in shapes}
     head_req = spec.plan_for(LM_HEAD) if LM_HEAD in by_name else None
@@ -153,7 +153,9 @@ def resolve(spec: QuantSpec, limits: TargetLimits, shapes: list[tuple[str, str, 
                                     limits.scale_precision(head.bits), reason + "; tied: stored once with lm_head",
                                     shares=LM_HEAD))
             continue
-        method = spec.method or default_method(bits, symmetric)
+        # the export's method (at its --bits), whatever this weight's own bits: an int8 lm_head in an int4
+        # export is rounded like the rest
+        method = spec.method or default_method(spec.bits, spec.symmetric)
         if kind == "embedding":
             if not symmetric and not limits.embedding_zero_points:
                 symmetric = True

@@ -30,7 +30,7 @@ class OnnxExporter(ExporterBase):
 
     def limits(self, compute_precision: str | None = None) -> TargetLimits:
         # MatMulNBits: int4/int8 in blocks (a power of two >= 16; a width none divides is zero-padded),
-        # float32 scales, optional zero points; activations to int8 per block of 32 (accuracy_level 4).
+        # float32 scales, optional zero points; activations to int8 per block of the weight's group (accuracy_level 4).
         # Embedding: int8 rows (Gather), or, tied and quantized like the lm_head, GatherBlockQuantized
         # straight out of the lm_head's codes (with a reshaped copy of its scales).
         return TargetLimits("onnx", min_group=16, indivisible="pad", int8_per_channel=False, zero_points=True,
@@ -47,6 +47,11 @@ class OnnxExporter(ExporterBase):
     # sensitive weights; chosen from benchmarks/quality.py (docs/quantization.md, "Defaults").
     default_lm_head_bits = 8
     default_mixed_precision = 0.25
+
+    def default_method(self, bits: int, symmetric: bool) -> str:
+        # int8: the error is MatMulNBits' int8 activations, which awq's rescaling moves into the weights
+        # (half gptq's KL at the same size and speed: docs/quantization.md); int4: gptq (the least KL)
+        return "awq" if bits == 8 else "gptq"
 
     def calibrates(self, kv_bits: int) -> bool:
         return kv_bits == 8
